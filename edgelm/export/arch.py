@@ -1,0 +1,229 @@
+"""Architecture facts as data: one table entry per supported Hugging Face model type.
+
+Everything the exporter and the validator need to know about GPT-2 and GPT-Neo lives here:
+config field names, weight names and layouts, attention scale, local windows, activation.
+The graph builder reads a ``ModelFacts`` (the resolved numbers for one checkpoint) and never
+branches on the architecture name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ..errors import UnsupportedModelError
+
+# Activation name in the HF config -> ONNX op that computes it (com.microsoft unless noted).
+ACTIVATIONS = {
+    "gelu_new": "FastGelu",  # tanh approximation, exactly FastGelu's formula
+    "gelu_fast": "FastGelu",
+    "gelu_pytorch_tanh": "FastGelu",
+    "gelu": "Gelu",  # exact erf form
+    "relu": "Relu",  # ONNX domain
+}
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """Where one projection's weight and bias live in the checkpoint.
+
+    ``names`` are concatenated along the output dimension (GPT-Neo's separate q, k, v become one
+    packed QKV projection). ``transpose`` is True for nn.Linear ([out, in]); GPT-2's Conv1D is
+    already [in, out], the layout MatMul wants.
+    """
+
+    names: tuple[str, ...]
+    transpose: bool
+    bias: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    hf_class: str
+    # config field names
+    num_layers: str
+    num_heads: str
+    hidden_size: str
+    inner_size: str
+    max_positions: str
+    layer_norm_eps: str
+    # per-layer weight names ({i} is the layer index), without the "transformer." prefix
+    qkv: LinearWeight
+    attn_out: LinearWeight
+    fc: LinearWeight
+    proj: LinearWeight
+    ln_1: str = "h.{i}.ln_1"
+    ln_2: str = "h.{i}.ln_2"
+    wte: str = "wte.weight"
+    wpe: str = "wpe.weight"
+    ln_f: str = "ln_f"
+    # config -> list of per-layer ("global", 0) or ("local", window)
+    layer_kinds: Callable[[dict], list[tuple[str, int]]] = field(default=lambda cfg: [])
+    # config, layer index -> softmax scale
+    attention_scale: Callable[[dict, int], float] = field(default=lambda cfg, i: 1.0)
+    check: Callable[[dict], None] = field(default=lambda cfg: None)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    ARCHITECTURES[spec.model_type] = spec
+    return spec
+
+
+def _gpt2_scale(cfg: dict, i: int) -> float:
+    head_size = cfg["n_embd"] // cfg["n_head"]
+    scale = 1.0 / math.sqrt(head_size) if cfg.get("scale_attn_weights", True) else 1.0
+    if cfg.get("scale_attn_by_inverse_layer_idx", False):
+        scale /= i + 1
+    return scale
+
+
+def _gpt2_check(cfg: dict) -> None:
+    if cfg.get("add_cross_attention"):
+        raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention=true) is not supported")
+
+
+register(
+    ArchSpec(
+        model_type="gpt2",
+        hf_class="GPT2LMHeadModel",
+        num_layers="n_layer",
+        num_heads="n_head",
+        hidden_size="n_embd",
+        inner_size="n_inner",
+        max_positions="n_positions",
+        layer_norm_eps="layer_norm_epsilon",
+        qkv=LinearWeight(("h.{i}.attn.c_attn.weight",), False, ("h.{i}.attn.c_attn.bias",)),
+        attn_out=LinearWeight(("h.{i}.attn.c_proj.weight",), False, ("h.{i}.attn.c_proj.bias",)),
+        fc=LinearWeight(("h.{i}.mlp.c_fc.weight",), False, ("h.{i}.mlp.c_fc.bias",)),
+        proj=LinearWeight(("h.{i}.mlp.c_proj.weight",), False, ("h.{i}.mlp.c_proj.bias",)),
+        layer_kinds=lambda cfg: [("global", 0)] * cfg["n_layer"],
+        attention_scale=_gpt2_scale,
+        check=_gpt2_check,
+    )
+)
+
+
+def _neo_kinds(cfg: dict) -> list[tuple[str, int]]:
+    layers = cfg.get("attention_layers")
+    if not layers:  # older configs only carry the compact form [[["global", "local"], 12]]
+        layers = [kind for kinds, repeat in cfg["attention_types"] for _ in range(repeat) for kind in kinds]
+    if len(layers) != cfg["num_layers"]:
+        raise UnsupportedModelError(
+            f"GPT-Neo config lists {len(layers)} attention layer kinds for {cfg['num_layers']} layers; fix config.json"
+        )
+    unknown = set(layers) - {"global", "local"}
+    if unknown:
+        raise UnsupportedModelError(f"GPT-Neo attention kinds {sorted(unknown)} are not supported (only global, local)")
+    return [(kind, cfg["window_size"] if kind == "local" else 0) for kind in layers]
+
+
+_NEO_ATTN = "h.{i}.attn.attention."
+register(
+    ArchSpec(
+        model_type="gpt_neo",
+        hf_class="GPTNeoForCausalLM",
+        num_layers="num_layers",
+        num_heads="num_heads",
+        hidden_size="hidden_size",
+        inner_size="intermediate_size",
+        max_positions="max_position_embeddings",
+        layer_norm_eps="layer_norm_epsilon",
+        qkv=LinearWeight(
+            (_NEO_ATTN + "q_proj.weight", _NEO_ATTN + "k_proj.weight", _NEO_ATTN + "v_proj.weight"), True, None
+        ),
+        attn_out=LinearWeight((_NEO_ATTN + "out_proj.weight",), True, (_NEO_ATTN + "out_proj.bias",)),
+        fc=LinearWeight(("h.{i}.mlp.c_fc.weight",), True, ("h.{i}.mlp.c_fc.bias",)),
+        proj=LinearWeight(("h.{i}.mlp.c_proj.weight",), True, ("h.{i}.mlp.c_proj.bias",)),
+        layer_kinds=_neo_kinds,
+        attention_scale=lambda cfg, i: 1.0,  # GPT-Neo does not scale by 1/sqrt(head_size)
+    )
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The resolved numbers of one checkpoint: what the graph and the manifest are built from."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    head_size: int
+    hidden_size: int
+    inner_size: int
+    vocab_size: int
+    max_positions: int
+    layer_norm_eps: float
+    activation: str
+    layer_kinds: tuple[tuple[str, int], ...]
+    attention_scales: tuple[float, ...]
+    tied_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_kinds"] = [list(k) for k in self.layer_kinds]
+        d["attention_scales"] = list(self.attention_scales)
+        return d
+
+
+def supported_types() -> str:
+    return ", ".join(f"{s.hf_class} (model_type '{t}')" for t, s in ARCHITECTURES.items())
+
+
+def arch_for(config: dict) -> ArchSpec:
+    model_type = config.get("model_type")
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported; edgelm exports {supported_types()}"
+        )
+    return spec
+
+
+def resolve(config: dict) -> ModelFacts:
+    """Check a Hugging Face config.json (as a dict) and resolve it into ModelFacts."""
+    spec = arch_for(config)
+    try:
+        hidden = int(config[spec.hidden_size])
+        heads = int(config[spec.num_heads])
+        layers = int(config[spec.num_layers])
+        vocab = int(config["vocab_size"])
+        positions = int(config[spec.max_positions])
+    except KeyError as missing:
+        raise UnsupportedModelError(f"config.json has no field {missing} that a {spec.hf_class} needs") from None
+    if hidden % heads:
+        raise UnsupportedModelError(f"hidden size {hidden} is not a multiple of the {heads} heads")
+    head_size = hidden // heads
+    if head_size % 8:
+        raise UnsupportedModelError(
+            f"head size {head_size} is not a multiple of 8, which ONNX Runtime's fused attention requires"
+        )
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"activation '{activation}' is not supported; supported: {', '.join(ACTIVATIONS)}"
+        )
+    spec.check(config)
+    return ModelFacts(
+        model_type=spec.model_type,
+        num_layers=layers,
+        num_heads=heads,
+        head_size=head_size,
+        hidden_size=hidden,
+        inner_size=int(config.get(spec.inner_size) or 4 * hidden),
+        vocab_size=vocab,
+        max_positions=positions,
+        layer_norm_eps=float(config.get(spec.layer_norm_eps, 1e-5)),
+        activation=activation,
+        layer_kinds=tuple(spec.layer_kinds(config)),
+        attention_scales=tuple(spec.attention_scale(config, i) for i in range(layers)),
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+    )

@@ -1,0 +1,239 @@
+"""Build the one decoder graph (prompt and decode) for any architecture in ``arch.ARCHITECTURES``.
+
+Graph, per layer (pre-LayerNorm transformer; fused com.microsoft operators):
+
+    x, resid = SkipLayerNormalization(prev_mlp_out, prev_resid, ln_1, bias=prev_proj_bias)
+    qkv      = MatMul(x, W_qkv) [+ b_qkv]                               # (B, S, 3D)
+    attn, present_k, present_v = GroupQueryAttention(qkv, past_k, past_v, seqlens_k, total_len,
+                                                     attention_bias)   # (B, S, D), (B, N, L, H)
+    x, resid = SkipLayerNormalization(MatMul(attn, W_o), resid, ln_2, bias=b_o)
+    mlp_out  = MatMul(FastGelu(MatMul(x, W_fc), b_fc), W_proj)
+
+The first LayerNorm adds the token and position embeddings with the same SkipLayerNormalization,
+and the last one applies ln_f. The tied embedding is stored once, as [D, V]: the LM head reads it
+as a constant MatMul weight (the layout ONNX Runtime's quantizers expect) and the embedding
+lookup gathers its columns.
+
+Cache contract (written to the manifest, read by the runtime):
+- global layers ("full"): past has any length P, present has P + S rows; or past and present are
+  one preallocated buffer of the maximum length, bound to both (the operator appends in place).
+- local layers ("window", GPT-Neo): past and present are one buffer of a capacity C >= window
+  that the operator compacts itself (``sliding_window_cache``); rows [0, L(T)) hold the most
+  recent positions, L(T) = T if T <= C else T - G * ceil((T - C) / G), G = C - window + 1.
+- attention_mask covers past and new tokens, left padding allowed; padded keys are masked
+  through the attention bias, position_ids are given by the caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from .arch import ACTIVATIONS, ArchSpec, ModelFacts
+from .checkpoint import Checkpoint
+from .graph import GraphBuilder
+
+DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
+OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
+
+
+def input_names(facts: ModelFacts) -> list[str]:
+    names = ["input_ids", "position_ids", "attention_mask"]
+    for i in range(facts.num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def kv_dtype(facts: ModelFacts, dtype: str) -> str:
+    """GPT-Neo computes attention in fp32 (HF upcasts q and k): its KV cache stays fp32 in fp16 graphs."""
+    return "fp32" if facts.model_type == "gpt_neo" else dtype
+
+
+def io_spec(facts: ModelFacts, dtype: str) -> dict:
+    """Every input and output with dtype and symbolic shape, plus the cache kind of each layer."""
+    kv = {"fp32": "float32", "fp16": "float16"}[kv_dtype(facts, dtype)]
+    n, h = facts.num_heads, facts.head_size
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
+    ]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", facts.vocab_size]}]
+    cache = []
+    for i, (kind, window) in enumerate(facts.layer_kinds):
+        past_len = "past_sequence" if kind == "global" else "window_capacity"
+        present_len = "past_sequence + sequence" if kind == "global" else "window_capacity"
+        for part in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{part}", "dtype": kv, "shape": ["batch", n, past_len, h]})
+            outputs.append({"name": f"present.{i}.{part}", "dtype": kv, "shape": ["batch", n, present_len, h]})
+        cache.append({
+            "layer": i,
+            "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
+            "present_key": f"present.{i}.key", "present_value": f"present.{i}.value",
+            "kind": "full" if kind == "global" else "window",
+            "window": window or None,
+            "share_buffer": True,
+        })
+    return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv}
+
+
+class _Weights:
+    """Reads, lays out and casts checkpoint tensors for one ArchSpec."""
+
+    def __init__(self, spec: ArchSpec, ckpt: Checkpoint, np_dtype):
+        self.spec, self.ckpt, self.np_dtype = spec, ckpt, np_dtype
+
+    def linear(self, lw, i: int):
+        parts = []
+        for name in lw.names:
+            w = self.ckpt.read(name.format(i=i))
+            parts.append(w.T if lw.transpose else w)  # -> [in, out]
+        weight = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        bias = None
+        if lw.bias:
+            bias = np.concatenate([self.ckpt.read(b.format(i=i)) for b in lw.bias])
+        return weight.astype(self.np_dtype), None if bias is None else bias.astype(self.np_dtype)
+
+    def norm(self, prefix: str, i: int | None = None):
+        p = prefix.format(i=i)
+        return self.ckpt.read(p + ".weight").astype(self.np_dtype), self.ckpt.read(p + ".bias").astype(self.np_dtype)
+
+
+def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str, onnx_path: Path,
+                external: bool, progress=None) -> dict:
+    """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary."""
+    np_dtype, elem = DTYPES[dtype]
+    kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
+    g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
+    w = _Weights(spec, ckpt, np_dtype)
+    n, h, d = facts.num_heads, facts.head_size, facts.hidden_size
+    try:
+        ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+        pos_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
+        mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+        for i, (kind, _) in enumerate(facts.layer_kinds):
+            length = "past_sequence" if kind == "global" else "window_capacity"
+            for part in ("key", "value"):
+                g.input(f"past_key_values.{i}.{part}", kv_elem, ["batch", n, length, h])
+
+        # -- attention metadata, shared by every layer: (B,), scalar, (B, 1, S, T) ---------
+        p = "/model/attn_mask"
+        mask_shape = g.node("Shape", [mask], name=f"{p}/Shape")
+        ids_shape = g.node("Shape", [ids], name=f"{p}/ShapeIds")
+        total64 = g.node("Gather", [mask_shape, g.const(f"{p}/one", 1)], name=f"{p}/Total", axis=0)
+        batch = g.node("Slice", [ids_shape, g.const(f"{p}/s0", [0]), g.const(f"{p}/s1", [1])], name=f"{p}/Batch")
+        seq = g.node("Slice", [ids_shape, g.const(f"{p}/s1b", [1]), g.const(f"{p}/s2", [2])], name=f"{p}/Seq")
+        total = g.node("Cast", [total64], name=f"{p}/TotalInt32", to=TensorProto.INT32)
+        last = g.node("Sub", [total, g.const(f"{p}/one32", 1, np.int32)], name=f"{p}/Last")
+        seqlens_k = g.node("Expand", [last, batch], name=f"{p}/SeqlensK")
+        mask_f = g.node("Cast", [mask], name=f"{p}/MaskFloat", to=elem)
+        neg = g.node("Sub", [mask_f, g.const(f"{p}/onef", 1.0, np_dtype)], name=f"{p}/MaskMinusOne")
+        bias2d = g.node("Mul", [neg, g.const(f"{p}/big", -MASK_VALUE[dtype], np_dtype)], name=f"{p}/Bias2d")
+        bias4d = g.node("Unsqueeze", [bias2d, g.const(f"{p}/axes", [1, 2])], name=f"{p}/Bias4d")
+        total_1d = g.node("Unsqueeze", [total64, g.const(f"{p}/axis0", [0])], name=f"{p}/Total1d")
+        bias_shape = g.node("Concat", [batch, g.const(f"{p}/one1d", [1]), seq, total_1d], name=f"{p}/BiasShape", axis=0)
+        attn_bias = g.node("Expand", [bias4d, bias_shape], name=f"{p}/AttentionBias")
+        if kv_np != np_dtype:
+            attn_bias = g.node("Cast", [attn_bias], name=f"{p}/AttentionBiasCast", to=kv_elem)
+
+        # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
+        p = "/model/embed_tokens"
+        wte = ckpt.read(spec.wte).astype(np_dtype)  # (V, D)
+        if facts.tied_embeddings:
+            emb_table = g.weight("model.embed_tokens.weight_t", wte.T)  # (D, V), shared with lm_head
+            cols = g.node("Gather", [emb_table, ids], name=f"{p}/Gather", axis=1)  # (D, B, S)
+            tok = g.node("Transpose", [cols], name=f"{p}/Transpose", perm=[1, 2, 0])  # (B, S, D)
+            lm_head = emb_table
+        else:
+            tok = g.node("Gather", [g.weight("model.embed_tokens.weight", wte), ids], name=f"{p}/Gather")
+            lm_head = g.weight("lm_head.weight_t", ckpt.read("lm_head.weight").astype(np_dtype).T)
+        del wte
+        pos = g.node("Gather", [g.weight("model.embed_positions.weight", ckpt.read(spec.wpe).astype(np_dtype)),
+                                pos_ids], name="/model/embed_positions/Gather")
+
+        eps = facts.layer_norm_eps
+        stream_in, stream_skip, stream_bias = tok, pos, None
+        act_op = ACTIVATIONS[facts.activation]
+        layers = range(facts.num_layers)
+        for i in (progress(layers, desc="writing layers", unit="layer") if progress else layers):
+            p = f"/model/layers.{i}"
+            kind, window = facts.layer_kinds[i]
+            gamma, beta = w.norm(spec.ln_1, i)
+            skip_in = [stream_in, stream_skip, g.weight(f"{p}.ln_1.weight", gamma), g.weight(f"{p}.ln_1.bias", beta)]
+            if stream_bias:
+                skip_in.append(stream_bias)
+            x, _, _, resid = g.node("SkipLayerNormalization", skip_in,
+                                    [f"{p}/ln_1/output_0", "", "", f"{p}/ln_1/output_3"],
+                                    name=f"{p}/ln_1/SkipLayerNorm", epsilon=eps)
+            # attention
+            wq, bq = w.linear(spec.qkv, i)
+            qkv = g.node("MatMul", [x, g.weight(f"{p}.attn.qkv_proj.weight", wq)], name=f"{p}/attn/qkv_proj/MatMul")
+            if bq is not None:
+                qkv = g.node("Add", [qkv, g.weight(f"{p}.attn.qkv_proj.bias", bq)], name=f"{p}/attn/qkv_proj/Add")
+            if kv_np != np_dtype:
+                qkv = g.node("Cast", [qkv], name=f"{p}/attn/UpcastQKV", to=kv_elem)
+            attrs = dict(num_heads=n, kv_num_heads=n, scale=float(facts.attention_scales[i]))
+            if kind == "local":
+                attrs.update(local_window_size=int(window), sliding_window_cache=1)
+            attn, _, _ = g.node(
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
+                 "", "", "", attn_bias],
+                [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                name=f"{p}/attn/GroupQueryAttention", **attrs)
+            if kv_np != np_dtype:
+                attn = g.node("Cast", [attn], name=f"{p}/attn/DowncastOut", to=elem)
+            wo, bo = w.linear(spec.attn_out, i)
+            o = g.node("MatMul", [attn, g.weight(f"{p}.attn.o_proj.weight", wo)], name=f"{p}/attn/o_proj/MatMul")
+            gamma, beta = w.norm(spec.ln_2, i)
+            x, _, _, resid = g.node(
+                "SkipLayerNormalization",
+                [o, resid, g.weight(f"{p}.ln_2.weight", gamma), g.weight(f"{p}.ln_2.bias", beta),
+                 g.weight(f"{p}.attn.o_proj.bias", bo)],
+                [f"{p}/ln_2/output_0", "", "", f"{p}/ln_2/output_3"], name=f"{p}/ln_2/SkipLayerNorm", epsilon=eps)
+            # MLP
+            wf, bf = w.linear(spec.fc, i)
+            f = g.node("MatMul", [x, g.weight(f"{p}.mlp.fc.weight", wf)], name=f"{p}/mlp/fc/MatMul")
+            if act_op == "FastGelu":
+                a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
+            else:
+                f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
+                a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
+            wp, bp = w.linear(spec.proj, i)
+            stream_in = g.node("MatMul", [a, g.weight(f"{p}.mlp.proj.weight", wp)], name=f"{p}/mlp/proj/MatMul")
+            stream_skip, stream_bias = resid, g.weight(f"{p}.mlp.proj.bias", bp)
+
+        p = "/model/norm"
+        gamma, beta = w.norm(spec.ln_f)
+        final, _, _, _ = g.node(
+            "SkipLayerNormalization",
+            [stream_in, stream_skip, g.weight("model.norm.weight", gamma), g.weight("model.norm.bias", beta),
+             stream_bias],
+            [f"{p}/output_0", "", "", ""], name=f"{p}/SkipLayerNorm", epsilon=eps)
+        logits = g.node("MatMul", [final, lm_head], name="/lm_head/MatMul")
+        if dtype != "fp32":
+            logits = g.node("Cast", [logits], name="/lm_head/Cast", to=TensorProto.FLOAT)
+        g.output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", facts.vocab_size])
+        for i, (kind, _) in enumerate(facts.layer_kinds):
+            length = "present_sequence" if kind == "global" else "window_capacity"
+            for part in ("key", "value"):
+                g.output(f"present.{i}.{part}", f"present.{i}.{part}", kv_elem, ["batch", n, length, h])
+        g.save(onnx_path)
+    except BaseException:
+        g.abort()
+        raise
+    return {"weight_bytes": g.weight_bytes, "external_data": external}
+
+
+def count_ops(onnx_path: Path) -> dict[str, int]:
+    """Operator counts of a saved graph (reads the protobuf only, never the weights)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,234 @@
+"""Find a model (local folder or hub id), read its config, and read its weights one tensor at a time.
+
+Weights are read with plain file reads, never a memory map, so a tensor costs memory only while
+it is in use: exporting a 10 GB checkpoint holds one tensor at a time, not the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64}
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local folder as is; anything else is taken as a Hugging Face Hub id and downloaded."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{model} is a file; pass the folder that holds config.json and the weights")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise InputError(f"no folder {model}; pass a Hugging Face model folder or a hub id such as 'gpt2'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise InputError(
+            f"'{model}' is not a local folder, and downloading hub ids needs huggingface_hub: "
+            "run pip install 'edgelm[export]', or pass a local model folder"
+        ) from None
+    try:
+        return Path(
+            snapshot_download(
+                model,
+                allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                                "pytorch_model.bin.index.json", *TOKENIZER_FILES],
+            )
+        )
+    except Exception as exc:  # offline, unknown id, gated repo: one sentence, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"could not download '{model}' from the Hugging Face Hub ({reason[:160]}); "
+            "check the id and the network, or pass a local model folder"
+        ) from None
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+
+
+@dataclass
+class _Entry:
+    path: Path
+    dtype: object
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass
+class Checkpoint:
+    """Tensor names -> where to read them. ``read(name)`` returns a float32 numpy array."""
+
+    model_dir: Path
+    files: list[Path]
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _torch_state: dict | None = None
+    prefix: str = ""
+
+    def __contains__(self, name: str) -> bool:
+        return self.prefix + name in self._keys()
+
+    def _keys(self):
+        return self._entries.keys() if self._torch_state is None else self._torch_state.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        full = self._full(name)
+        if self._torch_state is not None:
+            return tuple(self._torch_state[full].shape)
+        return self._entries[full].shape
+
+    def _full(self, name: str) -> str:
+        full = self.prefix + name
+        if full not in self._keys():
+            raise InputError(
+                f"{self.model_dir} has no weight '{full}'; the checkpoint is incomplete or not of the architecture "
+                "its config.json names"
+            )
+        return full
+
+    def read(self, name: str) -> np.ndarray:
+        full = self._full(name)
+        if self._torch_state is not None:
+            import torch
+
+            return self._torch_state[full].to(torch.float32).numpy().copy()
+        e = self._entries[full]
+        count = int(np.prod(e.shape, dtype=np.int64))
+        raw_dtype = np.uint16 if e.dtype == "bfloat16" else e.dtype
+        out = np.empty(count, dtype=raw_dtype)
+        with open(e.path, "rb") as f:
+            f.seek(e.begin)
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != e.end - e.begin or out.nbytes != e.end - e.begin:
+            raise InputError(f"{e.path.name} is truncated or corrupt at tensor '{full}'; download it again")
+        if e.dtype == "bfloat16":
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out.reshape(e.shape).astype(np.float32, copy=False)
+
+    def nbytes_fp32(self) -> int:
+        return sum(4 * int(np.prod(self.shape(k[len(self.prefix):]), dtype=np.int64))
+                   for k in self._keys() if k.startswith(self.prefix))
+
+
+def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+        base = 8 + length
+        size = path.stat().st_size
+        entries = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in _ST_DTYPES:
+                raise InputError(f"{path.name}: tensor '{name}' has dtype {meta['dtype']}; expected F32, F16 or BF16")
+            begin, end = meta["data_offsets"]
+            if base + end > size:
+                raise ValueError(f"tensor {name} ends past the end of the file")
+            entries[name] = _Entry(path, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), base + begin, base + end)
+        return entries
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path} is not a readable safetensors file ({exc}); download it again") from None
+
+
+def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "")) -> Checkpoint:
+    """Index the weights of a model folder: safetensors (single or sharded) or pytorch_model.bin."""
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    entries: dict[str, _Entry] = {}
+    files: list[Path] = []
+    if single.is_file() or index.is_file():
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({model_dir / f for f in weight_map.values()})
+        else:
+            files = [single]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{model_dir} lacks weight shard {f.name}; download the whole model folder")
+            entries.update(_read_safetensors_header(f))
+        ckpt = Checkpoint(model_dir, files, entries)
+    else:
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        if not bins:
+            raise InputError(
+                f"{model_dir} has no model.safetensors or pytorch_model.bin; pass a complete Hugging Face model folder"
+            )
+        import torch
+
+        state = {}
+        for f in bins:
+            try:
+                state.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as exc:
+                raise InputError(f"{f} is not a readable PyTorch checkpoint ({str(exc)[:120]}); download it again") from None
+        ckpt = Checkpoint(model_dir, bins, _torch_state=state)
+    keys = list(ckpt._keys())
+    for prefix in weight_prefix_candidates:
+        if any(k.startswith(prefix + "h.0.") for k in keys):
+            ckpt.prefix = prefix
+            break
+    else:
+        raise InputError(f"{model_dir}: no weights named like 'transformer.h.0.*'; is this a GPT-2 or GPT-Neo checkpoint?")
+    return ckpt
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files; the runtime needs tokenizer.json or vocab.json + merges.txt.
+
+    Models without tokenizer files of their own (edgelm's embedded models) take the GPT-2
+    tokenizer shipped in edgelm/assets/tokenizer.
+    """
+    import shutil
+
+    from .embedded import TOKENIZER_DIR
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = model_dir / name
+        if not src.is_file() and not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
+            src = TOKENIZER_DIR / name
+        if src.is_file():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and not {"vocab.json", "merges.txt"} <= set(copied):
+        raise InputError(
+            f"{model_dir} has no tokenizer (tokenizer.json, or vocab.json and merges.txt); "
+            "copy the GPT-2 tokenizer files into the model folder"
+        )
+    return copied
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if os.name == "posix" else 0

@@ -1,0 +1,51 @@
+"""``edgelm export``: its arguments and its run function (heavy imports happen inside run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli import command
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="hub id (gpt2, EleutherAI/gpt-neo-125M), local Hugging Face folder, "
+                                 "or embedded:gpt2 / embedded:gpt-neo (the small models shipped with edgelm)")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="weights and activations; fp16 is meant for CUDA (default fp32)")
+    p.add_argument("--backend", choices=["builder", "optimum"], default="builder",
+                   help="builder: edgelm's fused graph (default); optimum: optimum-onnx's exporter")
+    p.add_argument("--atol", type=float, default=None,
+                   help="max |difference| to PyTorch allowed per output (default 2e-3 for fp32, 5e-2 for fp16)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not recommended)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+@command("export", "Export a GPT-2 or GPT-Neo model to a validated ONNX artifact folder.", _configure)
+def run(args: argparse.Namespace) -> int:
+    from .embedded import resolve_model_argument
+    from .pipeline import export_model
+
+    manifest = export_model(resolve_model_argument(args.model), args.output, dtype=args.dtype,
+                            backend=args.backend, atol=args.atol, force=args.force,
+                            validate=not args.no_validate, progress=not args.json)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    v = manifest["validation"]
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    ops = manifest["graph"]["operators"]
+    print(f"wrote {args.output}: {size / 1e6:.1f} MB, {manifest['steps'][0]['seconds']:.1f} s, "
+          f"peak RSS {manifest['steps'][0]['peak_rss_bytes'] / 1e9:.2f} GB")
+    print(f"fused operators: " + ", ".join(f"{k} {v}" for k, v in ops.items()
+                                           if k in ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu",
+                                                    "Attention", "MultiHeadAttention", "Softmax")))
+    if v["status"] == "passed":
+        worst = max(v["max_abs_diff"].items(), key=lambda kv: kv[1])
+        print(f"validated against PyTorch: {len(v['max_abs_diff'])} outputs within atol {v['atol']:g} "
+              f"(largest: {worst[0]} {worst[1]:.3g})")
+    else:
+        print(f"not validated: {v['reason']}")
+    return 0

@@ -1,0 +1,123 @@
+"""``export_model``: load, check, build, validate, describe, and only then move into place."""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from .._fs import atomic_output_dir, check_output, file_table
+from ..errors import InputError
+from ..manifest import FORMAT, SCHEMA_VERSION, write_manifest
+from . import validate as V
+from .arch import arch_for, resolve
+from .builder import OPSET_NOTE, build_graph, count_ops, io_spec, kv_dtype
+from .checkpoint import copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
+
+BACKENDS = ("builder", "optimum")
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to one external data file
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "optimum-onnx"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
+                 atol: float | None = None, force: bool = False, validate: bool = True,
+                 progress: bool = True, external_data: bool | None = None) -> dict:
+    """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder."""
+    out = Path(out)
+    if dtype not in V.DEFAULT_ATOL:
+        raise InputError(f"dtype '{dtype}' is not supported; choose one of {', '.join(V.DEFAULT_ATOL)}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend '{backend}' is not supported; choose one of {', '.join(BACKENDS)}")
+    if atol is not None and not atol > 0:
+        raise InputError(f"--atol must be a positive number, got {atol}")
+    check_output(out, force)  # refuse before any work
+    started = time.perf_counter()
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir)
+    spec = arch_for(config)
+    facts = resolve(config)
+    ckpt = open_checkpoint(model_dir)
+    atol = atol or V.DEFAULT_ATOL[dtype]
+    bar = _progress if progress else None
+
+    with atomic_output_dir(out, force) as tmp:
+        tokenizer_files = copy_tokenizer(model_dir, tmp)
+        if backend == "optimum":
+            from .optimum_backend import export_with_optimum
+
+            graph, io = export_with_optimum(model_dir, facts, dtype, tmp)
+        else:
+            weight_bytes = ckpt.nbytes_fp32() // (2 if dtype == "fp16" else 1)
+            external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
+            summary = build_graph(spec, facts, ckpt, dtype, tmp / "model.onnx", external, progress=bar)
+            graph = {"file": "model.onnx", "external_data": "model.onnx.data" if summary["external_data"] else None,
+                     "dtype": dtype, "backend": "builder", "opset": OPSET_NOTE,
+                     "weight_bytes": summary["weight_bytes"]}
+            io = io_spec(facts, dtype)
+        graph["operators"] = count_ops(tmp / graph["file"])
+        build_seconds = time.perf_counter() - started
+        validation = {"status": "not_validated", "reason": "validation was switched off (--no-validate)"}
+        if validate:
+            validation = _validate(model_dir, facts, tmp / graph["file"], dtype, atol, io, progress)
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "edgelm_version": __version__,
+            "model": {"source": str(model), "architecture": spec.hf_class, "model_type": spec.model_type,
+                      "facts": facts.to_dict()},
+            "graph": graph,
+            "io": io,
+            "tokenizer": {"files": tokenizer_files, "bos_token_id": facts.bos_token_id,
+                          "eos_token_id": facts.eos_token_id},
+            "steps": [{
+                "name": "export", "backend": backend, "dtype": dtype, "source": str(model),
+                "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),
+                "peak_rss_bytes": peak_rss_bytes(), "versions": versions(),
+            }],
+            "validation": validation,
+        }
+        manifest["files"] = file_table(tmp)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, io: dict, progress: bool) -> dict:
+    sched = V.make_schedule(facts)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"validating against PyTorch: batch 2 (left-padded), prompt {sched.steps[0][1]} tokens, "
+        f"{len(sched.steps) - 1} decode steps")
+    reference = V.torch_reference(model_dir, facts, sched)
+    try:
+        candidate = V.onnx_outputs(onnx_path, facts, sched, io)
+    except V.NotRunnable as exc:
+        return {"status": "not_validated", "reason": str(exc), "atol": atol}
+    diffs = V.compare(reference, candidate, sched, atol)
+    return {
+        "status": "passed", "atol": atol, "provider": "CPUExecutionProvider",
+        "reference": "transformers (eager attention, fp32)",
+        "schedule": {"batch": int(sched.input_ids.shape[0]), "prompt_tokens": sched.steps[0][1],
+                     "decode_steps": len(sched.steps) - 1, "total_tokens": int(sched.input_ids.shape[1]),
+                     "left_padding": int((sched.attention_mask == 0).sum()),
+                     "window_capacity": sched.window_capacity},
+        "max_abs_diff": {k: float(f"{v:.4g}") for k, v in diffs.items()},
+    }
+
+
+def _progress(iterable, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,195 @@
+"""Validate an exported graph against PyTorch before anything is written to the output folder.
+
+The schedule: a batch of two random prompts (the second left-padded), then three decode steps,
+with a total length beyond the local window of every windowed layer and a window cache small
+enough that the operator evicts during the decode steps. PyTorch runs first and keeps only what
+is compared (the logits of every step, the new cache rows of every step); its model is freed
+before ONNX Runtime loads the graph, so the two never hold the weights at the same time.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ValidationError
+from .arch import ModelFacts
+
+DEFAULT_ATOL = {"fp32": 2e-3, "fp16": 5e-2}
+DECODE_STEPS = 3
+
+
+@dataclass
+class Schedule:
+    input_ids: np.ndarray  # (B, T_final)
+    attention_mask: np.ndarray  # (B, T_final)
+    position_ids: np.ndarray  # (B, T_final)
+    steps: list[tuple[int, int]]  # [start, end) of the new tokens at each step
+    window_capacity: int | None
+
+    def feed(self, k: int):
+        a, b = self.steps[k]
+        return self.input_ids[:, a:b], self.position_ids[:, a:b], self.attention_mask[:, :b]
+
+
+def make_schedule(facts: ModelFacts, batch: int = 2, seed: int = 0) -> Schedule:
+    windows = [w for kind, w in facts.layer_kinds if kind == "local"]
+    window = max(windows, default=0)
+    prompt = window + 2 if window else 24
+    total = prompt + DECODE_STEPS
+    if total > facts.max_positions:
+        prompt = facts.max_positions - DECODE_STEPS
+        total = facts.max_positions
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, facts.vocab_size, size=(batch, total), dtype=np.int64)
+    mask = np.ones((batch, total), dtype=np.int64)
+    pads = min(5, prompt // 3)
+    for row in range(1, batch):
+        mask[row, :pads] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]
+    return Schedule(ids, mask, positions.astype(np.int64), steps, window + 2 if window else None)
+
+
+def resident_rows(total: int, capacity: int, window: int) -> int:
+    """How many rows a sliding_window_cache of ``capacity`` holds after ``total`` tokens."""
+    if total <= capacity:
+        return total
+    g = capacity - window + 1
+    return total - g * math.ceil((total - capacity) / g)
+
+
+def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.ndarray], from_onnx: bool):
+    """The cache rows to compare after step k, aligned by position: {name: (B, N, rows, H)}.
+
+    Global layers: the rows this step added (positions a..b-1). Windowed layers: every resident
+    row (positions b-L..b-1); ONNX keeps them at rows [0, L), PyTorch at the end of its full cache.
+    """
+    a, b = sched.steps[k]
+    out = {}
+    for i, (kind, window) in enumerate(facts.layer_kinds):
+        if kind == "global":
+            sl = slice(a, b)
+        else:
+            resident = resident_rows(b, sched.window_capacity, window)
+            sl = slice(0, resident) if from_onnx else slice(b - resident, b)
+        for j, part in enumerate(("key", "value")):
+            out[f"present.{i}.{part}"] = np.array(presents[2 * i + j][:, :, sl], dtype=np.float32)
+    return out
+
+
+def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule) -> list[dict]:
+    import torch
+
+    from .torch_model import load_torch_model
+
+    model = load_torch_model(model_dir, facts)
+    results = []
+    cache = None
+    with torch.inference_mode():
+        for k in range(len(sched.steps)):
+            ids, pos, mask = (torch.from_numpy(x) for x in sched.feed(k))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            presents = []
+            for layer in range(facts.num_layers):
+                key, value = _cache_layer(cache, layer)
+                presents += [key.numpy(), value.numpy()]
+            step = {"logits": out.logits.float().numpy().copy()}
+            step.update(_compare_rows(facts, sched, k, presents, from_onnx=False))
+            results.append(step)
+            del out, presents
+    del model, cache
+    gc.collect()
+    return results
+
+
+def _cache_layer(cache, layer: int):
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer]
+
+
+class NotRunnable(Exception):
+    """ONNX Runtime on this machine cannot run the graph (e.g. no fp16 kernels on this CPU)."""
+
+
+def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) -> list[dict]:
+    """Run the schedule through ONNX Runtime, feeding each step's presents back as the next past."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Prepacking would hold a second copy of every MatMul weight while the session loads.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if "NOT_IMPLEMENTED" in str(exc) or "Could not find an implementation" in str(exc):
+            first = str(exc).split("\n")[0][:300]
+            raise NotRunnable(f"ONNX Runtime's CPU provider cannot run this graph here ({first})") from None
+        raise
+    np_kv = np.float16 if io["kv_dtype"] == "float16" else np.float32
+    batch = sched.input_ids.shape[0]
+    n, h = facts.num_heads, facts.head_size
+    wanted = {i["name"] for i in io["inputs"]}
+    past = {}
+    for entry in io["kv_cache"]:
+        length = sched.window_capacity if entry["kind"] == "window" else 0
+        past[entry["past_key"]] = np.zeros((batch, n, length, h), np_kv)
+        past[entry["past_value"]] = np.zeros((batch, n, length, h), np_kv)
+    names = [o.name for o in sess.get_outputs()]
+    results = []
+    for k in range(len(sched.steps)):
+        ids, pos, mask = sched.feed(k)
+        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        feed = {name: value for name, value in feed.items() if name in wanted}
+        feed.update(past)
+        outs = dict(zip(names, sess.run(None, feed)))
+        presents = []
+        for entry in io["kv_cache"]:
+            past[entry["past_key"]] = outs[entry["present_key"]]
+            past[entry["past_value"]] = outs[entry["present_value"]]
+            presents += [outs[entry["present_key"]], outs[entry["present_value"]]]
+        step = {"logits": outs["logits"].astype(np.float32)}
+        step.update(_compare_rows(facts, sched, k, presents, from_onnx=True))
+        results.append(step)
+    del sess
+    gc.collect()
+    return results
+
+
+def compare(reference: list[dict], candidate: list[dict], sched: Schedule, atol: float) -> dict:
+    """Max |difference| per output over every step (valid positions only); raise listing every failure."""
+    diffs: dict[str, float] = {}
+    for k, (ref, got) in enumerate(zip(reference, candidate)):
+        a, b = sched.steps[k]
+        query_valid = sched.attention_mask[:, a:b].astype(bool)  # (B, S)
+        for name, r in ref.items():
+            c = got[name]
+            if r.shape != c.shape:
+                diffs[name] = math.inf
+                continue
+            err = np.abs(r.astype(np.float64) - c.astype(np.float64))
+            if name == "logits":
+                err = err[query_valid]
+            else:  # cache rows: skip rows of padded positions (B, N, rows, H)
+                rows = r.shape[2]
+                valid = sched.attention_mask[:, b - rows : b].astype(bool) if rows <= b else None
+                err = err.transpose(0, 2, 1, 3)[valid] if valid is not None else err
+            worst = float(err.max()) if err.size else 0.0
+            if not np.isfinite(worst) or np.isnan(c).any():
+                worst = math.inf
+            diffs[name] = max(diffs.get(name, 0.0), worst)
+    failures = [f"{name}: max |diff| {value:.3g} > atol {atol:g}" for name, value in diffs.items() if not value <= atol]
+    if failures:
+        raise ValidationError(
+            f"the ONNX graph disagrees with PyTorch on {len(failures)} output(s) (atol {atol:g}): "
+            + "; ".join(failures[:8]) + (" ..." if len(failures) > 8 else ""),
+            failures,
+        )
+    return diffs

@@ -1,0 +1,66 @@
+"""The artifact manifest: what an exported folder is, read by the runtime instead of guessing.
+
+Schema (version 1), all keys always present unless marked optional:
+
+    format, schema_version, created, edgelm_version
+    model:      source, architecture, model_type, facts (layers, heads, head size, windows, scales, ...)
+    graph:      file, external_data (file name or null), dtype, backend, opset, operators {op: count}
+    io:         inputs/outputs [{name, dtype, shape}], kv_cache [{layer, past_key, past_value,
+                present_key, present_value, kind: full|window|concat, window, share_buffer}], kv_dtype
+    tokenizer:  files, bos_token_id, eos_token_id
+    steps:      [{name, ... settings, seconds, peak_rss_bytes, versions}]  (the lineage, in order)
+    validation: status (passed|not_validated), reason (optional), atol, provider, schedule,
+                max_abs_diff {output: value}
+    files:      {name: {bytes, sha256}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ArtifactError
+
+FORMAT = "edgelm-artifact"
+SCHEMA_VERSION = 1
+REQUIRED = ("format", "schema_version", "model", "graph", "io", "tokenizer", "steps", "validation", "files")
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    path = Path(folder) / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path, verify_checksums: bool = False) -> dict:
+    """Read and check an artifact's manifest: every required key, every listed file present."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder; pass an artifact folder made by 'edgelm export'")
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no manifest.json; pass a folder made by 'edgelm export'")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); export the model again") from None
+    missing = [k for k in REQUIRED if k not in manifest]
+    if manifest.get("format") != FORMAT or missing:
+        raise ArtifactError(f"{path} is not an edgelm manifest (missing {missing or ['format']}); export the model again")
+    if manifest["schema_version"] > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {manifest['schema_version']}, newer than this edgelm understands "
+            f"({SCHEMA_VERSION}); upgrade edgelm"
+        )
+    for name, meta in manifest["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise ArtifactError(f"{folder} lacks {name}, which its manifest lists; copy the whole artifact folder")
+        if f.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"{f} has {f.stat().st_size} bytes, its manifest says {meta['bytes']}; the copy is damaged")
+        if verify_checksums:
+            from ._fs import sha256_file
+
+            if sha256_file(f) != meta["sha256"]:
+                raise ArtifactError(f"{f} does not match its sha256 in the manifest; the copy is damaged")
+    return manifest

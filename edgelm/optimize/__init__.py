@@ -1,0 +1,1 @@
+"""Knowledge distillation, structured pruning and quantization (see the open issues)."""
