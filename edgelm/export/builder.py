@@ -40,13 +40,6 @@ MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
 OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
 
 
-def input_names(facts: ModelFacts) -> list[str]:
-    names = ["input_ids", "position_ids", "attention_mask"]
-    for i in range(facts.num_layers):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
-
-
 def kv_dtype(facts: ModelFacts, dtype: str) -> str:
     """GPT-Neo computes attention in fp32 (HF upcasts q and k): its KV cache stays fp32 in fp16 graphs."""
     return "fp32" if facts.model_type == "gpt_neo" else dtype
@@ -60,8 +53,9 @@ def io_spec(facts: ModelFacts, dtype: str) -> dict:
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
+        {"name": "num_logits_to_keep", "dtype": "int64", "shape": []},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", facts.vocab_size]}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "logits_sequence", facts.vocab_size]}]
     cache = []
     for i, (kind, window) in enumerate(facts.layer_kinds):
         past_len = "past_sequence" if kind == "global" else "window_capacity"
@@ -114,6 +108,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
         pos_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
         mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+        keep = g.input("num_logits_to_keep", TensorProto.INT64, [])
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "past_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):
@@ -213,10 +208,18 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             [stream_in, stream_skip, g.weight("model.norm.weight", gamma), g.weight("model.norm.bias", beta),
              stream_bias],
             [f"{p}/output_0", "", "", ""], name=f"{p}/SkipLayerNorm", epsilon=eps)
-        logits = g.node("MatMul", [final, lm_head], name="/lm_head/MatMul")
+        # Only the last num_logits_to_keep positions go through the LM head: generation asks for 1,
+        # perplexity for all. (B, S, D) -> (B, K, D)
+        p = "/model/keep_logits"
+        start = g.node("Neg", [g.node("Unsqueeze", [keep, g.const(f"{p}/axis0", [0])], name=f"{p}/Unsqueeze")],
+                       name=f"{p}/Neg")
+        final = g.node("Slice", [final, start, g.const(f"{p}/end", [np.iinfo(np.int64).max]),
+                                 g.const(f"{p}/axis1", [1])], name=f"{p}/Slice")
+        logits = g.node("MatMul", [final, lm_head], ["logits" if dtype == "fp32" else "/lm_head/MatMul/output_0"],
+                        name="/lm_head/MatMul")
         if dtype != "fp32":
-            logits = g.node("Cast", [logits], name="/lm_head/Cast", to=TensorProto.FLOAT)
-        g.output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", facts.vocab_size])
+            g.node("Cast", [logits], ["logits"], name="/lm_head/Cast", to=TensorProto.FLOAT)
+        g.output("logits", "logits", TensorProto.FLOAT, ["batch", "logits_sequence", facts.vocab_size])
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "present_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):

@@ -146,7 +146,8 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
     results = []
     for k in range(len(sched.steps)):
         ids, pos, mask = sched.feed(k)
-        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
+                "num_logits_to_keep": np.array(ids.shape[1], dtype=np.int64)}
         feed = {name: value for name, value in feed.items() if name in wanted}
         feed.update(past)
         outs = dict(zip(names, sess.run(None, feed)))

@@ -1,0 +1,49 @@
+"""The one place tests get models from: tiny GPT-2 / GPT-Neo checkpoints built locally, no network.
+
+Every architecture edgelm supports must have an entry in TINY_CONFIGS (a test enforces it).
+Head size is 16 (ONNX Runtime's fused attention needs a multiple of 8); the GPT-Neo window is
+4 so that every test sequence runs past it. The vocabulary is GPT-2's real 50257 tokens so the
+real tokenizer (shipped in edgelm/assets/tokenizer) works with these models.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from edgelm.export.embedded import TOKENIZER_DIR
+
+TINY_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=2, n_head=2, n_embd=32,
+                 n_positions=128, vocab_size=50257, bos_token_id=50256, eos_token_id=50256,
+                 activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neo": dict(model_type="gpt_neo", architectures=["GPTNeoForCausalLM"], num_layers=2, num_heads=2,
+                    hidden_size=32, max_position_embeddings=128, vocab_size=50257, window_size=4,
+                    attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"],
+                    bos_token_id=50256, eos_token_id=50256, activation_function="gelu_new",
+                    resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
+}
+
+
+def make_tiny_model(arch: str, folder: Path, seed: int = 0, scale: float = 1.0, **overrides) -> Path:
+    """Save a randomly initialised tiny model (HF folder with safetensors and tokenizer) to ``folder``.
+
+    ``scale`` multiplies every weight after initialisation, to make logits large enough that
+    numerical differences show.
+    """
+    import torch
+    import transformers
+
+    config_dict = {**TINY_CONFIGS[arch], **overrides}
+    config = transformers.AutoConfig.for_model(**config_dict)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config_dict["architectures"][0])(config).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder

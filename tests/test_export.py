@@ -1,0 +1,237 @@
+"""Export: parity with PyTorch, fused operators, manifest content, atomic output, error paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgelm.errors import InputError, OutputExistsError, UnsupportedModelError, ValidationError
+from edgelm.export import ARCHITECTURES, export_model
+from edgelm.manifest import read_manifest
+from fixtures import TINY_CONFIGS, make_tiny_model
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+def test_every_architecture_has_a_tiny_model():
+    assert set(ARCHITECTURES) == set(TINY_CONFIGS), "add a tiny config to tests/fixtures.py"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_graph_has_one_attention_per_layer_and_no_softmax(tiny_artifact, arch):
+    m = read_manifest(tiny_artifact[arch])
+    ops = m["graph"]["operators"]
+    layers = m["model"]["facts"]["num_layers"]
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["SkipLayerNormalization"] == 2 * layers + 1
+    assert ops["FastGelu"] == layers
+    assert "Softmax" not in ops and "LayerNormalization" not in ops
+    graph = onnx.load(str(tiny_artifact[arch] / "model.onnx"), load_external_data=False).graph
+    names = [n.name for n in graph.node]
+    assert "/model/layers.0/attn/GroupQueryAttention" in names and "/lm_head/MatMul" in names
+    # GPT-2 scales by 1/sqrt(head size), GPT-Neo does not; GPT-Neo's local layer keeps its window
+    attn = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in attn]
+    head = m["model"]["facts"]["head_size"]
+    if arch == "gpt2":
+        assert all(abs(a["scale"] - head ** -0.5) < 1e-7 for a in attrs)
+        assert all("local_window_size" not in a for a in attrs)
+    else:
+        assert all(a["scale"] == 1.0 for a in attrs)
+        assert "local_window_size" not in attrs[0]
+        assert attrs[1]["local_window_size"] == 4 and attrs[1]["sliding_window_cache"] == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_manifest_describes_the_artifact(tiny_artifact, arch):
+    folder = tiny_artifact[arch]
+    m = read_manifest(folder, verify_checksums=True)
+    layers = m["model"]["facts"]["num_layers"]
+    inputs = [i["name"] for i in m["io"]["inputs"]]
+    outputs = [o["name"] for o in m["io"]["outputs"]]
+    assert inputs[:4] == ["input_ids", "position_ids", "attention_mask", "num_logits_to_keep"]
+    assert len(inputs) == 4 + 2 * layers and len(outputs) == 1 + 2 * layers
+    sess_inputs = _session_io(folder)
+    assert sess_inputs == (inputs, outputs)  # the manifest names exactly the graph's inputs and outputs
+    kinds = [c["kind"] for c in m["io"]["kv_cache"]]
+    assert kinds == (["full", "full"] if arch == "gpt2" else ["full", "window"])
+    v = m["validation"]
+    assert v["status"] == "passed"
+    assert set(v["max_abs_diff"]) == {"logits", *outputs[1:]}
+    assert all(0 <= d <= v["atol"] for d in v["max_abs_diff"].values())
+    assert v["schedule"]["decode_steps"] >= 3 and v["schedule"]["batch"] == 2 and v["schedule"]["left_padding"] > 0
+    if arch == "gpt_neo":
+        assert v["schedule"]["total_tokens"] > 4  # beyond the local window
+    assert {"model.onnx", "tokenizer.json", "vocab.json", "merges.txt"} <= set(m["files"])
+    assert m["steps"][0]["name"] == "export" and m["steps"][0]["peak_rss_bytes"] > 0
+    assert m["model"]["facts"]["tied_embeddings"] is True
+
+
+def _session_io(folder):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    return [i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tied_embedding_is_stored_once(tiny_artifact, arch):
+    m = read_manifest(tiny_artifact[arch])
+    f = m["model"]["facts"]
+    embedding = f["vocab_size"] * f["hidden_size"]
+    graph = onnx.load(str(tiny_artifact[arch] / "model.onnx"), load_external_data=False).graph
+    big = [t for t in graph.initializer if np.prod(t.dims) == embedding]
+    assert len(big) == 1
+    params = _param_count(tiny_model_dir_for(tiny_artifact, arch))
+    assert m["graph"]["weight_bytes"] <= 1.01 * 4 * params
+
+
+def tiny_model_dir_for(tiny_artifact, arch):
+    return read_manifest(tiny_artifact[arch])["model"]["source"]
+
+
+def _param_count(model_dir):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def test_external_data_is_one_file_and_validates(tiny_model_dir, tmp_path):
+    out = tmp_path / "ext"
+    m = export_model(str(tiny_model_dir["gpt_neo"]), out, progress=False, external_data=True)
+    assert m["graph"]["external_data"] == "model.onnx.data"
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.name) == ["model.onnx", "model.onnx.data"]
+    assert m["validation"]["status"] == "passed"
+    assert (out / "model.onnx").stat().st_size < 100_000  # the protobuf holds no weights
+
+
+def test_wrong_weights_fail_validation_and_leave_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    from edgelm.export import builder
+
+    real = builder._Weights.linear
+
+    def off_by_a_little(self, lw, i):
+        w, b = real(self, lw, i)
+        return w * 1.01, b
+
+    monkeypatch.setattr(builder._Weights, "linear", off_by_a_little)
+    out = tmp_path / "bad"
+    with pytest.raises(ValidationError) as err:
+        export_model(str(tiny_model_dir["gpt2"]), out, progress=False)
+    assert "logits" in str(err.value) and len(err.value.failures) >= 2
+    assert not out.exists() and not any(tmp_path.iterdir())  # no OUT, no temporary folder left
+
+
+def test_existing_output_is_refused_without_force(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        export_model(str(tiny_model_dir["gpt2"]), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_model(str(tiny_model_dir["gpt2"]), out, progress=False, force=True)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_fp16_export_is_marked_honestly(tiny_model_dir, tmp_path):
+    m = export_model(str(tiny_model_dir["gpt_neo"]), tmp_path / "h", dtype="fp16", progress=False)
+    assert m["graph"]["dtype"] == "fp16"
+    assert m["io"]["kv_dtype"] == "float32"  # GPT-Neo keeps attention (and its cache) in fp32
+    v = m["validation"]
+    assert v["status"] in ("passed", "not_validated")
+    if v["status"] == "passed":
+        assert v["atol"] == 5e-2 and max(v["max_abs_diff"].values()) <= 5e-2
+    else:
+        assert v["reason"]
+    g = onnx.load(str(tmp_path / "h" / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "bad_config", "unknown_arch", "corrupt", "no_weights",
+                                  "bad_head_size", "bad_embedded", "bad_atol"])
+def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
+    src = tmp_path / "m"
+    args = None
+    if case == "missing":
+        args = [str(tmp_path / "nope"), "-o", str(tmp_path / "o")]
+    elif case == "bad_embedded":
+        args = ["embedded:llama", "-o", str(tmp_path / "o")]
+    elif case == "bad_atol":
+        args = [str(tiny_model_dir["gpt2"]), "-o", str(tmp_path / "o"), "--atol", "-1"]
+    else:
+        import shutil
+
+        shutil.copytree(tiny_model_dir["gpt2"], src)
+        cfg = json.loads((src / "config.json").read_text())
+        if case == "no_config":
+            (src / "config.json").unlink()
+        elif case == "bad_config":
+            (src / "config.json").write_text("{not json")
+        elif case == "unknown_arch":
+            cfg["model_type"] = "llama"
+            (src / "config.json").write_text(json.dumps(cfg))
+        elif case == "bad_head_size":
+            cfg.update(n_embd=36, n_head=3)
+            (src / "config.json").write_text(json.dumps(cfg))
+        elif case == "corrupt":
+            data = (src / "model.safetensors").read_bytes()
+            (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+        elif case == "no_weights":
+            (src / "model.safetensors").unlink()
+        args = [str(src), "-o", str(tmp_path / "o")]
+    r = _cli("export", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgelm export: error: "), r.stderr
+    assert not (tmp_path / "o").exists()
+    expected = {"missing": "no folder", "no_config": "no config.json", "bad_config": "not valid JSON",
+                "unknown_arch": "GPT2LMHeadModel", "corrupt": "download it again",
+                "no_weights": "no model.safetensors", "bad_head_size": "multiple of 8",
+                "bad_embedded": "embedded:gpt2", "bad_atol": "positive"}[case]
+    assert expected in lines[0]
+
+
+def test_offline_hub_id_fails_with_one_sentence(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "edgelm", "export", "gpt2", "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "could not download 'gpt2'" in r.stderr and "local model folder" in r.stderr
+
+
+def test_pytorch_bin_checkpoint_exports(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    src = make_tiny_model("gpt2", tmp_path / "st", seed=3)
+    sd = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    torch.save(sd, src / "pytorch_model.bin")
+    m = export_model(str(src), tmp_path / "o", progress=False)
+    assert m["validation"]["status"] == "passed"
+
+
+def test_unsupported_config_option_is_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError):
+        export_model(str(make_tiny_model("gpt2", tmp_path / "x", add_cross_attention=True)), tmp_path / "o",
+                     progress=False)
+
+
+def test_embedded_default_exports(tmp_path):
+    r = _cli("export", "embedded:gpt-neo", "-o", str(tmp_path / "neo"), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["validation"]["status"] == "passed" and m["model"]["architecture"] == "GPTNeoForCausalLM"
