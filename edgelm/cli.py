@@ -24,7 +24,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES = ("edgelm.export.commands",)
+COMMAND_MODULES = ("edgelm.export.commands", "edgelm.runtime.commands")
 
 
 def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):

@@ -1,0 +1,120 @@
+"""Open an artifact folder: manifest, tokenizer and an ONNX Runtime session on the chosen provider.
+
+Imports only onnxruntime, numpy and tokenizers (a test pins that torch and transformers stay out).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, DependencyError, InputError
+from ..manifest import read_manifest
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DependencyError(
+            "ONNX Runtime is not installed: run pip install 'edgelm[cpu]' (or 'edgelm[gpu]' for CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def check_provider(provider: str) -> str:
+    """The ORT provider name for 'cpu' or 'cuda'; a clear error instead of a silent CPU fallback."""
+    if provider not in PROVIDERS:
+        raise InputError(f"provider '{provider}' is not supported; choose cpu or cuda")
+    ort = _ort()
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise InputError(
+            "CUDA was asked for, but this ONNX Runtime has no CUDA provider: install onnxruntime-gpu "
+            "(pip install 'edgelm[gpu]', in an environment without the onnxruntime package) on a machine "
+            "with an NVIDIA GPU, or use --provider cpu"
+        )
+    return name
+
+
+class Tokenizer:
+    """GPT-2 byte-level BPE through the `tokenizers` package (no transformers)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if (folder / "tokenizer.json").is_file():
+            self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            from tokenizers import decoders, models, pre_tokenizers
+
+            self._tok = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self._tok.decoder = decoders.ByteLevel()
+        else:
+            raise ArtifactError(f"{folder} has no tokenizer.json (or vocab.json + merges.txt); export the model again")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+@dataclass
+class Artifact:
+    folder: Path
+    manifest: dict
+    session: object
+    provider: str
+    tokenizer: Tokenizer
+
+    @property
+    def facts(self) -> dict:
+        return self.manifest["model"]["facts"]
+
+    @property
+    def input_names(self) -> set[str]:
+        return {i["name"] for i in self.manifest["io"]["inputs"]}
+
+    @property
+    def kv_dtype(self):
+        return NP_DTYPES[self.manifest["io"]["kv_dtype"]]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.manifest["tokenizer"].get("eos_token_id")
+
+
+def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None) -> Artifact:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    provider_name = check_provider(provider)
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(folder / manifest["graph"]["file"]), opts, providers=[provider_name])
+    except Exception as exc:
+        raise ArtifactError(f"ONNX Runtime cannot load {folder / manifest['graph']['file']}: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+    graph_inputs = {i.name for i in session.get_inputs()}
+    listed = {i["name"] for i in manifest["io"]["inputs"]}
+    if graph_inputs != listed:
+        raise ArtifactError(f"{folder}: the graph's inputs differ from its manifest ({sorted(graph_inputs ^ listed)[:4]}); "
+                            "export the model again")
+    return Artifact(folder, manifest, session, provider, Tokenizer(folder))
+
+
+def read_generation_defaults(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

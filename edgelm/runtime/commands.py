@@ -1,0 +1,98 @@
+"""``edgelm generate`` and ``edgelm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..cli import command
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact folder made by 'edgelm export'")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (default cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--context-policy", choices=["error", "truncate"], default="error",
+                   help="when prompt + new tokens exceed the context: fail (default) or drop the prompt's start")
+
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    _add_runtime_args(p)
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=64)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--json", action="store_true", help="print prompt and new token ids, text and timings as JSON")
+
+
+def sampling_from_args(args) -> "SamplingConfig":  # noqa: F821
+    from .sampling import SamplingConfig
+
+    sample = args.temperature is not None or args.top_k or args.top_p < 1.0
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sample,
+                          temperature=args.temperature if args.temperature is not None else 1.0,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop=tuple(args.stop), seed=args.seed, stop_at_eos=not args.ignore_eos)
+
+
+@command("generate", "Generate text from an exported artifact with ONNX Runtime (no torch).", _configure_generate)
+def run_generate(args: argparse.Namespace) -> int:
+    from .generator import Generator
+
+    cfg = sampling_from_args(args)
+    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy)
+    if args.stream and not args.json:
+        sys.stdout.write(args.prompt)
+        for event in gen.stream(args.prompt, cfg):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    result = gen.generate(args.prompt, cfg)
+    if args.json:
+        out = result.to_dict()
+        out.update(artifact=str(args.artifact), provider=args.provider, sampling=cfg.to_dict())
+        print(json.dumps(out, indent=2))
+    else:
+        print(args.prompt + result.text)
+        t = result.timings
+        rate = f"{t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else "n/a"
+        print(f"[{t['new_tokens']} tokens, first after {t['time_to_first_token_s'] * 1000:.0f} ms, decode {rate}, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    _add_runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests waiting beyond that; more get HTTP 429 (default 64)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+
+
+@command("serve", "Serve an artifact over an OpenAI-compatible HTTP API.", _configure_serve)
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args)

@@ -1,0 +1,259 @@
+"""The generation loop: one ONNX Runtime call per step, IO binding, a cache that never moves.
+
+    gen = Generator.load("out/gpt2")                         # artifact folder
+    gen.generate("Once upon a time", SamplingConfig(max_new_tokens=32))
+    for event in gen.stream("Once upon a time"): print(event.text, end="")
+    gen.generate(["First prompt", "A second, longer prompt"])   # a batch, left-padded
+
+Batches are left-padded; every row stops on its own (EOS, a stop string, or its token budget)
+and the batch ends when every row has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from .artifact import Artifact, load_artifact
+from .kv import KVCache
+from .sampling import SamplingConfig, next_tokens
+
+CONTEXT_POLICIES = ("error", "truncate")
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "token_ids": self.token_ids,
+                "text": self.text, "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+@dataclass
+class StreamEvent:
+    row: int
+    token_id: int
+    text: str  # the new text this token completed (may be "" while a UTF-8 character is incomplete)
+    finished: str | None = None  # finish reason once the row is done
+
+
+class Row:
+    """Per-row state: generated ids, the text emitted so far, stop strings, finish reason."""
+
+    def __init__(self, tokenizer, prompt: str, prompt_ids: list[int], cfg: SamplingConfig, eos: int | None):
+        self.tokenizer, self.prompt, self.prompt_ids, self.cfg, self.eos = tokenizer, prompt, prompt_ids, cfg, eos
+        self.ids: list[int] = []
+        self.text = ""
+        self.finished: str | None = None
+        self.cancelled = False  # set by a server when the client goes away
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that became final; set ``finished`` when the row is done.
+
+        Text is held back while it ends in an incomplete UTF-8 character or in what could be the
+        start of a stop string, so a stream never shows text that a stop string later removes.
+        """
+        if self.cfg.stop_at_eos and self.eos is not None and token == self.eos:
+            self.finished = "eos"
+            return self._emit(self.tokenizer.decode(self.ids))
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        for stop in self.cfg.stop:
+            cut = full.find(stop)
+            if cut >= 0:
+                self.finished = "stop"
+                return self._emit(full[:cut])
+        if len(self.ids) >= self.cfg.max_new_tokens:
+            self.finished = "length"
+            return self._emit(full)
+        if full.endswith("\ufffd"):
+            return ""
+        return self._emit(full[: len(full) - self._held(full)])
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins a stop string."""
+        hold = 0
+        for stop in self.cfg.stop:
+            for k in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self.text):] if len(text) > len(self.text) else ""
+        self.text = max(self.text, text, key=len) if self.finished is None else text
+        return delta
+
+
+class Generator:
+    """Generates from an exported artifact with ONNX Runtime alone (no torch, no transformers)."""
+
+    def __init__(self, artifact: Artifact, context_policy: str = "error"):
+        if context_policy not in CONTEXT_POLICIES:
+            raise InputError(f"context policy '{context_policy}' is unknown; choose one of {', '.join(CONTEXT_POLICIES)}")
+        self.art = artifact
+        self.context_policy = context_policy
+        facts = artifact.facts
+        self.max_positions = int(facts["max_positions"])
+        self.vocab = int(facts["vocab_size"])
+        self.heads, self.head_size = int(facts["num_heads"]), int(facts["head_size"])
+        self.pad_id = artifact.eos_token_id if artifact.eos_token_id is not None else 0
+        self.output_names = [o.name for o in artifact.session.get_outputs()]
+        self.device = "cuda" if artifact.provider == "cuda" else "cpu"
+        self.last_cache: KVCache | None = None  # the cache of the last generation (tests inspect it)
+
+    @classmethod
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
+             context_policy: str = "error") -> "Generator":
+        return cls(load_artifact(folder, provider, threads), context_policy)
+
+    @property
+    def tokenizer(self):
+        return self.art.tokenizer
+
+    # -- public API ---------------------------------------------------------------------------
+    def generate(self, prompts: str | list[str], cfg: SamplingConfig | None = None, **kwargs):
+        """One prompt -> GenerationResult; a list -> a list of them (run as one padded batch)."""
+        single = isinstance(prompts, str)
+        cfg = cfg or SamplingConfig(**kwargs)
+        rows = self._rows([prompts] if single else list(prompts), cfg)
+        for _ in self.run(rows):
+            pass
+        results = [self.result(r) for r in rows]
+        return results[0] if single else results
+
+    def stream(self, prompt: str, cfg: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
+        cfg = cfg or SamplingConfig(**kwargs)
+        yield from self.run(self._rows([prompt], cfg))
+
+    def run_rows(self, prompts: list[str], cfgs: list[SamplingConfig]):
+        """For servers: rows with their own configs; yields StreamEvents, then returns results."""
+        rows = [self.prepare(p, c) for p, c in zip(prompts, cfgs)]
+        yield from self.run(rows)
+        return [self.result(r) for r in rows]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _rows(self, prompts: list[str], cfg: SamplingConfig) -> list[Row]:
+        if not prompts:
+            raise InputError("no prompt given; pass at least one prompt")
+        return [self.prepare(p, cfg) for p in prompts]
+
+    def prepare(self, prompt: str, cfg: SamplingConfig) -> Row:
+        if not isinstance(prompt, str):
+            raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            if self.art.manifest["tokenizer"].get("bos_token_id") is None:
+                raise InputError("the prompt is empty; give at least one character")
+            ids = [int(self.art.manifest["tokenizer"]["bos_token_id"])]
+        room = self.max_positions - cfg.max_new_tokens
+        if len(ids) > room:
+            if self.context_policy == "truncate" and room >= 1:
+                ids = ids[-room:]
+            else:
+                raise InputError(
+                    f"the prompt has {len(ids)} tokens and {cfg.max_new_tokens} new tokens were asked for, "
+                    f"more than the model's context of {self.max_positions}; shorten the prompt, ask for fewer "
+                    "tokens, or choose the 'truncate' context policy (keeps the end of the prompt)"
+                )
+        return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_id)
+
+    def result(self, row: Row) -> GenerationResult:
+        return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.text, row.finished or "length",
+                                getattr(row, "timings", {}))
+
+    def run(self, rows: list[Row]) -> Iterator[StreamEvent]:
+        import onnxruntime as ort
+
+        sess, names = self.art.session, self.art.input_names
+        batch = len(rows)
+        prompt_len = max(len(r.prompt_ids) for r in rows)
+        max_len = prompt_len + max(r.cfg.max_new_tokens for r in rows)
+        started = time.perf_counter()
+
+        ids = np.full((batch, prompt_len), self.pad_id, dtype=np.int64)  # (B, P), left-padded
+        mask = np.zeros((batch, max_len), dtype=np.int64)  # (B, max_len)
+        for b, r in enumerate(rows):
+            ids[b, prompt_len - len(r.prompt_ids):] = r.prompt_ids
+            mask[b, prompt_len - len(r.prompt_ids):prompt_len] = 1
+        positions = np.maximum(np.cumsum(mask[:, :prompt_len], axis=1) - 1, 0)  # (B, P)
+        seen = np.zeros((batch, self.vocab), dtype=bool) if any(r.cfg.repetition_penalty != 1.0 for r in rows) else None
+        if seen is not None:
+            for b, r in enumerate(rows):
+                seen[b, r.prompt_ids] = True
+
+        cache = KVCache(ort, self.art.manifest["io"]["kv_cache"], batch, max_len, self.heads, self.head_size,
+                        self.art.kv_dtype, self.device)
+        self.last_cache = cache
+        binding = sess.io_binding()
+        logits = np.zeros((batch, 1, self.vocab), dtype=np.float32)  # (B, 1, V), reused every step
+        keep_all = "num_logits_to_keep" not in names  # graphs from other exporters return every position
+        if not keep_all:
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            binding.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
+        else:
+            binding.bind_output("logits", "cpu")  # bound first: output 0 of the binding
+        cache.bind(binding)
+
+        total, step_ids, step_pos = prompt_len, ids, positions
+        first_token_at = None
+        steps = 0
+        while True:
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, :total]))
+            if "position_ids" in names:
+                binding.bind_cpu_input("position_ids", np.ascontiguousarray(step_pos))
+            sess.run_with_iobinding(binding)
+            last = logits[:, -1] if not keep_all else binding.get_outputs()[0].numpy()[:, -1]  # (B, V)
+            cache.after_step(binding, self.output_names)
+            steps += 1
+            tokens = np.empty(batch, dtype=np.int64)
+            for b, r in enumerate(rows):
+                if r.cancelled and not r.finished:
+                    r.finished = "cancelled"
+                if r.finished:
+                    tokens[b] = self.pad_id
+                    continue
+                tokens[b] = next_tokens(last[b:b + 1], r.cfg, r.rng, None if seen is None else seen[b:b + 1])[0]
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            for b, r in enumerate(rows):
+                if r.finished:
+                    continue
+                delta = r.push(int(tokens[b]))
+                if seen is not None:
+                    seen[b, tokens[b]] = True
+                yield StreamEvent(b, int(tokens[b]), delta, r.finished)
+            if all(r.finished for r in rows) or total >= max_len:
+                break
+            mask[:, total] = 1
+            step_ids = tokens[:, None]  # (B, 1)
+            step_pos = step_pos[:, -1:] + 1  # (B, 1)
+            total += 1
+        done = time.perf_counter()
+        new_tokens = sum(len(r.ids) for r in rows)
+        timings = {
+            "time_to_first_token_s": round(first_token_at - started, 6),
+            "decode_tokens_per_s": round((steps - 1) * batch / (done - first_token_at), 3) if steps > 1 else None,
+            "decode_steps": steps - 1,
+            "total_s": round(done - started, 6),
+            "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens,
+            "batch": batch,
+            "kv_cache_bytes": cache.nbytes,
+        }
+        for r in rows:
+            r.timings = timings

@@ -1,0 +1,68 @@
+"""The KV cache: buffers allocated once per generation and bound to both past and present.
+
+Per layer, from the manifest's ``io.kv_cache``:
+- ``full``   one (B, N, max_len, H) buffer bound as past and present; the attention operator
+             writes the new rows in place (no per-step allocation, no copy of the cache);
+- ``window`` one (B, N, window + slack, H) buffer; the operator keeps the most recent rows at the
+             front and compacts every ``slack + 1`` steps (GPT-Neo's local layers);
+- ``concat`` (graphs from other exporters) present = past + new rows: the outputs of one step are
+             fed back as the next inputs, as ORT values, without a trip through NumPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WINDOW_SLACK = 64
+
+
+class KVCache:
+    def __init__(self, ort, cache_spec: list[dict], batch: int, max_len: int, heads: int, head_size: int,
+                 dtype, device: str = "cpu"):
+        self.batch, self.max_len, self.device = batch, max_len, device
+        self.spec = cache_spec
+        self.values: dict[str, object] = {}  # past name -> OrtValue
+        self._host: list[np.ndarray] = []  # CPU buffers backing the OrtValues (kept alive)
+        self.concat = [e for e in cache_spec if e["kind"] == "concat"]
+        self.nbytes = 0  # bytes of the preallocated buffers
+        for e in cache_spec:
+            length = {"full": max_len, "window": (e.get("window") or 0) + WINDOW_SLACK, "concat": 0}[e["kind"]]
+            shape = (batch, heads, length, head_size)
+            self.nbytes += 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
+            for name in (e["past_key"], e["past_value"]):
+                if device == "cpu" or e["kind"] == "concat":
+                    host = np.zeros(shape, dtype=dtype)
+                    self._host.append(host)
+                    value = ort.OrtValue.ortvalue_from_numpy(host) if e["kind"] != "concat" else host
+                else:  # resident on the GPU for the whole generation
+                    value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+                self.values[name] = value
+
+    def bind(self, binding) -> None:
+        """Bind past inputs and present outputs; for shared buffers, once per generation is enough."""
+        for e in self.spec:
+            for past, present in ((e["past_key"], e["present_key"]), (e["past_value"], e["present_value"])):
+                value = self.values[past]
+                if e["kind"] == "concat":
+                    if isinstance(value, np.ndarray):
+                        binding.bind_cpu_input(past, value)
+                    else:
+                        binding.bind_ortvalue_input(past, value)
+                    binding.bind_output(present, self.device)
+                else:
+                    binding.bind_ortvalue_input(past, value)
+                    binding.bind_ortvalue_output(present, value)
+
+    def after_step(self, binding, output_names: list[str]) -> None:
+        """Concat caches: this step's presents become the next step's pasts (no copy)."""
+        if not self.concat:
+            return
+        outs = dict(zip(output_names, binding.get_outputs()))
+        for e in self.concat:
+            self.values[e["past_key"]] = outs[e["present_key"]]
+            self.values[e["past_value"]] = outs[e["present_value"]]
+        self.bind(binding)
+
+    def buffer_addresses(self) -> dict[str, int]:
+        """Data pointers of the bound buffers (tests use them to show nothing is reallocated)."""
+        return {name: (v.data_ptr() if hasattr(v, "data_ptr") else v.ctypes.data) for name, v in self.values.items()}
