@@ -350,6 +350,11 @@ def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: s
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # listen backlog: many clients connect at once
+    daemon_threads = False  # server_close() waits for responses in flight
+
+
 def serve(args) -> int:
     from pathlib import Path
 
@@ -358,11 +363,10 @@ def serve(args) -> int:
     metrics = Metrics()
     engine = Engine(gen, args.max_batch, args.max_queue, metrics)
     try:
-        httpd = ThreadingHTTPServer((args.host, args.port), make_handler(gen, engine, metrics, model_name))
+        httpd = _HTTPServer((args.host, args.port), make_handler(gen, engine, metrics, model_name))
     except OSError as exc:
         raise InputError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
                          "choose another --port or stop the program using it") from None
-    httpd.daemon_threads = False  # server_close() waits for responses in flight
     engine.thread.start()
 
     def stop(signum, frame):

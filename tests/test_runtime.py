@@ -1,0 +1,215 @@
+"""Runtime: parity with transformers' generate, sampling, batching, buffers, errors, lean imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from edgelm.errors import InputError
+from edgelm.export.embedded import EMBEDDED_MODELS
+from edgelm.runtime import Generator, SamplingConfig
+
+PROMPTS = ["It was a truth universally acknowledged, that", "Emma Woodhouse, handsome,"]
+
+
+def _hf_greedy(model_dir, prompts, new_tokens):
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(EMBEDDED_MODELS["gpt2"].parent.parent / "tokenizer")
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    return [row[enc["input_ids"].shape[1]:].tolist() for row in out]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_greedy_matches_transformers_past_the_local_window(embedded_artifact, name):
+    # 100 new tokens: the embedded GPT-Neo's window is 64, so local layers evict during decoding
+    gen = Generator.load(embedded_artifact[name])
+    ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
+    theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
+    assert ours.token_ids == theirs
+    assert ours.finish_reason == "length" and len(ours.token_ids) == 100
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_left_padded_batch_matches_transformers(embedded_artifact, name):
+    gen = Generator.load(embedded_artifact[name])
+    ours = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=70, stop_at_eos=False))
+    theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS, 70)
+    assert [r.token_ids for r in ours] == theirs
+    assert len({len(r.prompt_ids) for r in ours}) == 2  # the prompts really had different lengths
+
+
+def test_tiny_models_match_transformers(tiny_artifact, tiny_model_dir):
+    for arch in ("gpt2", "gpt_neo"):  # tiny GPT-Neo window is 4
+        gen = Generator.load(tiny_artifact[arch])
+        ours = gen.generate(PROMPTS[1], SamplingConfig(max_new_tokens=12, stop_at_eos=False))
+        assert ours.token_ids == _hf_greedy(tiny_model_dir[arch], PROMPTS[1:], 12)[0]
+
+
+def test_kv_buffers_are_allocated_once_and_written_in_place(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt-neo"])
+    addresses = []
+    filled = []
+    cfg = SamplingConfig(max_new_tokens=80, stop_at_eos=False)
+    for event in gen.stream(PROMPTS[0], cfg):
+        cache = gen.last_cache
+        addresses.append(cache.buffer_addresses())
+        host = cache._host[0]  # layer 0 (global) key buffer, (B, N, max_len, H)
+        filled.append(int((np.abs(host).sum(axis=(0, 1, 3)) > 0).sum()))
+    assert all(a == addresses[0] for a in addresses)  # same buffers at every step
+    prompt = len(gen.tokenizer.encode(PROMPTS[0]))
+    # the operator wrote each step's key into our buffer: one more filled row per step
+    assert filled == [prompt + k for k in range(80)]
+    window = [e for e in gen.art.manifest["io"]["kv_cache"] if e["kind"] == "window"]
+    assert window and cache._host[2].shape[2] == window[0]["window"] + 64  # local layer: window-sized buffer
+    assert cache._host[0].shape[2] == prompt + 80
+
+
+def test_sampling_is_reproducible_with_a_seed(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    cfg = dict(max_new_tokens=30, greedy=False, temperature=0.9, top_k=50, top_p=0.95, stop_at_eos=False)
+    a = gen.generate(PROMPTS[0], SamplingConfig(seed=7, **cfg)).token_ids
+    b = gen.generate(PROMPTS[0], SamplingConfig(seed=7, **cfg)).token_ids
+    c = gen.generate(PROMPTS[0], SamplingConfig(seed=8, **cfg)).token_ids
+    assert a == b and a != c
+    greedy = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=30, stop_at_eos=False)).token_ids
+    top1 = gen.generate(PROMPTS[0], SamplingConfig(seed=1, **{**cfg, "top_k": 1})).token_ids
+    assert top1 == greedy
+
+
+def test_top_k_top_p_and_repetition_penalty_semantics():
+    from edgelm.runtime.sampling import next_tokens
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draws = {int(next_tokens(logits, SamplingConfig(greedy=False, top_k=2), rng)[0]) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(next_tokens(logits, SamplingConfig(greedy=False, top_p=0.7), rng)[0]) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    seen = np.array([[True, False, False, False]])
+    pos = np.array([[2.0, 1.5, 0.0, -1.0]], dtype=np.float32)
+    assert next_tokens(pos, SamplingConfig(repetition_penalty=2.0), None, seen)[0] == 1  # 2.0 / 2 < 1.5
+
+
+def test_stop_strings_and_streaming_agree(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    full = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop_at_eos=False)).text
+    stop = full[10:14]
+    assert stop.strip()
+    result = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop=(stop,), stop_at_eos=False))
+    assert result.finish_reason == "stop" and result.text == full[: full.find(stop)]
+    streamed = "".join(e.text for e in gen.stream(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop=(stop,),
+                                                                              stop_at_eos=False)))
+    assert streamed == result.text
+
+
+def test_each_row_of_a_batch_stops_on_its_own(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    alone = [gen.generate(p, SamplingConfig(max_new_tokens=25, stop_at_eos=False)).text for p in PROMPTS]
+    stop = alone[0][5:9]
+    results = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=25, stop=(stop,), stop_at_eos=False))
+    assert results[0].finish_reason == "stop" and results[0].text == alone[0][: alone[0].find(stop)]
+    if stop not in alone[1]:
+        assert results[1].finish_reason == "length" and results[1].text == alone[1]
+
+
+def test_eos_ends_a_row(embedded_artifact, monkeypatch):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    first = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=3, stop_at_eos=False)).token_ids
+    monkeypatch.setitem(gen.art.manifest["tokenizer"], "eos_token_id", first[1])
+    gen2 = Generator(gen.art)
+    r = gen2.generate(PROMPTS[0], SamplingConfig(max_new_tokens=20))
+    assert r.finish_reason == "eos" and r.token_ids == first[:1]
+
+
+def test_context_overflow_is_an_error_or_the_chosen_policy(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    long_prompt = "word " * 600  # > 512 positions
+    with pytest.raises(InputError, match="context of 512"):
+        gen.generate(long_prompt, SamplingConfig(max_new_tokens=8))
+    trunc = Generator.load(embedded_artifact["gpt2"], context_policy="truncate")
+    r = trunc.generate(long_prompt, SamplingConfig(max_new_tokens=8, stop_at_eos=False))
+    assert len(r.prompt_ids) == 512 - 8 and len(r.token_ids) == 8
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(InputError, match="temperature"):
+        SamplingConfig(temperature=0)
+    with pytest.raises(InputError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_generate_json(embedded_artifact):
+    r = _cli("generate", str(embedded_artifact["gpt2"]), PROMPTS[0], "-n", "12", "--json", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) == 12 and out["prompt_ids"] and out["text"]
+    assert out["timings"]["time_to_first_token_s"] > 0 and out["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_cli_stream_prints_the_same_text(embedded_artifact):
+    art = str(embedded_artifact["gpt2"])
+    plain = _cli("generate", art, PROMPTS[0], "-n", "10", "--ignore-eos")
+    streamed = _cli("generate", art, PROMPTS[0], "-n", "10", "--ignore-eos", "--stream")
+    assert plain.returncode == 0 and streamed.returncode == 0
+    assert streamed.stdout.strip() == plain.stdout.strip()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["generate", "/nonexistent/artifact", "hi"], "not a folder"),
+    (["generate", "{art}", "hi", "--provider", "cuda"], "CUDA"),
+    (["generate", "{art}", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "{art}", "hi", "-n", "0"], "expected a number >= 1"),
+])
+def test_cli_generate_errors_are_one_sentence(embedded_artifact, args, expected):
+    args = [a.replace("{art}", str(embedded_artifact["gpt2"])) for a in args]
+    r = _cli(*args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+def test_runtime_runs_without_torch_or_transformers(embedded_artifact):
+    """Generate in a process where importing torch or transformers fails."""
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split('.')[0] in ('torch', 'transformers', 'onnx'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        from edgelm.cli import main
+        rc = main(['generate', {str(embedded_artifact['gpt2'])!r}, 'Emma said', '-n', '5', '--json'])
+        assert rc == 0
+        assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"]
+
+
+def test_runtime_install_has_no_torch():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"] + project["optional-dependencies"]["cpu"]).lower()
+    assert "torch" not in runtime and "transformers" not in runtime and "onnxruntime" in runtime
+    gpu = project["optional-dependencies"]["gpu"]
+    assert any(d.startswith("onnxruntime-gpu") for d in gpu) and not any(d.startswith("onnxruntime>") for d in gpu)
