@@ -100,7 +100,7 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
     say = print if progress else (lambda *a, **k: None)
     say(f"validating against PyTorch: batch 2 (left-padded), prompt {sched.steps[0][1]} tokens, "
         f"{len(sched.steps) - 1} decode steps")
-    reference = V.torch_reference(model_dir, facts, sched)
+    reference = V.torch_reference(model_dir, facts, sched, [c["kind"] for c in io["kv_cache"]])
     try:
         candidate = V.onnx_outputs(onnx_path, facts, sched, io)
     except V.NotRunnable as exc:

@@ -63,16 +63,22 @@ def resident_rows(total: int, capacity: int, window: int) -> int:
     return total - g * math.ceil((total - capacity) / g)
 
 
-def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.ndarray], from_onnx: bool):
+def default_cache_kinds(facts: ModelFacts) -> list[str]:
+    """The builder's cache kind per layer: "full" for global layers, "window" for local ones."""
+    return ["full" if kind == "global" else "window" for kind, _ in facts.layer_kinds]
+
+
+def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.ndarray], from_onnx: bool,
+                  cache_kinds: list[str]):
     """The cache rows to compare after step k, aligned by position: {name: (B, N, rows, H)}.
 
-    Global layers: the rows this step added (positions a..b-1). Windowed layers: every resident
-    row (positions b-L..b-1); ONNX keeps them at rows [0, L), PyTorch at the end of its full cache.
+    "full" and "concat" caches: the rows this step added (positions a..b-1). "window" caches: every
+    resident row (positions b-L..b-1); ONNX keeps them at rows [0, L), PyTorch at the end of its full cache.
     """
     a, b = sched.steps[k]
     out = {}
     for i, (kind, window) in enumerate(facts.layer_kinds):
-        if kind == "global":
+        if cache_kinds[i] != "window":
             sl = slice(a, b)
         else:
             resident = resident_rows(b, sched.window_capacity, window)
@@ -82,11 +88,14 @@ def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.
     return out
 
 
-def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule) -> list[dict]:
+def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule,
+                    cache_kinds: list[str] | None = None) -> list[dict]:
+    """PyTorch's outputs for the schedule; ``cache_kinds`` (per layer, from io["kv_cache"]) picks the rows kept."""
     import torch
 
     from .torch_model import load_torch_model
 
+    cache_kinds = cache_kinds or default_cache_kinds(facts)
     model = load_torch_model(model_dir, facts)
     results = []
     cache = None
@@ -100,7 +109,7 @@ def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule) -> list
                 key, value = _cache_layer(cache, layer)
                 presents += [key.numpy(), value.numpy()]
             step = {"logits": out.logits.float().numpy().copy()}
-            step.update(_compare_rows(facts, sched, k, presents, from_onnx=False))
+            step.update(_compare_rows(facts, sched, k, presents, from_onnx=False, cache_kinds=cache_kinds))
             results.append(step)
             del out, presents
     del model, cache
@@ -142,6 +151,7 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
         length = sched.window_capacity if entry["kind"] == "window" else 0
         past[entry["past_key"]] = np.zeros((batch, n, length, h), np_kv)
         past[entry["past_value"]] = np.zeros((batch, n, length, h), np_kv)
+    cache_kinds = [entry["kind"] for entry in io["kv_cache"]]
     names = [o.name for o in sess.get_outputs()]
     results = []
     for k in range(len(sched.steps)):
@@ -157,7 +167,7 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
             past[entry["past_value"]] = outs[entry["present_value"]]
             presents += [outs[entry["present_key"]], outs[entry["present_value"]]]
         step = {"logits": outs["logits"].astype(np.float32)}
-        step.update(_compare_rows(facts, sched, k, presents, from_onnx=True))
+        step.update(_compare_rows(facts, sched, k, presents, from_onnx=True, cache_kinds=cache_kinds))
         results.append(step)
     del sess
     gc.collect()
