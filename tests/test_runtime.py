@@ -213,3 +213,15 @@ def test_runtime_install_has_no_torch():
     assert "torch" not in runtime and "transformers" not in runtime and "onnxruntime" in runtime
     gpu = project["optional-dependencies"]["gpu"]
     assert any(d.startswith("onnxruntime-gpu") for d in gpu) and not any(d.startswith("onnxruntime>") for d in gpu)
+
+
+def test_runtime_serves_optimum_artifacts_too(tiny_model_dir, tiny_artifact, tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgelm.export import export_model
+
+    out = tmp_path / "opt"
+    export_model(str(tiny_model_dir["gpt_neo"]), out, backend="optimum", progress=False)
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    ours = [r.token_ids for r in Generator.load(tiny_artifact["gpt_neo"]).generate(PROMPTS, cfg)]
+    theirs = [r.token_ids for r in Generator.load(out).generate(PROMPTS, cfg)]
+    assert ours == theirs

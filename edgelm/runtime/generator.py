@@ -111,7 +111,6 @@ class Generator:
         self.vocab = int(facts["vocab_size"])
         self.heads, self.head_size = int(facts["num_heads"]), int(facts["head_size"])
         self.pad_id = artifact.eos_token_id if artifact.eos_token_id is not None else 0
-        self.output_names = [o.name for o in artifact.session.get_outputs()]
         self.device = "cuda" if artifact.provider == "cuda" else "cpu"
         self.last_cache: KVCache | None = None  # the cache of the last generation (tests inspect it)
 
@@ -125,9 +124,10 @@ class Generator:
         return self.art.tokenizer
 
     # -- public API ---------------------------------------------------------------------------
-    def generate(self, prompts: str | list[str], cfg: SamplingConfig | None = None, **kwargs):
-        """One prompt -> GenerationResult; a list -> a list of them (run as one padded batch)."""
-        single = isinstance(prompts, str)
+    def generate(self, prompts, cfg: SamplingConfig | None = None, **kwargs):
+        """One prompt (text or token ids) -> GenerationResult; a list of them -> a list (one padded batch)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                              and all(isinstance(t, (int, np.integer)) for t in prompts))
         cfg = cfg or SamplingConfig(**kwargs)
         rows = self._rows([prompts] if single else list(prompts), cfg)
         for _ in self.run(rows):
@@ -151,10 +151,17 @@ class Generator:
             raise InputError("no prompt given; pass at least one prompt")
         return [self.prepare(p, cfg) for p in prompts]
 
-    def prepare(self, prompt: str, cfg: SamplingConfig) -> Row:
-        if not isinstance(prompt, str):
-            raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt)
+    def prepare(self, prompt: str | list[int], cfg: SamplingConfig) -> Row:
+        """Tokenize (a string) or check (a list of token ids) one prompt against the context."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+            if any(not 0 <= t < self.vocab for t in ids):
+                raise InputError(f"token ids must be in [0, {self.vocab}); got one outside")
+            prompt = self.tokenizer.decode(ids)
+        else:
+            raise InputError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             if self.art.manifest["tokenizer"].get("bos_token_id") is None:
                 raise InputError("the prompt is empty; give at least one character")
@@ -216,9 +223,11 @@ class Generator:
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, :total]))
             if "position_ids" in names:
                 binding.bind_cpu_input("position_ids", np.ascontiguousarray(step_pos))
+            if keep_all:
+                binding.bind_output("logits", "cpu")  # its shape changes with the step: let ORT allocate
             sess.run_with_iobinding(binding)
             last = logits[:, -1] if not keep_all else binding.get_outputs()[0].numpy()[:, -1]  # (B, V)
-            cache.after_step(binding, self.output_names)
+            cache.after_step(binding, ["logits"])
             steps += 1
             tokens = np.empty(batch, dtype=np.int64)
             for b, r in enumerate(rows):

@@ -53,11 +53,15 @@ class KVCache:
                     binding.bind_ortvalue_input(past, value)
                     binding.bind_ortvalue_output(present, value)
 
-    def after_step(self, binding, output_names: list[str]) -> None:
-        """Concat caches: this step's presents become the next step's pasts (no copy)."""
+    def after_step(self, binding, bound_before: list[str]) -> None:
+        """Concat caches: this step's presents become the next step's pasts (no copy).
+
+        ``bound_before``: the outputs bound before this cache's (ORT returns outputs in binding order).
+        """
         if not self.concat:
             return
-        outs = dict(zip(output_names, binding.get_outputs()))
+        order = bound_before + [name for e in self.spec for name in (e["present_key"], e["present_value"])]
+        outs = dict(zip(order, binding.get_outputs()))
         for e in self.concat:
             self.values[e["past_key"]] = outs[e["present_key"]]
             self.values[e["past_value"]] = outs[e["present_value"]]

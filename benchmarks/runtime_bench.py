@@ -1,0 +1,293 @@
+"""Decode speed of edgelm's runtime against Optimum's ORTModelForCausalLM and PyTorch generate.
+
+    .venv/bin/python benchmarks/runtime_bench.py                       # the committed run
+    .venv/bin/python benchmarks/runtime_bench.py --models gpt2 --repeats 2 --new-tokens 64
+
+Random-weight models with the real configurations (benchmarks/configs.py), batch 1, a 32-token
+prompt, 128 greedy new tokens (EOS ignored), systems interleaved within each repeat. The memory
+bandwidth ceiling is measured in the same run: all cores read a 1 GiB buffer, best of 5 passes;
+a system's ceiling is bandwidth / weight bytes read per token (every weight except the position
+table, which is only gathered). Writes benchmarks/results/runtime.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from configs import MODELS  # noqa: E402
+from random_checkpoint import ensure_model_folder  # noqa: E402
+
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+SMALL = {"gpt2", "gpt-neo-125M"}
+
+
+def measure_bandwidth(gib: float = 1.0, passes: int = 5, threads: int | None = None) -> float:
+    """Best read bandwidth in GB/s: ``threads`` threads each sum their slice of one buffer."""
+    threads = threads or os.cpu_count() or 1
+    buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(buf, threads * 4)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(passes):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
+            best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes_per_token(cfg: dict) -> int:
+    from random_checkpoint import param_count
+
+    hidden = cfg.get("n_embd") or cfg["hidden_size"]
+    positions = cfg.get("n_positions") or cfg["max_position_embeddings"]
+    return 4 * (param_count(cfg) - hidden * positions)
+
+
+# -- systems ------------------------------------------------------------------------------------
+class Edgelm:
+    name = "edgelm"
+
+    def __init__(self, model_dir: Path, name: str):
+        from edgelm.export import export_model
+        from edgelm.manifest import read_manifest
+        from edgelm.runtime import Generator
+
+        art = CACHE / "artifacts" / f"{name}-builder"
+        try:
+            read_manifest(art)
+        except Exception:
+            export_model(str(model_dir), art, force=True, progress=False)
+        self.gen = Generator.load(art)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+        from edgelm.runtime import SamplingConfig
+
+        res = self.gen.generate(prompts, SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False))
+        t = res[0].timings
+        return t["time_to_first_token_s"], t["decode_tokens_per_s"]
+
+
+class _HFGenerate:
+    model = None
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+        import torch
+
+        ids = torch.tensor(prompts, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        kw = dict(do_sample=False, pad_token_id=50256, eos_token_id=None)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, **kw)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, **kw)
+            total = time.perf_counter() - t
+        assert out.shape[1] == ids.shape[1] + new_tokens
+        return ttft, (new_tokens - 1) * ids.shape[0] / max(total - ttft, 1e-9)
+
+
+class Optimum(_HFGenerate):
+    name = "optimum"
+
+    def __init__(self, model_dir: Path, name: str):
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        out = CACHE / "artifacts" / f"{name}-optimum-hf"
+        if not (out / "model.onnx").is_file():
+            main_export(str(model_dir), out, task="text-generation-with-past", do_validation=False)
+        self.model = ORTModelForCausalLM.from_pretrained(out, use_io_binding=True)
+
+
+class PyTorch(_HFGenerate):
+    name = "pytorch"
+
+    def __init__(self, model_dir: Path, name: str):
+        import torch
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+SYSTEMS = {"edgelm": Edgelm, "optimum": Optimum, "pytorch": PyTorch}
+
+
+def bench_model(name: str, systems: list[str], batches: list[int], repeats: int, prompt_len: int,
+                new_tokens: int, bandwidth: float, rows: list, save) -> None:
+    hub_id, cfg = MODELS[name]
+    model_dir = CACHE / name
+    ensure_model_folder(cfg, model_dir)
+    per_token = weight_bytes_per_token(cfg)
+    ceiling = bandwidth * 1e9 / per_token
+    interleave = name in SMALL  # big models: one system in memory at a time
+    rng = np.random.default_rng(0)
+    loaded = {}
+
+    def load(sys_name):
+        if sys_name not in loaded:
+            print(f"  loading {sys_name} for {name}", flush=True)
+            loaded[sys_name] = SYSTEMS[sys_name](model_dir, name)
+        return loaded[sys_name]
+
+    order = [systems] if interleave else [[s] for s in systems]
+    for group in order:
+        for batch in batches:
+            prompts = rng.integers(0, 50000, size=(batch, prompt_len)).tolist()
+            samples = {s: [] for s in group}
+            for s in group:  # warm-up, untimed
+                load(s).run(prompts, 4)
+            for r in range(repeats):
+                for s in group:
+                    samples[s].append(load(s).run(prompts, new_tokens))
+                    print(f"  {name} b{batch} {s} rep {r}: ttft {samples[s][-1][0] * 1000:.0f} ms, "
+                          f"decode {samples[s][-1][1]:.1f} tok/s", flush=True)
+            for s in group:
+                ttfts, rates = zip(*samples[s])
+                rows.append({
+                    "model": name, "mirrors": hub_id, "system": s, "batch": batch, "prompt_tokens": prompt_len,
+                    "new_tokens": new_tokens, "repeats": repeats,
+                    "decode_tokens_per_s": float(np.median(rates)), "decode_tokens_per_s_all": list(rates),
+                    "time_to_first_token_s": float(np.median(ttfts)),
+                    "weight_bytes_per_token": per_token, "ceiling_tokens_per_s": ceiling,
+                    "fraction_of_ceiling": float(np.median(rates)) / ceiling / batch if batch == 1 else None,
+                    "interleaved": interleave,
+                })
+            save()
+        if not interleave:
+            loaded.clear()
+            gc.collect()
+
+
+def write_report(data: dict) -> None:
+    rows = data["rows"]
+    lines = [
+        "# Runtime benchmark: decode speed against Optimum and PyTorch (CPU, fp32)",
+        "",
+        f"Machine: {data['machine']['cpus']} cores, {data['machine']['ram_gb']:.0f} GB RAM, "
+        f"{data['machine']['platform']}. Date: {data['date']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Memory bandwidth measured in this run: **{data['bandwidth_gbps']:.1f} GB/s** "
+        "(all cores reading a 1 GiB buffer, best of 5 passes).",
+        "Random weights, real configurations; prompt of 32 random tokens; greedy; EOS ignored; "
+        "median over repeats; systems interleaved within a repeat for the 125M shapes "
+        "(one system in memory at a time for the large ones).",
+        "",
+        "| model | batch | system | decode tok/s | TTFT ms | vs Optimum | vs PyTorch | ceiling tok/s | of ceiling |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    by = {(r["model"], r["batch"], r["system"]): r for r in rows}
+    for r in rows:
+        opt = by.get((r["model"], r["batch"], "optimum"))
+        pt = by.get((r["model"], r["batch"], "pytorch"))
+        vs_opt = f"{r['decode_tokens_per_s'] / opt['decode_tokens_per_s']:.2f}x" if opt else "n/a"
+        vs_pt = f"{r['decode_tokens_per_s'] / pt['decode_tokens_per_s']:.2f}x" if pt else "n/a"
+        frac = f"{r['fraction_of_ceiling'] * 100:.0f}%" if r["fraction_of_ceiling"] else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['system']} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['time_to_first_token_s'] * 1000:.0f} | {vs_opt} | {vs_pt} | "
+                     f"{r['ceiling_tokens_per_s']:.1f} | {frac} |")
+    lines += ["", "Targets (issue 3, CPU, fp32, batch 1): edgelm decode >= 1.9x Optimum and >= 90% of the ceiling.", ""]
+    for r in rows:
+        if r["system"] != "edgelm" or r["batch"] != 1:
+            continue
+        opt = by.get((r["model"], 1, "optimum"))
+        ratio = r["decode_tokens_per_s"] / opt["decode_tokens_per_s"] if opt else None
+        verdict_opt = ("PASS" if ratio >= 1.9 else "FAIL") + f" ({ratio:.2f}x)" if ratio else "not measured"
+        verdict_ceil = ("PASS" if r["fraction_of_ceiling"] >= 0.9 else "FAIL") + f" ({r['fraction_of_ceiling'] * 100:.0f}%)"
+        lines.append(f"- {r['model']}: vs Optimum {verdict_opt}; ceiling {verdict_ceil}")
+    (RESULTS / "runtime.md").write_text("\n".join(lines) + "\n")
+    try:
+        _plot(rows)
+    except ImportError:
+        print("matplotlib is not installed: no runtime.png", file=sys.stderr)
+
+
+def _plot(rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
+    width = 0.8 / len(systems)
+    for j, s in enumerate(systems):
+        vals = [next((r["decode_tokens_per_s"] for r in rows if (r["model"], r["batch"]) == k and r["system"] == s), 0)
+                for k in keys]
+        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=s)
+    for i, k in enumerate(keys):
+        ceil = next(r["ceiling_tokens_per_s"] * k[1] for r in rows if (r["model"], r["batch"]) == k)
+        if k[1] == 1:
+            ax.plot([i - width / 2, i + 0.8 - width / 2], [ceil, ceil], "k--", lw=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in keys], fontsize=8)
+    ax.set_ylabel("decode tokens / s (higher is better)")
+    ax.set_title("fp32 decode on CPU; dashed: memory-bandwidth ceiling (batch 1)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "runtime.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="gpt2,gpt-neo-125M,gpt2-xl,gpt-neo-2.7B")
+    p.add_argument("--systems", default="edgelm,optimum,pytorch")
+    p.add_argument("--big-systems", default="edgelm,pytorch",
+                   help="systems for models outside the 125M shapes (Optimum's export of 2.7B does not fit)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure batch 8 throughput on the 125M shapes")
+    p.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    args = p.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    import psutil
+
+    from edgelm.export.pipeline import versions
+
+    bandwidth = measure_bandwidth()
+    print(f"memory bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    data = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 1e9,
+                        "platform": platform.platform()},
+            "versions": versions(), "bandwidth_gbps": bandwidth, "rows": []}
+
+    def save():
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+        write_report(data)
+
+    for name in args.models.split(","):
+        small = name in SMALL
+        systems = args.systems.split(",") if small else args.big_systems.split(",")
+        batches = [1, 8] if small and args.batch8 else [1]
+        print(f"{name}: {systems}, batches {batches}", flush=True)
+        bench_model(name, systems, batches, args.repeats, args.prompt_len, args.new_tokens, bandwidth,
+                    data["rows"], save)
+    save()
+    print((RESULTS / "runtime.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
