@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: set up, export the embedded GPT-2 (validated against PyTorch),
+# generate from it with the ONNX Runtime loop, and show the artifact's manifest summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+OUT=${OUT:-out}
+.venv/bin/edgelm export embedded:gpt2 -o "$OUT/gpt2" --force
+.venv/bin/edgelm generate "$OUT/gpt2" "It was a truth universally acknowledged, that" -n 48 --ignore-eos
+.venv/bin/edgelm export embedded:gpt-neo -o "$OUT/gpt-neo" --force
+.venv/bin/edgelm generate "$OUT/gpt-neo" "Emma Woodhouse, handsome, clever, and rich," -n 48 --json --ignore-eos \
+    | .venv/bin/python -c "import json,sys; r=json.load(sys.stdin); print(r['prompt'] + r['text']); print(r['timings'])"
