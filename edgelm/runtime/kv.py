@@ -26,7 +26,9 @@ class KVCache:
         self.concat = [e for e in cache_spec if e["kind"] == "concat"]
         self.nbytes = 0  # bytes of the preallocated buffers
         for e in cache_spec:
-            length = {"full": max_len, "window": (e.get("window") or 0) + WINDOW_SLACK, "concat": 0}[e["kind"]]
+            # ORT's CUDA kernel takes a window cache only at exactly the window's capacity
+            slack = WINDOW_SLACK if device == "cpu" else 0
+            length = {"full": max_len, "window": (e.get("window") or 0) + slack, "concat": 0}[e["kind"]]
             shape = (batch, heads, length, head_size)
             self.nbytes += 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
             for name in (e["past_key"], e["past_value"]):
