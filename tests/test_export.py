@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgelm.errors import InputError, OutputExistsError, UnsupportedModelError, ValidationError
+from edgelm.errors import OutputExistsError, UnsupportedModelError, ValidationError
 from edgelm.export import ARCHITECTURES, export_model
 from edgelm.manifest import read_manifest
 from fixtures import TINY_CONFIGS, make_tiny_model

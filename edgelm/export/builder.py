@@ -103,7 +103,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
     kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
     g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
     w = _Weights(spec, ckpt, np_dtype)
-    n, h, d = facts.num_heads, facts.head_size, facts.hidden_size
+    n, h = facts.num_heads, facts.head_size
     try:
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
         pos_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])

@@ -13,8 +13,8 @@ from ..errors import InputError
 from ..manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from . import validate as V
 from .arch import arch_for, resolve
-from .builder import OPSET_NOTE, build_graph, count_ops, io_spec, kv_dtype
-from .checkpoint import copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
+from .builder import OPSET_NOTE, build_graph, count_ops, io_spec
+from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to one external data file
@@ -63,6 +63,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             weight_bytes = ckpt.nbytes_fp32() // (2 if dtype == "fp16" else 1)
             external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
             summary = build_graph(spec, facts, ckpt, dtype, tmp / "model.onnx", external, progress=bar)
+            release_memory()
             graph = {"file": "model.onnx", "external_data": "model.onnx.data" if summary["external_data"] else None,
                      "dtype": dtype, "backend": "builder", "opset": OPSET_NOTE,
                      "weight_bytes": summary["weight_bytes"]}

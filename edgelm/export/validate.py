@@ -9,7 +9,6 @@ before ONNX Runtime loads the graph, so the two never hold the weights at the sa
 
 from __future__ import annotations
 
-import gc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..errors import ValidationError
 from .arch import ModelFacts
+from .checkpoint import release_memory
 
 DEFAULT_ATOL = {"fp32": 2e-3, "fp16": 5e-2}
 DECODE_STEPS = 3
@@ -113,7 +113,7 @@ def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule,
             results.append(step)
             del out, presents
     del model, cache
-    gc.collect()
+    release_memory()
     return results
 
 
@@ -170,7 +170,7 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
         step.update(_compare_rows(facts, sched, k, presents, from_onnx=True, cache_kinds=cache_kinds))
         results.append(step)
     del sess
-    gc.collect()
+    release_memory()
     return results
 
 

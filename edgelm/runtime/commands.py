@@ -44,7 +44,8 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print prompt and new token ids, text and timings as JSON")
 
 
-def sampling_from_args(args) -> "SamplingConfig":  # noqa: F821
+def sampling_from_args(args):
+    """A SamplingConfig from the generate flags (sampling when any sampling flag is given)."""
     from .sampling import SamplingConfig
 
     sample = args.temperature is not None or args.top_k or args.top_p < 1.0
