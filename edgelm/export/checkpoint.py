@@ -52,10 +52,19 @@ def resolve_model_dir(model: str) -> Path:
             )
         )
     except Exception as exc:  # offline, unknown id, gated repo: one sentence, no traceback
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = type(exc).__name__
+        if "RepositoryNotFound" in kind or "RevisionNotFound" in kind:
+            reason = "no such model on the Hub, or it is private"
+        elif "GatedRepo" in kind:
+            reason = "the model is gated: log in with huggingface-cli login"
+        elif "LocalEntryNotFound" in kind or "Offline" in kind or "Connect" in kind or "Timeout" in kind:
+            reason = "the Hub cannot be reached from here and the model is not in the local cache"
+        else:
+            text = str(exc).strip()
+            reason = (text.splitlines()[0] if text else kind)[:160]
         raise InputError(
-            f"could not download '{model}' from the Hugging Face Hub ({reason[:160]}); "
-            "check the id and the network, or pass a local model folder"
+            f"could not download '{model}' from the Hugging Face Hub ({reason}); "
+            "check the id and the network, or pass a local model folder such as embedded:gpt2"
         ) from None
 
 
