@@ -24,7 +24,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES = ("edgelm.export.commands", "edgelm.runtime.commands")
+COMMAND_MODULES = ("edgelm.export.commands", "edgelm.runtime.commands", "edgelm.optimize.commands")
 
 
 def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):

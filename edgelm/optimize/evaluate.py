@@ -1,0 +1,158 @@
+"""Perplexity on a text file, measured the same way for an ONNX artifact and for a PyTorch model.
+
+Sliding window over the whole text (the method of the transformers docs): windows of
+``max_length`` tokens advance by ``stride``; each window scores only the tokens not scored by an
+earlier window, with everything before them in the window as context. Both sides see exactly
+the same token windows, so the two numbers differ only by what the model computes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    windows: int
+    max_length: int
+    stride: int
+    seconds: float
+    source: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def windows(n_tokens: int, max_length: int, stride: int):
+    """[(begin, end, first_scored)] covering every token from 1 to n_tokens - 1 exactly once."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + max_length, n_tokens)
+        first = max(prev_end, begin + 1)  # the first token of a window has no context: never scored
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no text file {path}; pass a UTF-8 text file with --text")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; convert it first") from None
+    if not text.strip():
+        raise InputError(f"{path} is empty; pass a text with at least a few sentences")
+    return text
+
+
+def _check(n_tokens: int, max_length: int, stride: int) -> None:
+    if n_tokens < 2:
+        raise InputError("the text has fewer than 2 tokens; perplexity needs more text")
+    if not 1 <= stride <= max_length:
+        raise InputError(f"--stride must be between 1 and the window ({max_length}), got {stride}")
+
+
+def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """logits (T, V), targets (T,) -> log p(target) (T,), float64 (exp in float32, sums in float64)."""
+    x = np.array(logits, dtype=np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    picked = x[np.arange(len(targets)), targets].astype(np.float64) - m[:, 0]
+    x -= m
+    np.exp(x, out=x)
+    return picked - np.log(x.sum(axis=-1, dtype=np.float64))
+
+
+def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, max_length: int | None = None,
+                    provider: str = "cpu") -> Perplexity:
+    """Perplexity of an artifact with ONNX Runtime alone (no torch)."""
+    from ..runtime.artifact import load_artifact
+
+    art = load_artifact(artifact, provider)
+    ids = np.array(art.tokenizer.encode(text), dtype=np.int64)
+    facts = art.facts
+    max_length = max_length or min(int(facts["max_positions"]), 1024)
+    stride = stride or max_length // 2
+    _check(len(ids), max_length, stride)
+    names = art.input_names
+    n, h = int(facts["num_heads"]), int(facts["head_size"])
+    started = time.perf_counter()
+    total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
+    for begin, end, first in wins:
+        chunk = ids[begin:end][None]  # (1, S)
+        s = chunk.shape[1]
+        feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
+                "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s, np.int64)}
+        feed = {k: v for k, v in feed.items() if k in names}
+        for e in art.manifest["io"]["kv_cache"]:
+            length = (e.get("window") or 0) if e["kind"] == "window" else 0
+            for name in (e["past_key"], e["past_value"]):
+                feed[name] = np.zeros((1, n, length, h), dtype=art.kv_dtype)
+        logits = art.session.run(["logits"], feed)[0][0]  # (S, V)
+        scored = slice(first - begin - 1, end - begin - 1)  # logits at t predict token t + 1
+        logp = _log_softmax_pick(logits[scored], ids[first:end])
+        total -= float(logp.sum())
+        count += end - first
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
+                      round(time.perf_counter() - started, 3), f"onnx:{artifact}")
+
+
+def torch_perplexity(model_dir: str | Path, text: str, stride: int | None = None,
+                     max_length: int | None = None) -> Perplexity:
+    """Perplexity of a Hugging Face model folder with PyTorch (same windows, same tokenizer)."""
+    import torch
+
+    from ..export.arch import resolve
+    from ..export.checkpoint import read_config, resolve_model_dir
+    from ..export.torch_model import load_torch_model
+    from ..runtime.artifact import Tokenizer
+
+    model_dir = resolve_model_dir(str(model_dir))
+    facts = resolve(read_config(model_dir))
+    from ..export.embedded import TOKENIZER_DIR
+
+    tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file() \
+        else TOKENIZER_DIR
+    ids = np.array(Tokenizer(tok_dir).encode(text), dtype=np.int64)
+    max_length = max_length or min(facts.max_positions, 1024)
+    stride = stride or max_length // 2
+    _check(len(ids), max_length, stride)
+    model = load_torch_model(model_dir, facts)
+    started = time.perf_counter()
+    total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
+    with torch.inference_mode():
+        for begin, end, first in wins:
+            chunk = torch.from_numpy(ids[begin:end][None])
+            logits = model(input_ids=chunk).logits[0].float().numpy()
+            logp = _log_softmax_pick(logits[first - begin - 1:end - begin - 1], ids[first:end])
+            total -= float(logp.sum())
+            count += end - first
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
+                      round(time.perf_counter() - started, 3), f"pytorch:{model_dir}")
+
+
+def perplexity(target: str, text: str, stride: int | None = None, max_length: int | None = None,
+               provider: str = "cpu") -> Perplexity:
+    """An artifact folder (has manifest.json) through ONNX Runtime; anything else through PyTorch."""
+    from ..export.embedded import resolve_model_argument
+
+    target = resolve_model_argument(target)
+    if (Path(target) / "manifest.json").is_file():
+        return onnx_perplexity(target, text, stride, max_length, provider)
+    return torch_perplexity(target, text, stride, max_length)

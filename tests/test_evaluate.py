@@ -1,0 +1,48 @@
+"""edgelm eval: the sliding window, ONNX == PyTorch on the same windows, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgelm.errors import InputError
+from edgelm.export.embedded import ASSETS
+from edgelm.optimize.evaluate import onnx_perplexity, read_text, torch_perplexity, windows
+
+TEXT = (ASSETS / "text" / "heldout.txt").read_text()[:6000]
+
+
+@pytest.mark.parametrize("n,length,stride", [(100, 32, 16), (100, 32, 32), (33, 32, 8), (5, 32, 16), (64, 16, 5)])
+def test_windows_score_every_token_once(n, length, stride):
+    scored = [t for _, end, first in windows(n, length, stride) for t in range(first, end)]
+    assert scored == list(range(1, n))
+    assert all(end - begin <= length for begin, end, _ in windows(n, length, stride))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_onnx_and_pytorch_agree(tiny_artifact, tiny_model_dir, arch):
+    a = onnx_perplexity(tiny_artifact[arch], TEXT, stride=24, max_length=48)
+    b = torch_perplexity(tiny_model_dir[arch], TEXT, stride=24, max_length=48)
+    assert a.tokens == b.tokens and a.windows == b.windows
+    assert abs(a.perplexity - b.perplexity) / b.perplexity < 1e-4
+    assert 1 < a.perplexity < 60000  # random tiny model: about the vocabulary size, never 0 or inf
+
+
+def test_trained_model_scores_far_better_than_chance(embedded_artifact):
+    r = onnx_perplexity(embedded_artifact["gpt2"], TEXT, stride=128, max_length=128)
+    assert r.perplexity < 300  # uniform over 50257 tokens would be 50257
+
+
+def test_eval_errors(tmp_path, tiny_artifact):
+    with pytest.raises(InputError, match="no text file"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(InputError, match="empty"):
+        read_text(tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="--stride"):
+        onnx_perplexity(tiny_artifact["gpt2"], TEXT, stride=100, max_length=48)
+    r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(tiny_artifact["gpt2"]), "--text",
+                        str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no text file" in r.stderr
