@@ -14,11 +14,12 @@ from edgelm.optimize.evaluate import onnx_perplexity, read_text, torch_perplexit
 TEXT = (ASSETS / "text" / "heldout.txt").read_text()[:6000]
 
 
-@pytest.mark.parametrize("n,length,stride", [(100, 32, 16), (100, 32, 32), (33, 32, 8), (5, 32, 16), (64, 16, 5)])
-def test_windows_score_every_token_once(n, length, stride):
+@pytest.mark.parametrize("n,length,stride", [(100, 32, 16), (100, 32, 31), (33, 32, 8), (5, 32, 16), (64, 16, 5)])
+def test_windows_score_every_token_once_with_context(n, length, stride):
     scored = [t for _, end, first in windows(n, length, stride) for t in range(first, end)]
     assert scored == list(range(1, n))
-    assert all(end - begin <= length for begin, end, _ in windows(n, length, stride))
+    for begin, end, first in windows(n, length, stride):
+        assert end - begin <= length and first - begin >= min(first, length - stride)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
@@ -31,7 +32,7 @@ def test_onnx_and_pytorch_agree(tiny_artifact, tiny_model_dir, arch):
 
 
 def test_trained_model_scores_far_better_than_chance(embedded_artifact):
-    r = onnx_perplexity(embedded_artifact["gpt2"], TEXT, stride=128, max_length=128)
+    r = onnx_perplexity(embedded_artifact["gpt2"], TEXT, stride=64, max_length=128)
     assert r.perplexity < 300  # uniform over 50257 tokens would be 50257
 
 
@@ -41,8 +42,9 @@ def test_eval_errors(tmp_path, tiny_artifact):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(InputError, match="empty"):
         read_text(tmp_path / "empty.txt")
-    with pytest.raises(InputError, match="--stride"):
-        onnx_perplexity(tiny_artifact["gpt2"], TEXT, stride=100, max_length=48)
+    for stride in (0, 48, 100):
+        with pytest.raises(InputError, match="--stride"):
+            onnx_perplexity(tiny_artifact["gpt2"], TEXT, stride=stride, max_length=48)
     r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(tiny_artifact["gpt2"]), "--text",
                         str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no text file" in r.stderr

@@ -1,8 +1,8 @@
 """Perplexity on a text file, measured the same way for an ONNX artifact and for a PyTorch model.
 
-Sliding window over the whole text (the method of the transformers docs): windows of
-``max_length`` tokens advance by ``stride``; each window scores only the tokens not scored by an
-earlier window, with everything before them in the window as context. Both sides see exactly
+Sliding window over the whole text: windows of at most ``max_length`` tokens advance by
+``stride``; each window scores the ``stride`` tokens at its end, with the rest of the window as
+context, so every token after the first is scored exactly once. Both sides see exactly
 the same token windows, so the two numbers differ only by what the model computes.
 """
 
@@ -34,16 +34,13 @@ class Perplexity:
 
 
 def windows(n_tokens: int, max_length: int, stride: int):
-    """[(begin, end, first_scored)] covering every token from 1 to n_tokens - 1 exactly once."""
-    out, prev_end = [], 0
-    for begin in range(0, n_tokens - 1, stride):
-        end = min(begin + max_length, n_tokens)
-        first = max(prev_end, begin + 1)  # the first token of a window has no context: never scored
-        if first < end:
-            out.append((begin, end, first))
-        prev_end = end
-        if end == n_tokens:
-            break
+    """[(begin, end, first_scored)]: tokens 1..n-1 scored exactly once, each with at least
+    max_length - stride tokens of context (less only at the start of the text)."""
+    out, first = [], 1
+    while first < n_tokens:
+        end = min(first + stride, n_tokens)
+        out.append((max(0, end - max_length), end, first))
+        first = end
     return out
 
 
@@ -63,8 +60,8 @@ def read_text(path: str | Path) -> str:
 def _check(n_tokens: int, max_length: int, stride: int) -> None:
     if n_tokens < 2:
         raise InputError("the text has fewer than 2 tokens; perplexity needs more text")
-    if not 1 <= stride <= max_length:
-        raise InputError(f"--stride must be between 1 and the window ({max_length}), got {stride}")
+    if not 1 <= stride < max_length:
+        raise InputError(f"--stride must be at least 1 and less than the window ({max_length}), got {stride}")
 
 
 def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
