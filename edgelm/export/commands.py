@@ -18,6 +18,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="builder: edgelm's fused graph (default); optimum: optimum-onnx's exporter")
     p.add_argument("--atol", type=float, default=None,
                    help="max |difference| to PyTorch allowed per output (default 2e-3 for fp32, 5e-2 for fp16)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="plus this fraction of |PyTorch value| (default 1e-3 for fp32, 1e-2 for fp16)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from .pipeline import export_model
 
     manifest = export_model(resolve_model_argument(args.model), args.output, dtype=args.dtype,
-                            backend=args.backend, atol=args.atol, force=args.force,
+                            backend=args.backend, atol=args.atol, rtol=args.rtol, force=args.force,
                             validate=not args.no_validate, progress=not args.json)
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                                                     "Attention", "MultiHeadAttention", "Softmax")))
     if v["status"] == "passed":
         worst = max(v["max_abs_diff"].items(), key=lambda kv: kv[1])
-        print(f"validated against PyTorch: {len(v['max_abs_diff'])} outputs within atol {v['atol']:g} "
+        print(f"validated against PyTorch: {len(v['max_abs_diff'])} outputs within atol {v['atol']:g} + rtol {v['rtol']:g} "
               f"(largest: {worst[0]} {worst[1]:.3g})")
     else:
         print(f"not validated: {v['reason']}")

@@ -33,7 +33,7 @@ def versions() -> dict:
 
 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
-                 atol: float | None = None, force: bool = False, validate: bool = True,
+                 atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
                  progress: bool = True, external_data: bool | None = None) -> dict:
     """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder."""
     out = Path(out)
@@ -43,6 +43,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
         raise InputError(f"backend '{backend}' is not supported; choose one of {', '.join(BACKENDS)}")
     if atol is not None and not atol > 0:
         raise InputError(f"--atol must be a positive number, got {atol}")
+    if rtol is not None and not rtol >= 0:
+        raise InputError(f"--rtol must be zero or a positive number, got {rtol}")
     check_output(out, force)  # refuse before any work
     started = time.perf_counter()
     model_dir = resolve_model_dir(model)
@@ -51,6 +53,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     facts = resolve(config)
     ckpt = open_checkpoint(model_dir)
     atol = atol or V.DEFAULT_ATOL[dtype]
+    rtol = V.DEFAULT_RTOL[dtype] if rtol is None else rtol
     bar = _progress if progress else None
 
     with atomic_output_dir(out, force) as tmp:
@@ -72,7 +75,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
         build_seconds = time.perf_counter() - started
         validation = {"status": "not_validated", "reason": "validation was switched off (--no-validate)"}
         if validate:
-            validation = _validate(model_dir, facts, tmp / graph["file"], dtype, atol, io, progress)
+            validation = _validate(model_dir, facts, tmp / graph["file"], dtype, atol, rtol, io, progress)
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -96,7 +99,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     return manifest
 
 
-def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, io: dict, progress: bool) -> dict:
+def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, rtol: float, io: dict,
+              progress: bool) -> dict:
     sched = V.make_schedule(facts)
     say = print if progress else (lambda *a, **k: None)
     say(f"validating against PyTorch: batch 2 (left-padded), prompt {sched.steps[0][1]} tokens, "
@@ -105,14 +109,14 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
     try:
         candidate = V.onnx_outputs(onnx_path, facts, sched, io)
     except V.NotRunnable as exc:
-        return {"status": "not_validated", "reason": str(exc), "atol": atol}
-    diffs = V.compare(reference, candidate, sched, atol)
+        return {"status": "not_validated", "reason": str(exc), "atol": atol, "rtol": rtol}
+    diffs = V.compare(reference, candidate, sched, atol, rtol)
     note = None
     if dtype == "fp16":
         note = ("fp16 was validated on ONNX Runtime's CPU provider; the CUDA provider's fp16 kernels, which "
                 "this dtype is meant for, were not run on this machine")
     return {
-        "note": note,
+        "note": note, "rtol": rtol,
         "status": "passed", "atol": atol, "provider": "CPUExecutionProvider",
         "reference": "transformers (eager attention, fp32)",
         "schedule": {"batch": int(sched.input_ids.shape[0]), "prompt_tokens": sched.steps[0][1],
