@@ -83,7 +83,7 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
     ids = np.array(art.tokenizer.encode(text), dtype=np.int64)
     facts = art.facts
     max_length = max_length or min(int(facts["max_positions"]), 1024)
-    stride = stride or max_length // 2
+    stride = max_length // 2 if stride is None else stride
     _check(len(ids), max_length, stride)
     names = art.input_names
     n, h = int(facts["num_heads"]), int(facts["head_size"])
@@ -127,7 +127,7 @@ def torch_perplexity(model_dir: str | Path, text: str, stride: int | None = None
         else TOKENIZER_DIR
     ids = np.array(Tokenizer(tok_dir).encode(text), dtype=np.int64)
     max_length = max_length or min(facts.max_positions, 1024)
-    stride = stride or max_length // 2
+    stride = max_length // 2 if stride is None else stride
     _check(len(ids), max_length, stride)
     model = load_torch_model(model_dir, facts)
     started = time.perf_counter()
