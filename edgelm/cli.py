@@ -24,11 +24,15 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES = ("edgelm.export.commands", "edgelm.runtime.commands", "edgelm.optimize.commands")
+COMMAND_MODULES = ("edgelm.export.commands", "edgelm.runtime.commands", "edgelm.optimize.commands",
+                   "edgelm.bench.commands")
 
 
 def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register ``run`` as ``edgelm NAME``; ``configure`` adds its arguments."""
+    """Register ``run`` as ``edgelm NAME``; ``configure`` adds its arguments.
+
+    A name with a space ("optimize quantize") becomes a step under a command group.
+    """
 
     def register(run):
         COMMANDS[name] = Command(name, help, configure, run)
@@ -50,10 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgelm", description="GPT-2 / GPT-Neo to fast, validated ONNX deployments.")
     parser.add_argument("--version", action="version", version=f"edgelm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        group, _, leaf = cmd.name.rpartition(" ")  # "optimize quantize" -> group "optimize"
+        where = sub
+        if group:
+            if group not in groups:
+                g = sub.add_parser(group, help=f"{group} steps (see edgelm {group} --help)")
+                groups[group] = g.add_subparsers(dest="step", metavar="STEP", parser_class=_Parser)
+                g.set_defaults(_group=g)
+            where = groups[group]
+        p = where.add_parser(leaf, help=cmd.help, description=cmd.help)
         cmd.configure(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _name=cmd.name)
     return parser
 
 
@@ -61,18 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
-        parser.print_help()
+        getattr(args, "_group", parser).print_help()
         return 2
+    name = args._name
     try:
         return int(args._run(args) or 0)
     except EdgelmError as exc:
-        print(f"edgelm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"edgelm {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"edgelm {args.command}: interrupted; no output was written", file=sys.stderr)
+        print(f"edgelm {name}: interrupted; no output was written", file=sys.stderr)
         return 130
     except MemoryError:
-        print(f"edgelm {args.command}: error: out of memory; use a machine with more RAM or a smaller model",
+        print(f"edgelm {name}: error: out of memory; use a machine with more RAM or a smaller model",
               file=sys.stderr)
         return 1
 
