@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import __version__
 from .._fs import atomic_output_dir, check_output, file_table
+from ..bench.energy import current_step, measured_step
 from ..errors import InputError
 from ..manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from . import validate as V
@@ -32,6 +33,7 @@ def versions() -> dict:
     return out
 
 
+@measured_step("export")  # time, peak memory and energy of the whole export, in the step record
 def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
                  atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
                  progress: bool = True, external_data: bool | None = None) -> dict:
@@ -91,6 +93,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                 "name": "export", "backend": backend, "dtype": dtype, "source": str(model),
                 "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),
                 "peak_rss_bytes": peak_rss_bytes(), "versions": versions(),
+                "energy": current_step().finish()["energy"],
             }],
             "validation": validation,
         }

@@ -42,6 +42,9 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--json", action="store_true", help="print prompt and new token ids, text and timings as JSON")
+    p.add_argument("--energy", action="store_true",
+                   help="measure the generation's energy with CodeCarbon (offline; country from $EDGELM_COUNTRY, "
+                        "else USA): an 'energy' field with --json, one line on stderr otherwise")
 
 
 def sampling_from_args(args):
@@ -61,17 +64,29 @@ def run_generate(args: argparse.Namespace) -> int:
 
     cfg = sampling_from_args(args)
     gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy)
+    meter = None
+    if args.energy:
+        from ..bench.energy import Meter
+
+        meter = Meter().start()
     if args.stream and not args.json:
         sys.stdout.write(args.prompt)
+        tokens = 0
         for event in gen.stream(args.prompt, cfg):
+            tokens += 1
             sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if meter:
+            _print_energy(meter.stop().to_dict(tokens=tokens))
         return 0
     result = gen.generate(args.prompt, cfg)
+    energy = meter.stop().to_dict(tokens=len(result.token_ids)) if meter else None
     if args.json:
         out = result.to_dict()
         out.update(artifact=str(args.artifact), provider=args.provider, sampling=cfg.to_dict())
+        if energy is not None:
+            out["energy"] = energy
         print(json.dumps(out, indent=2))
     else:
         print(args.prompt + result.text)
@@ -79,7 +94,18 @@ def run_generate(args: argparse.Namespace) -> int:
         rate = f"{t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else "n/a"
         print(f"[{t['new_tokens']} tokens, first after {t['time_to_first_token_s'] * 1000:.0f} ms, decode {rate}, "
               f"finish: {result.finish_reason}]", file=sys.stderr)
+        if energy is not None:
+            _print_energy(energy)
     return 0
+
+
+def _print_energy(energy: dict) -> None:
+    if energy.get("measured"):
+        print(f"[energy: {energy['joules']:.2f} J, {energy['joules_per_token']:.3f} J/token, "
+              f"{energy['gco2e_per_1000_tokens']:.4f} gCO2e per 1,000 tokens ({energy['country']}); "
+              f"{energy['method']}]", file=sys.stderr)
+    else:
+        print(f"[energy not measured: {energy['reason']}]", file=sys.stderr)
 
 
 def _configure_serve(p: argparse.ArgumentParser) -> None:

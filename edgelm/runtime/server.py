@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over one Generator, with the standard library only.
 
     POST /v1/completions   {"prompt": "...", "max_tokens": 16, "temperature": 1.0, "stream": false, ...}
-    GET  /v1/models        GET /health        GET /metrics (Prometheus text format)
+    GET  /v1/models        GET /health        GET /metrics (Prometheus text format, energy included)
 
 Request threads parse and check each request (a 4xx with a JSON error that says what to fix),
 then put it on a bounded queue (full: 429). One worker thread owns the model: it takes up to
@@ -12,6 +12,7 @@ flight, and exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
@@ -60,6 +61,7 @@ class Metrics:
         self.ttft = Histogram("edgelm_time_to_first_token_seconds", "Time from request to first token.",
                               LATENCY_BUCKETS)
         self.batch = Histogram("edgelm_batch_size", "Requests decoded together.", BATCH_BUCKETS)
+        self.energy = None  # edgelm.bench.energy.RunningEnergy, set by serve()
 
     def count(self, status: int) -> None:
         with self.lock:
@@ -79,6 +81,9 @@ class Metrics:
                       f"edgelm_queue_depth {queue_depth}"]
             for h in (self.latency, self.ttft, self.batch):
                 lines += h.render()
+            tokens = self.completion_tokens
+        if self.energy is not None:
+            lines += self.energy.prometheus(tokens)
         return "\n".join(lines) + "\n"
 
 
@@ -128,12 +133,14 @@ class Engine:
 
     def _run(self, jobs: list[Job]) -> None:
         self.metrics.batch.observe(len(jobs))
+        energy = self.metrics.energy.busy() if self.metrics.energy is not None else contextlib.nullcontext()
         try:
-            for event in self.gen.run([j.row for j in jobs]):
-                job = jobs[event.row]
-                if job.first_token is None:
-                    job.first_token = time.perf_counter()
-                job.events.put(event)
+            with energy:  # decoding energy, for energy per token in /metrics
+                for event in self.gen.run([j.row for j in jobs]):
+                    job = jobs[event.row]
+                    if job.first_token is None:
+                        job.first_token = time.perf_counter()
+                    job.events.put(event)
         except Exception as exc:  # a failure of the batch reaches every client in it
             for job in jobs:
                 job.events.put(exc)
@@ -361,6 +368,9 @@ def serve(args) -> int:
     gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy)
     model_name = args.model_name or Path(args.artifact).resolve().name
     metrics = Metrics()
+    from ..bench.energy import RunningEnergy
+
+    metrics.energy = RunningEnergy().start()  # energy and energy per token in /metrics (CodeCarbon, offline)
     engine = Engine(gen, args.max_batch, args.max_queue, metrics)
     try:
         httpd = _HTTPServer((args.host, args.port), make_handler(gen, engine, metrics, model_name))
@@ -384,5 +394,6 @@ def serve(args) -> int:
     httpd.serve_forever(poll_interval=0.2)
     engine.thread.join(timeout=120)  # finish the batch in flight
     httpd.server_close()
+    metrics.energy.stop()
     print("edgelm serve: stopped", flush=True)
     return 0

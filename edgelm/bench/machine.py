@@ -1,0 +1,108 @@
+"""The machine a benchmark ran on: its description, its memory-bandwidth ceiling, package versions.
+
+Decoding one token reads every weight once (batch 1), so a memory-bound decoder cannot beat
+bandwidth / weight bytes per token. Both numbers are measured or computed here, in the same run
+as the benchmark, because absolute speeds drift on shared machines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def measure_bandwidth(gib: float = 1.0, passes: int = 5, threads: int | None = None) -> float:
+    """Best read bandwidth in GB/s: ``threads`` threads each sum their slice of one buffer."""
+    threads = threads or os.cpu_count() or 1
+    buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(buf, threads * 4)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(passes):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
+            best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def parameter_count(facts: dict) -> int:
+    """Parameters of a GPT-2 / GPT-Neo with tied embeddings, from the manifest's ModelFacts."""
+    d, inner, layers = int(facts["hidden_size"]), int(facts["inner_size"]), int(facts["num_layers"])
+    qkv_bias = 3 * d if facts["model_type"] == "gpt2" else 0  # GPT-Neo's q, k, v have no bias
+    per_layer = (3 * d * d + qkv_bias) + (d * d + d) + (d * inner + inner) + (inner * d + d) + 4 * d  # + 2 LayerNorms
+    return int(facts["vocab_size"]) * d + int(facts["max_positions"]) * d + layers * per_layer + 2 * d
+
+
+def weight_bytes_per_token(facts: dict, dtype: str = "fp32", graph_weight_bytes: int | None = None) -> int:
+    """Weight bytes one decode step reads: every weight once, except the position table (only gathered).
+
+    The tied embedding counts once (the LM head reads all of it). ``graph_weight_bytes`` (the
+    manifest's figure for an edgelm graph) is used when given, so quantized graphs count right.
+    """
+    bytes_per = DTYPE_BYTES.get(dtype, 4)
+    positions = int(facts["max_positions"]) * int(facts["hidden_size"]) * bytes_per
+    total = graph_weight_bytes if graph_weight_bytes else parameter_count(facts) * bytes_per
+    return int(total - positions)
+
+
+def machine_info() -> dict:
+    import psutil
+
+    info = {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total,
+            "python": platform.python_version(), "gpus": _gpus()}
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpus() -> list[str]:
+    """NVIDIA GPUs seen through NVML (nvidia-ml-py comes with CodeCarbon); empty when none or unknown."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                    for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPU to report
+        return []
+
+
+PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers", "optimum",
+            "optimum-onnx", "ctranslate2", "codecarbon")
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    from .. import __version__
+
+    out = {"edgelm": __version__, "python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

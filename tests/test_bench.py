@@ -1,0 +1,277 @@
+"""edgelm bench and energy: the records, the report files, peers skipped with a note, trackers that
+fail or report known joules, energy in export manifests, generate --energy and the server's /metrics.
+
+Tiny models only (the session fixtures), a few tokens, one or two repeats: the numbers are not
+the point here, their shape and their arithmetic are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgelm.bench import BenchSettings, Meter, measure_step, run_bench, write_report
+from edgelm.bench.energy import JOULES_PER_KWH, EnergyReading
+from edgelm.bench.report import FILES, MEASURED_KEYS, RECORD_KEYS
+from edgelm.cli import main
+
+JOULES, GRAMS = 3.0, 0.5  # what the fake tracker reports for every run
+
+
+class FakeTracker:
+    """Reports known joules and grams for every measured interval; counts its starts and stops."""
+
+    tool = "fake"
+
+    def __init__(self):
+        self.starts = self.stops = 0
+
+    def start(self):
+        self.starts += 1
+
+    def stop(self):
+        self.stops += 1
+        return EnergyReading(measured=True, joules=JOULES, seconds=0.1, gco2e=GRAMS, country="FRA",
+                             method="fake: known joules", components={"cpu_j": JOULES / 4, "ram_j": JOULES * 3 / 4},
+                             details={"cpu": "fake", "gpu": "none", "ram_watts": 10.0, "ram_share": 0.75,
+                                      "scope": "test"}, tool=self.tool)
+
+
+class FailingTracker:
+    tool = "failing"
+
+    def start(self):
+        raise RuntimeError("no RAPL and no psutil: nothing to read")
+
+    def stop(self):
+        raise AssertionError("stop must not be called after a failed start")
+
+
+SETTINGS = dict(prompt_len=8, new_tokens=6, repeats=2, bandwidth_gib=0.0625, settle_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_artifact, tmp_path_factory):
+    """One benchmark of both tiny artifacts against PyTorch and CTranslate2, batch 1 and 2, fake energy."""
+    tracker = FakeTracker()
+    settings = BenchSettings(peers=("pytorch", "ctranslate2"), batches=(1, 2), **SETTINGS)
+    report = run_bench([tiny_artifact["gpt2"], tiny_artifact["gpt_neo"]], settings, tracker=tracker,
+                       cache_dir=tmp_path_factory.mktemp("bench_cache"), progress=False, command="test")
+    out = write_report(report, tmp_path_factory.mktemp("bench_report") / "report")
+    return report, out, tracker
+
+
+def test_records_have_the_schema(bench):
+    report, _, _ = bench
+    assert report["format"] == "edgelm-bench" and report["schema_version"] == 1
+    for key in ("machine", "versions", "settings", "bandwidth_gbps", "records", "created", "command"):
+        assert key in report
+    assert report["machine"]["cpus"] >= 1 and report["bandwidth_gbps"] > 0
+    assert report["settings"]["batches"] == [1, 2] and report["settings"]["peers"] == ["pytorch", "ctranslate2"]
+    # one record per artifact x system x batch size, in that order
+    assert [(r["model"], r["system"], r["batch"]) for r in report["records"]] == [
+        (m, s, b) for m in ("gpt2", "gpt_neo") for b in (1, 2) for s in ("edgelm", "pytorch", "ctranslate2")]
+    for r in report["records"]:
+        assert set(RECORD_KEYS) <= set(r)
+        if r["status"] != "ok":
+            continue
+        assert set(MEASURED_KEYS) <= set(r), set(MEASURED_KEYS) - set(r)
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["time_to_first_token_s"] > 0
+        assert 0 < r["per_token_latency_p50_s"] <= r["per_token_latency_p95_s"]
+        assert len(r["decode_tokens_per_s_all"]) == SETTINGS["repeats"]
+        assert r["peak_rss_bytes"] > 10e6 and r["size_bytes"] > 0 and r["cold_start_s"] > 0
+        assert r["ceiling_tokens_per_s"] > 0 and r["fraction_of_ceiling"] > 0
+        assert r["weight_bytes_per_token"] > 0
+        if r["system"] != "edgelm":
+            assert r["agreement_with_edgelm"]["of"] == SETTINGS["new_tokens"]
+    ok = {(r["model"], r["system"]) for r in report["records"] if r["status"] == "ok"}
+    assert {("gpt2", "edgelm"), ("gpt2", "pytorch"), ("gpt2", "ctranslate2"), ("gpt_neo", "edgelm"),
+            ("gpt_neo", "pytorch")} == ok
+
+
+def test_a_peer_that_does_not_support_the_model_is_skipped_with_a_note(bench):
+    report, _, _ = bench
+    neo = [r for r in report["records"] if r["model"] == "gpt_neo" and r["system"] == "ctranslate2"]
+    assert neo and all(r["status"] == "skipped" and "GPT-Neo" in r["note"] for r in neo)
+    assert "decode_tokens_per_s" not in neo[0]
+
+
+def test_fake_tracker_joules_give_exact_figures_per_token(bench):
+    report, _, tracker = bench
+    ok = [r for r in report["records"] if r["status"] == "ok"]
+    assert tracker.starts == tracker.stops == len(ok) * SETTINGS["repeats"]  # timed runs only, not warm-ups
+    for r in ok:
+        e = r["energy"]
+        tokens = r["batch"] * SETTINGS["new_tokens"] * SETTINGS["repeats"]
+        assert e["measured"] and e["tokens"] == tokens
+        assert e["joules"] == pytest.approx(JOULES * SETTINGS["repeats"], rel=1e-12)
+        assert e["joules_per_token"] == pytest.approx(JOULES / (r["batch"] * SETTINGS["new_tokens"]), rel=1e-12)
+        assert e["kwh"] == pytest.approx(JOULES * SETTINGS["repeats"] / JOULES_PER_KWH, rel=1e-12)
+        assert e["gco2e_per_1000_tokens"] == pytest.approx(GRAMS * SETTINGS["repeats"] / tokens * 1000, rel=1e-12)
+        assert e["method"] == "fake: known joules" and e["components"]["ram_j"] == pytest.approx(0.75 * e["joules"])
+    assert report["energy_method"] == "fake: known joules"
+
+
+def test_report_files_are_written(bench):
+    report, out, _ = bench
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in FILES:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text())["records"] == json.loads(json.dumps(report["records"]))
+    md = (out / "report.md").read_text()
+    for fragment in ("## Speed", "## Energy", "## Memory, size, start-up", "fake: known joules",
+                     "gpt_neo / ctranslate2 (skipped)", f"{JOULES / SETTINGS['new_tokens']:.3f}"):
+        assert fragment in md, fragment
+    assert not list(out.parent.glob(".report.tmp-*"))  # written atomically
+
+
+def test_a_missing_peer_is_skipped_with_a_note(tiny_artifact, tmp_path, monkeypatch):
+    from edgelm.bench import systems
+
+    real = systems.missing_modules
+    monkeypatch.setattr(systems, "missing_modules",
+                        lambda system, python=None: ["ctranslate2"] if system.name == "ctranslate2" else real(system, python))
+    report = run_bench([tiny_artifact["gpt2"]], BenchSettings(peers=("ctranslate2",), batches=(1,), prompt_len=4,
+                                                               new_tokens=3, repeats=1, bandwidth_gib=0.0625,
+                                                               settle_s=0.0),
+                       tracker=FakeTracker(), cache_dir=tmp_path, progress=False)
+    edgelm, ct2 = report["records"]
+    assert edgelm["status"] == "ok" and edgelm["decode_tokens_per_s"] > 0
+    assert ct2["status"] == "skipped" and "not installed" in ct2["note"] and "pip install" in ct2["note"]
+
+
+def test_a_peer_in_another_environment_is_checked_there():
+    from edgelm.bench.systems import SYSTEMS, missing_modules
+
+    other = shutil.which("python3")
+    if not other or subprocess.run([other, "-c", "import ctranslate2"], capture_output=True).returncode == 0:
+        pytest.skip("no other Python without ctranslate2 on this machine")
+    assert "ctranslate2" in missing_modules(SYSTEMS["ctranslate2"], other)
+
+
+def test_a_tracker_that_fails_leaves_energy_not_measured_and_the_benchmark_succeeds(tiny_artifact, tmp_path):
+    report = run_bench([tiny_artifact["gpt2"]], BenchSettings(batches=(1,), prompt_len=4, new_tokens=3, repeats=1,
+                                                               bandwidth_gib=0.0625, settle_s=0.0),
+                       tracker=FailingTracker(), progress=False)
+    (r,) = report["records"]
+    assert r["status"] == "ok" and r["decode_tokens_per_s"] > 0
+    assert r["energy"]["measured"] is False
+    assert "could not start" in r["energy"]["reason"] and "no RAPL" in r["energy"]["reason"]
+    assert "joules_per_token" not in r["energy"]
+    assert any("energy was not measured" in n for n in report["notes"])
+    out = write_report(report, tmp_path / "report")
+    assert "not measured" in (out / "report.md").read_text() and (out / "energy_per_token.png").stat().st_size > 0
+
+
+def test_a_tracker_that_fails_to_stop_is_a_reason_not_an_error():
+    class StopFails(FakeTracker):
+        def stop(self):
+            raise OSError("counter vanished")
+
+    reading = Meter(StopFails()).start().stop()
+    assert not reading.measured and "could not stop" in reading.reason and "counter vanished" in reading.reason
+
+
+def test_measure_step_records_the_step_and_stops_on_failure():
+    tracker = FakeTracker()
+    with measure_step("quantize", tracker, bits=8) as step:
+        record = step.finish(extra="kept")
+    assert record["name"] == "quantize" and record["bits"] == 8 and record["extra"] == "kept"
+    assert record["seconds"] >= 0 and record["peak_rss_bytes"] > 0
+    assert record["energy"]["joules"] == JOULES and record["energy"]["method"] == "fake: known joules"
+    with pytest.raises(ValueError):
+        with measure_step("prune", tracker):
+            raise ValueError("the step failed")
+    assert tracker.starts == tracker.stops == 2
+
+
+def test_export_manifest_steps_carry_their_energy(tiny_artifact):
+    for folder in tiny_artifact.values():
+        step = json.loads((folder / "manifest.json").read_text())["steps"][0]
+        energy = step["energy"]
+        if energy["measured"]:
+            assert energy["joules"] > 0 and energy["kwh"] > 0 and energy["method"] and energy["country"]
+            assert energy["tool"].startswith("codecarbon") and "RAM" in energy["method"]
+        else:
+            assert energy["reason"]
+
+
+def test_generate_json_reports_energy(tiny_artifact, capsys):
+    assert main(["generate", str(tiny_artifact["gpt2"]), "Hello", "-n", "5", "--ignore-eos", "--json",
+                 "--energy"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["energy"]["tokens"] == len(out["token_ids"]) == 5
+    assert out["energy"]["measured"] is False or out["energy"]["joules_per_token"] > 0
+
+
+def test_cli_bench_with_codecarbon_writes_the_report(tiny_artifact, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "edgelm", "bench", str(tiny_artifact["gpt2"]), "--new-tokens", "4",
+                           "--prompt-len", "4", "--repeats", "1", "--batch", "1", "--bandwidth-gib", "0.0625",
+                           "--country", "fra", "--json", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (r,) = report["records"]
+    assert r["status"] == "ok" and report["settings"]["country"] == "FRA"
+    if r["energy"]["measured"]:  # CodeCarbon says how: RAPL, NVML, or TDP and load; RAM is always a model
+        assert r["energy"]["country"] == "FRA" and r["energy"]["joules_per_token"] > 0
+        assert any(k in r["energy"]["method"] for k in ("RAPL", "NVML", "TDP", "measured"))
+    else:
+        assert r["energy"]["reason"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["{missing}"], "is not a folder"),
+    (["{art}", "--vs", "pytorch,tensorflow"], "unknown peer 'tensorflow'"),
+    (["{art}", "--country", "XYZ"], "no grid carbon intensity for country 'XYZ'"),
+    (["{art}", "--country", "France"], "3-letter ISO code"),
+    (["{art}", "--new-tokens", "500"], "context of 128"),
+    (["{art}", "--repeats", "0"], "repeats must be at least 1"),
+    (["{art}", "-o", "{exists}"], "pass --force"),
+    (["{art}", "--python-for", "ctranslate2"], "PEER=PYTHON"),
+])
+def test_bad_input_is_one_clear_line(tiny_artifact, tmp_path, capsys, args, fragment):
+    (tmp_path / "exists").mkdir()
+    values = {"art": str(tiny_artifact["gpt2"]), "missing": str(tmp_path / "nope"), "exists": str(tmp_path / "exists")}
+    assert main(["bench", *(a.format(**values) for a in args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and err.startswith("edgelm bench: error:")
+
+
+def test_bench_imports_no_torch():
+    code = ("import sys, edgelm.bench, edgelm.bench.commands, edgelm.bench.runner, edgelm.bench.report; "
+            "print(sorted(m for m in ('torch', 'transformers', 'codecarbon', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_metrics_expose_energy(tiny_artifact):
+    from test_server import Server
+
+    s = Server(tiny_artifact["gpt2"])
+    try:
+        deadline = time.time() + 60  # the tracker starts in the background (CodeCarbon probes the hardware)
+        while 'measured="starting"' in s.get("/metrics")[1] and time.time() < deadline:
+            time.sleep(0.3)
+        status, _ = s.post({"prompt": "Hello", "max_tokens": 8, "temperature": 0})
+        assert status == 200
+        _, metrics = s.get("/metrics")
+        assert "edgelm_energy_info{" in metrics
+        if 'measured="true"' in metrics:
+            values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                      if line.startswith("edgelm_energy_") and not line.startswith("edgelm_energy_info")}
+            assert values["edgelm_energy_joules_total"] > 0
+            assert values["edgelm_energy_decoding_joules_total"] > 0 and values["edgelm_energy_joules_per_token"] > 0
+            assert 'method="CPU' in metrics and "edgelm_emissions_grams_total" in metrics
+        else:
+            assert 'reason="' in metrics
+    finally:
+        s.stop()
