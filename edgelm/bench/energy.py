@@ -286,7 +286,7 @@ def describe_method(tracker, ram_watts: float, ram_share: float | None) -> tuple
     ram = f"RAM a constant {ram_watts:g} W (CodeCarbon's model, not measured)"
     if ram_share is not None:
         ram += f", {ram_share:.0%} of the total"
-    parts = [f"CPU {cpu}" if cpu else "CPU not tracked"]
+    parts = [f"CPU {cpu}" if cpu else "CPU method unknown (no CPU among CodeCarbon's hardware objects)"]
     if gpu:
         parts.append(f"GPU {gpu}")
     parts.append(ram)

@@ -52,11 +52,14 @@ def weight_bytes_per_token(facts: dict, dtype: str = "fp32", graph_weight_bytes:
 
 
 def machine_info() -> dict:
-    import psutil
+    try:
+        import psutil
 
+        cores, ram = psutil.cpu_count(logical=False), psutil.virtual_memory().total
+    except ImportError:  # psutil comes with the [bench] extra; without it, what os knows
+        cores, ram = None, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     info = {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
-            "physical_cores": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total,
-            "python": platform.python_version(), "gpus": _gpus()}
+            "physical_cores": cores, "ram_bytes": ram, "python": platform.python_version(), "gpus": _gpus()}
     try:
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -300,8 +300,11 @@ def _say(progress: bool):
 
 
 def _fits_together(entries: list[Entry], facts: dict) -> bool:
-    import psutil
-
+    """Whether every system's worker fits in memory at once (a rough estimate from the fp32 weights)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
     fp32 = parameter_count(facts) * 4
     need = sum(e.system.memory_factor * fp32 for e in entries) + 0.5e9
     return need < 0.6 * psutil.virtual_memory().available
