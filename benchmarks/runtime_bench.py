@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +30,11 @@ sys.path.insert(0, str(HERE.parent))
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 
+from edgelm.bench.machine import measure_bandwidth  # noqa: E402  (the ceiling edgelm bench measures)
+
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
 SMALL = {"gpt2", "gpt-neo-125M"}
-
-
-def measure_bandwidth(gib: float = 1.0, passes: int = 5, threads: int | None = None) -> float:
-    """Best read bandwidth in GB/s: ``threads`` threads each sum their slice of one buffer."""
-    threads = threads or os.cpu_count() or 1
-    buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    parts = np.array_split(buf, threads * 4)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(passes):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
-            best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def weight_bytes_per_token(cfg: dict) -> int:
