@@ -73,17 +73,22 @@ def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.
                   cache_kinds: list[str]):
     """The cache rows to compare after step k, aligned by position: {name: (B, N, rows, H)}.
 
-    "full" and "concat" caches: the rows this step added (positions a..b-1). "window" caches: every
-    resident row (positions b-L..b-1); ONNX keeps them at rows [0, L), PyTorch at the end of its full cache.
+    "full" and "concat" caches: the rows this step added (positions a..b-1). "window" caches: after
+    the prompt and after the last step, every resident row (positions b-L..b-1: ONNX keeps them at
+    rows [0, L), PyTorch at the end of its full cache), which checks the operator's eviction; in
+    between, the newest row only (holding every resident row of every step would cost a model's
+    worth of memory on GPT-Neo 2.7B).
     """
     a, b = sched.steps[k]
+    everything = k in (0, len(sched.steps) - 1)
     out = {}
     for i, (kind, window) in enumerate(facts.layer_kinds):
         if cache_kinds[i] != "window":
             sl = slice(a, b)
         else:
             resident = resident_rows(b, sched.window_capacity, window)
-            sl = slice(0, resident) if from_onnx else slice(b - resident, b)
+            first = 0 if everything else resident - 1
+            sl = slice(first, resident) if from_onnx else slice(b - resident + first, b)
         for j, part in enumerate(("key", "value")):
             out[f"present.{i}.{part}"] = np.array(presents[2 * i + j][:, :, sl], dtype=np.float32)
     return out
@@ -136,6 +141,7 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
     opts.log_severity_level = 3
     # Prepacking would hold a second copy of every MatMul weight while the session loads.
     opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False  # give activations back after each step, not at session end
     try:
         sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
