@@ -57,6 +57,7 @@ class Row:
         self.text = ""
         self.finished: str | None = None
         self.cancelled = False  # set by a server when the client goes away
+        self.timings: dict = {}  # the batch's timings, filled when the batch ends
         self.rng = np.random.default_rng(cfg.seed)
 
     def push(self, token: int) -> str:
@@ -180,7 +181,7 @@ class Generator:
 
     def result(self, row: Row) -> GenerationResult:
         return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.text, row.finished or "length",
-                                getattr(row, "timings", {}))
+                                row.timings)
 
     def run(self, rows: list[Row]) -> Iterator[StreamEvent]:
         import onnxruntime as ort
