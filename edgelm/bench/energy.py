@@ -244,7 +244,7 @@ class CodeCarbonTracker:
         joules = kwh * JOULES_PER_KWH
         method, details = describe_method(tracker, ram_watts=float(data.ram_power or 0.0),
                                           ram_share=components["ram_j"] / joules if joules else None)
-        details["scope"] = self.scope
+        details["scope"] = _scope(self.scope, details)
         return EnergyReading(measured=True, joules=joules, seconds=seconds,
                              gco2e=float(data.emissions or 0.0) * 1000.0, country=data.country_iso_code or self.country,
                              method=method, components=components, details=details, tool=self.tool)
@@ -283,15 +283,28 @@ def describe_method(tracker, ram_watts: float, ram_share: float | None) -> tuple
             cpu = cpu or "powermetrics measured"
         elif kind == "Raspberry":
             cpu = cpu or "Raspberry Pi PMIC measured"
-    ram = f"RAM a constant {ram_watts:g} W (CodeCarbon's model, not measured)"
-    if ram_share is not None:
-        ram += f", {ram_share:.0%} of the total"
+    ram = f"RAM a constant {ram_watts:g} W (CodeCarbon's model, not measured)"  # its share: details["ram_share"]
     parts = [f"CPU {cpu}" if cpu else "CPU method unknown (no CPU among CodeCarbon's hardware objects)"]
     if gpu:
         parts.append(f"GPU {gpu}")
     parts.append(ram)
     headline = "; ".join(parts)
     return headline, {"cpu": cpu, "gpu": gpu or "none", "ram": ram, "ram_watts": ram_watts, "ram_share": ram_share}
+
+
+def _scope(tracking_mode: str, details: dict) -> str:
+    """What the figure covers: an estimate follows this process tree; hardware counters see everyone."""
+    if tracking_mode != "process":
+        return "the whole machine"
+    parts = []
+    if (details.get("cpu") or "").startswith("estimated"):
+        parts.append("CPU: this process and its children (their share of CPU time)")
+    elif details.get("cpu"):
+        parts.append("CPU: the whole package (hardware counter, every process on it)")
+    if details.get("gpu") not in (None, "none"):
+        parts.append("GPU: the whole device")
+    parts.append("RAM: this process and its children")
+    return "; ".join(parts)
 
 
 def _generic_tdp_note(hw) -> str:

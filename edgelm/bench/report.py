@@ -62,6 +62,14 @@ def short_method(energy: dict) -> str:
     return label
 
 
+def _ram_shares(report: dict) -> str:
+    shares = [r["energy"]["details"].get("ram_share") for r in _rows(report)
+              if r["energy"].get("measured") and (r["energy"].get("details") or {}).get("ram_share") is not None]
+    if not shares:
+        return ""
+    return f"; RAM's constant is {min(shares):.0%} to {max(shares):.0%} of each figure (per system in the table)"
+
+
 def _fmt(value, spec: str, scale: float = 1.0, empty: str = "n/a") -> str:
     return empty if value is None else format(value * scale, spec)
 
@@ -75,7 +83,13 @@ def markdown(report: dict) -> str:
     models = ", ".join(dict.fromkeys(r["model"] for r in report["records"]))
     lines = [f"# edgelm bench: {models}", ""]
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
-    lines += [f"Machine: {m['processor']}, {m['cpus']} logical CPUs ({m.get('physical_cores')} cores), "
+    cores = f" ({m['physical_cores']} cores)" if m.get("physical_cores") else ""
+    load = ""
+    if m.get("load_average_at_start"):
+        load = f", 1-min load average {m['load_average_at_start'][0]} at start"
+        if m.get("load_average_at_end"):
+            load += f" and {m['load_average_at_end'][0]} at the end"
+    lines += [f"Machine: {m['processor']}, {m['cpus']} logical CPUs{cores}{load}, "
               f"{m['ram_bytes'] / 1e9:.1f} GB RAM, {gpus}; {m['platform']}. Date: {report['created']}.",
               "",
               "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
@@ -94,10 +108,10 @@ def markdown(report: dict) -> str:
     if report.get("energy_method"):
         rec = next(r for r in _rows(report) if r["energy"].get("measured"))
         e = rec["energy"]
-        lines += [f"Energy: {report.get('energy_tool')}, offline tracker (no network), scope "
-                  f"{(e.get('details') or {}).get('scope')}, grid of {e.get('country')} "
-                  f"({_fmt(e.get('grid_gco2e_per_kwh'), '.0f')} gCO2e/kWh). Method: **{report['energy_method']}** "
-                  "(RAM's share varies by system; see the table).", ""]
+        lines += [f"Energy: {report.get('energy_tool')}, offline tracker (no network), each timed run measured on "
+                  f"its own; counted: {(e.get('details') or {}).get('scope')}; grid of {e.get('country')} "
+                  f"({_fmt(e.get('grid_gco2e_per_kwh'), '.0f')} gCO2e/kWh). Method: **{report['energy_method']}**"
+                  f"{_ram_shares(report)}.", ""]
     else:
         lines += ["Energy: **not measured** — " + "; ".join(report.get("notes") or ["no reason recorded"]), ""]
 
@@ -122,7 +136,9 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['size_bytes'], '.1f', 1e-6)} | {_fmt(r['cold_start_s'], '.2f')} | "
                      f"{_fmt(r['load_s'], '.2f')} | {r['dtype']} |")
     lines += ["", "Cold start: from starting the process (interpreter, imports) to the model ready; peak RSS of "
-              "that process over its whole life (load, warm-up, runs).", "",
+              "that process over its whole life (load, warm-up, runs). Size on disk: what each system loads — "
+              "edgelm its artifact, PyTorch the source checkpoint (converted to fp32 when loaded), Optimum its "
+              "ONNX export, CTranslate2 its converted model.", "",
               "## Energy", "",
               "| model | batch | system | J/token | gCO2e per 1,000 tokens | kWh (all timed runs) | tokens | method |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -176,7 +192,8 @@ def charts(report: dict, folder: Path) -> None:
     def grouped(ax, value, label):
         for j, s in enumerate(systems):
             vals = [value(by[(k[0], k[1], s)]) if (k[0], k[1], s) in by else 0 for k in keys]
-            ax.bar([i + j * width for i in xs], [v or 0 for v in vals], width, label=s)
+            bars = ax.bar([i + j * width for i in xs], [v or 0 for v in vals], width, label=s)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks([i + 0.4 - width / 2 for i in xs])
         ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in keys], fontsize=8)
         ax.set_ylabel(label)
@@ -249,7 +266,7 @@ def charts(report: dict, folder: Path) -> None:
     plt.close(fig)
 
 
-def _wrap(text: str, width: int = 110) -> str:
+def _wrap(text: str, width: int = 100) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))

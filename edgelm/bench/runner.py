@@ -128,8 +128,12 @@ class Worker:
         return msg
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": "run", "prompts": prompts, "new_tokens": new_tokens}) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": "run", "prompts": prompts, "new_tokens": new_tokens}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the process is gone: its log says why
+            self.proc.wait(timeout=10)
+            raise WorkerError(f"its process ended (exit code {self.proc.returncode}): {S.log_tail(self.log)}") from None
         msg = self._receive(RUN_TIMEOUT_S)
         self.peak_rss_bytes = max(self.peak_rss_bytes, msg["peak_rss_bytes"])
         if len(msg["stamps"]) != new_tokens:
@@ -167,7 +171,6 @@ class Target:
     manifest: dict
     name: str
     entries: list[Entry] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def _load_targets(artifacts: list[str | Path]) -> list[Target]:
@@ -283,6 +286,10 @@ def run_bench(artifacts: list[str | Path], settings: BenchSettings | None = None
             for batch in settings.batches:
                 report["records"] += _bench_setting(target, batch, settings, meter, env, Path(logs),
                                                     report["bandwidth_gbps"], progress)
+    try:  # a shared machine: how busy it was, next to the load at start
+        report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        pass
     energies = [r["energy"] for r in report["records"] if r["status"] == "ok"]
     measured = [e for e in energies if e.get("measured")]
     report["energy_method"] = measured[0]["method"] if measured else None
