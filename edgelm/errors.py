@@ -5,6 +5,7 @@
     │   ├── UnsupportedModelError   an architecture or config edgelm cannot export
     │   └── OutputExistsError       an output folder that exists (use --force)
     ├── ValidationError         an exported graph disagrees with PyTorch beyond tolerance
+    ├── QualityError            an optimization step lost more quality than allowed (nothing written)
     ├── ArtifactError           an artifact folder that is missing files or has a bad manifest
     └── DependencyError         an optional package (an extra) is not installed
 
@@ -39,6 +40,10 @@ class ValidationError(EdgelmError):
     def __init__(self, message: str, failures: list[str] | None = None):
         super().__init__(message)
         self.failures = failures or []
+
+
+class QualityError(EdgelmError):
+    """A quantized (or otherwise optimized) model failed its quality gate; nothing was written."""
 
 
 class ArtifactError(EdgelmError):

@@ -47,3 +47,28 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0, scale: float = 1.0, 
     for f in TOKENIZER_DIR.iterdir():
         shutil.copyfile(f, folder / f.name)
     return folder
+
+
+def make_outlier_model(folder: Path, channels: tuple[int, ...] = (3, 11, 20), factor: float = 60.0,
+                       seed: int = 0) -> Path:
+    """A tiny GPT-2 whose LayerNorm outputs have a few huge channels, as real GPT-2's do.
+
+    Function-preserving: in every layer, gamma and beta of ln_1 and ln_2 are multiplied by ``factor``
+    on ``channels`` and the matching input rows of the next projection (c_attn, c_fc; Conv1D weights
+    are [in, out]) are divided by it. The fp32 model computes the same logits; per-tensor int8
+    activations lose the other channels. (For the SmoothQuant and GPTQ tests.)
+    """
+    import torch
+    import transformers
+
+    folder = make_tiny_model("gpt2", Path(folder), seed=seed)
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = list(channels)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for norm, proj in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
+                norm.weight[idx] *= factor
+                norm.bias[idx] *= factor
+                proj.weight[idx, :] /= factor
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

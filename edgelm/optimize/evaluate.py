@@ -74,6 +74,21 @@ def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return picked - np.log(x.sum(axis=-1, dtype=np.float64))
 
 
+def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32) -> dict:
+    """Inputs for one forward pass over ``chunk`` (1, S) with empty caches, logits at every position."""
+    facts = manifest["model"]["facts"]
+    names = {i["name"] for i in manifest["io"]["inputs"]}
+    n, h, s = int(facts["num_heads"]), int(facts["head_size"]), chunk.shape[1]
+    feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
+            "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s, np.int64)}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for e in manifest["io"]["kv_cache"]:
+        length = (e.get("window") or 0) if e["kind"] == "window" else 0
+        for name in (e["past_key"], e["past_value"]):
+            feed[name] = np.zeros((1, n, length, h), dtype=kv_dtype)
+    return feed
+
+
 def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, max_length: int | None = None,
                     provider: str = "cpu") -> Perplexity:
     """Perplexity of an artifact with ONNX Runtime alone (no torch)."""
@@ -85,20 +100,10 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
     max_length = max_length or min(int(facts["max_positions"]), 1024)
     stride = max_length // 2 if stride is None else stride
     _check(len(ids), max_length, stride)
-    names = art.input_names
-    n, h = int(facts["num_heads"]), int(facts["head_size"])
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
     for begin, end, first in wins:
-        chunk = ids[begin:end][None]  # (1, S)
-        s = chunk.shape[1]
-        feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-                "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s, np.int64)}
-        feed = {k: v for k, v in feed.items() if k in names}
-        for e in art.manifest["io"]["kv_cache"]:
-            length = (e.get("window") or 0) if e["kind"] == "window" else 0
-            for name in (e["past_key"], e["past_value"]):
-                feed[name] = np.zeros((1, n, length, h), dtype=art.kv_dtype)
+        feed = prompt_feed(art.manifest, ids[begin:end][None], art.kv_dtype)
         logits = art.session.run(["logits"], feed)[0][0]  # (S, V)
         scored = slice(first - begin - 1, end - begin - 1)  # logits at t predict token t + 1
         logp = _log_softmax_pick(logits[scored], ids[first:end])

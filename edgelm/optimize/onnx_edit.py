@@ -1,0 +1,182 @@
+"""Small, explicit edits of an in-memory ONNX model (onnx.ModelProto), shared by the quantizers.
+
+Every weight in an edgelm graph is a constant initializer; the edits here read and replace them,
+swap nodes in place (the node list stays topologically sorted), and find the two places that need
+care: the tied embedding (one [D, V] initializer read by a Gather and by the LM head MatMul) and
+the contrib-op outputs that ONNX's own type inference cannot see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+EXTERNAL_DATA_BYTES = 1 << 30  # as the exporter: weights above 1 GiB go to one external data file
+MS = "com.microsoft"
+
+
+class Graph:
+    """An index over ``model.graph`` for edits. Lookups scan the node list (graphs have hundreds of
+    nodes, not millions), so the index never goes stale."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self._init = {t.name: t for t in self.graph.initializer}
+
+    # -- initializers --------------------------------------------------------------------------
+    def initializer(self, name: str) -> TensorProto | None:
+        return self._init.get(name)
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self._init[name])
+
+    def add(self, name: str, value: np.ndarray) -> str:
+        if name in self._init:
+            raise ValueError(f"initializer {name} exists")
+        t = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.graph.initializer.append(t)
+        self._init[name] = self.graph.initializer[-1]
+        return name
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        """Replace an initializer's contents (same name, any shape)."""
+        old = self._init[name]
+        old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=numpy_helper.to_array(old).dtype),
+                                             name))
+
+    def remove_unused_initializers(self) -> list[str]:
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        dead = [t for t in self.graph.initializer if t.name not in used]
+        for t in dead:
+            self.graph.initializer.remove(t)
+            del self._init[t.name]
+        return [t.name for t in dead]
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        return [n for n in self.graph.node if tensor in n.input]
+
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        return next((n for n in self.graph.node if tensor in n.output), None)
+
+    def node(self, name: str) -> onnx.NodeProto:
+        return next(n for n in self.graph.node if n.name == name)
+
+    def is_graph_output(self, tensor: str) -> bool:
+        return any(o.name == tensor for o in self.graph.output)
+
+    def replace(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        """Put ``new`` where ``old`` was (inputs of new nodes must be available at that point)."""
+        index = list(self.graph.node).index(old)
+        self.graph.node.remove(old)
+        for offset, node in enumerate(new):
+            self.graph.node.insert(index + offset, node)
+
+    def constant_matmuls(self) -> list[onnx.NodeProto]:
+        """MatMul nodes whose B is a 2-D float32 initializer (every projection in an edgelm graph)."""
+        out = []
+        for n in self.graph.node:
+            if n.op_type != "MatMul":
+                continue
+            t = self._init.get(n.input[1])
+            if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2:
+                out.append(n)
+        return out
+
+    def weight_bytes(self) -> int:
+        return sum(_tensor_bytes(t) for t in self.graph.initializer)
+
+
+def _tensor_bytes(t: TensorProto) -> int:
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+@dataclass
+class Embedding:
+    """Where the token embedding lives: its lookup Gather and the LM head MatMul, and whether they
+    share one initializer (the builder stores the tied weight once, as [D, V])."""
+
+    lookup: onnx.NodeProto  # Gather(table, input_ids)
+    head: onnx.NodeProto  # MatMul(hidden, W[D, V]) -> logits
+    tied: bool
+
+    @property
+    def table(self) -> str:
+        return self.lookup.input[0]
+
+    @property
+    def head_weight(self) -> str:
+        return self.head.input[1]
+
+
+def find_embedding(g: Graph) -> Embedding:
+    """The lookup Gather (reads ``input_ids``) and the MatMul that produces the logits."""
+    lookup = next((n for n in g.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"
+                   and g.initializer(n.input[0]) is not None), None)
+    head = None
+    for n in g.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        out = n.output[0]
+        nxt = g.consumers(out)
+        if out == "logits" or (len(nxt) == 1 and nxt[0].op_type == "Cast" and nxt[0].output[0] == "logits"):
+            head = n
+    if lookup is None or head is None:
+        raise ValueError("the graph has no token-embedding Gather or no LM head MatMul; it was not made by "
+                         "edgelm's builder")
+    return Embedding(lookup, head, lookup.input[0] == head.input[1])
+
+
+def declare_float_outputs(model: onnx.ModelProto) -> int:
+    """Give every com.microsoft node output a float32 type in value_info.
+
+    ONNX's shape inference does not know contrib operators, and ONNX Runtime's quantizers skip (or
+    fail on) tensors of unknown type; the builder's fp32 graphs produce float32 from all of them.
+    """
+    known = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    added = 0
+    for n in model.graph.node:
+        if n.domain != MS:
+            continue
+        for o in n.output:
+            if o and o not in known:
+                model.graph.value_info.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+                known.add(o)
+                added += 1
+    return added
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None, keep: bool = False) -> str | None:
+    """Write ``path`` (+ ``path.data`` when the weights pass 1 GiB or ``external``); return the data file name.
+
+    With external data, onnx turns the in-memory tensors into references to the file; ``keep`` reads
+    them back so that ``model`` stays usable (otherwise do not use it afterwards)."""
+    path = Path(path)
+    if external is None:
+        external = Graph(model).weight_bytes() > EXTERNAL_DATA_BYTES
+    data = path.name + ".data" if external else None
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        if keep:
+            onnx.load_external_data_for_model(model, str(path.parent))
+    else:
+        onnx.save_model(model, str(path))
+    return data
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
