@@ -242,11 +242,13 @@ def test_relative_tolerance_rule():
 
     sched = Schedule(np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64), np.zeros((1, 2), np.int64),
                      [(0, 2)], None)
-    ref = [{"logits": np.array([[[100.0, 1.0], [100.0, 1.0]]], np.float32)}]
+    def ref():  # compare consumes the reference list as it goes
+        return [{"logits": np.array([[[100.0, 1.0], [100.0, 1.0]]], np.float32)}]
+
     got = [{"logits": np.array([[[100.05, 1.0], [100.0, 1.0]]], np.float32)}]
-    assert compare(ref, got, sched, atol=2e-3, rtol=1e-3)["logits"] == pytest.approx(0.05, rel=1e-3)
+    assert compare(ref(), got, sched, atol=2e-3, rtol=1e-3)["logits"] == pytest.approx(0.05, rel=1e-3)
     with pytest.raises(ValidationError, match="logits"):
-        compare(ref, got, sched, atol=2e-3, rtol=0.0)
+        compare(ref(), got, sched, atol=2e-3, rtol=0.0)
     small = [{"logits": np.array([[[1.05, 1.0], [1.0, 1.0]]], np.float32)}]
     with pytest.raises(ValidationError):  # 0.05 on a value of 1 is far beyond 2e-3 + 1e-3
         compare([{"logits": np.ones((1, 2, 2), np.float32)}], small, sched, atol=2e-3, rtol=1e-3)

@@ -17,6 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 ALIGN = 4096
+# Weights above 64 MiB go to one external data file, which ONNX Runtime maps instead of copying:
+# inlined weights are copied several times while the protobuf is built, serialized and parsed.
+EXTERNAL_DATA_BYTES = 64 << 20
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import InputError, UnsupportedModelError, require
 from .arch import ModelFacts
 
-EXTERNAL_DATA_BYTES = 1 << 30  # as pipeline.EXTERNAL_DATA_BYTES: weights above 1 GiB go to one external file
+from .graph import EXTERNAL_DATA_BYTES  # noqa: E402  (one threshold for every exporter)
 DATA_FILE = "model.onnx.data"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")

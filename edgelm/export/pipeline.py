@@ -14,11 +14,11 @@ from ..errors import InputError
 from ..manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from . import validate as V
 from .arch import arch_for, resolve
+from .graph import EXTERNAL_DATA_BYTES
 from .builder import OPSET_NOTE, build_graph, count_ops, io_spec
 from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
-EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to one external data file
 
 
 def versions() -> dict:

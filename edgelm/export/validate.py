@@ -133,8 +133,12 @@ class NotRunnable(Exception):
     """ONNX Runtime on this machine cannot run the graph (e.g. no fp16 kernels on this CPU)."""
 
 
-def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) -> list[dict]:
-    """Run the schedule through ONNX Runtime, feeding each step's presents back as the next past."""
+def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict):
+    """Run the schedule through ONNX Runtime, feeding each step's presents back as the next past.
+
+    A generator of one dict per step: ``compare`` checks each step as it comes, so only one step
+    of ONNX outputs is alive at a time.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -160,7 +164,6 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
         past[entry["past_value"]] = np.zeros((batch, n, length, h), np_kv)
     cache_kinds = [entry["kind"] for entry in io["kv_cache"]]
     names = [o.name for o in sess.get_outputs()]
-    results = []
     for k in range(len(sched.steps)):
         ids, pos, mask = sched.feed(k)
         feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
@@ -175,23 +178,24 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict) 
             presents += [outs[entry["present_key"]], outs[entry["present_value"]]]
         step = {"logits": outs["logits"].astype(np.float32)}
         step.update(_compare_rows(facts, sched, k, presents, from_onnx=True, cache_kinds=cache_kinds))
-        results.append(step)
-    del sess
+        del outs, presents
+        yield step
+    del sess, past
     release_memory()
-    return results
 
 
-def compare(reference: list[dict], candidate: list[dict], sched: Schedule, atol: float,
-            rtol: float = 0.0) -> dict:
+def compare(reference: list[dict], candidate, sched: Schedule, atol: float, rtol: float = 0.0) -> dict:
     """Max |difference| per output over every step (valid positions only).
 
     An element fails when |onnx - torch| > atol + rtol * |torch| (numpy.allclose's rule): deep
     models with large logits accumulate rounding in proportion to the values. Raises once, listing
-    every failing output; returns {output: max |difference|}.
+    every failing output; returns {output: max |difference|}. ``candidate`` may be a generator;
+    each reference step is dropped from ``reference`` once compared, to free its memory.
     """
     diffs: dict[str, float] = {}
     excess: dict[str, float] = {}  # max of |diff| / (atol + rtol * |ref|): > 1 fails
-    for k, (ref, got) in enumerate(zip(reference, candidate)):
+    for k, got in enumerate(candidate):
+        ref, reference[k] = reference[k], None
         a, b = sched.steps[k]
         query_valid = sched.attention_mask[:, a:b].astype(bool)  # (B, S)
         for name, r in ref.items():
