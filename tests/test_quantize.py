@@ -240,6 +240,21 @@ def test_gptq_has_lower_output_error_than_rtn(tiny_artifact, tmp_path, eval_text
     assert layer["mean_gptq"] < layer["mean_rtn"]
 
 
+def test_gptq_in_chunks_gives_the_same_weights(tiny_artifact, tmp_path, eval_text, monkeypatch):
+    """Large models capture Hessians a few MatMuls at a time; the result must not depend on it."""
+    from onnx import numpy_helper
+
+    from edgelm.optimize import modes
+
+    src = tiny_artifact["gpt2"]
+    quantize(src, tmp_path / "whole", eval_text, mode="int8-weight", algorithm="gptq")
+    monkeypatch.setattr(modes, "HESSIAN_BUDGET_BYTES", 1)  # one MatMul per pass
+    quantize(src, tmp_path / "chunks", eval_text, mode="int8-weight", algorithm="gptq")
+    a, b = (onnx.load(str(tmp_path / d / "model.onnx")).graph.initializer for d in ("whole", "chunks"))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+
+
 def test_smoothquant_rescues_static_int8_on_outlier_channels(outlier_artifact, tmp_path, eval_text):
     plain = quantize(outlier_artifact, tmp_path / "plain", eval_text, mode="int8-static", smooth_alpha=0.0)
     smooth = quantize(outlier_artifact, tmp_path / "smooth", eval_text, mode="int8-static", smooth_alpha=0.5)

@@ -85,7 +85,6 @@ class Calibration:
     progress: bool
     _max: dict[str, np.ndarray] = field(default_factory=dict)
     _hessian: dict[str, np.ndarray] = field(default_factory=dict)
-    _rows: dict[str, int] = field(default_factory=dict)
 
     def channel_max(self, model: onnx.ModelProto, tensors: list[str]) -> dict[str, np.ndarray]:
         """max |x_j| over every calibration token, per channel j, of each tensor (..., K)."""
@@ -100,20 +99,25 @@ class Calibration:
             capture(model, missing, self.windows, self.manifest, take, self.progress, "calibrating (channel max)")
         return {t: self._max[t] for t in tensors}
 
-    def hessians(self, model: onnx.ModelProto, tensors: list[str]) -> dict[str, np.ndarray]:
-        """H = sum over calibration tokens of x^T x (K, K), float64, for each MatMul input tensor."""
+    def hessians(self, model: onnx.ModelProto, tensors: list[str], keep: bool = True) -> dict[str, np.ndarray]:
+        """H = sum over calibration tokens of x^T x (K, K), float64, for each MatMul input tensor.
+
+        ``keep=False`` hands them over without caching (large models: they do not all fit)."""
         from .calibration import capture
 
-        missing = [t for t in dict.fromkeys(tensors) if t not in self._hessian]
+        wanted = list(dict.fromkeys(tensors))
+        fresh: dict[str, np.ndarray] = {}
+        missing = [t for t in wanted if t not in self._hessian]
         if missing:
             def take(name, x):
                 x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (tokens, K)
                 h = x2.T @ x2
-                self._hessian[name] = self._hessian[name] + h if name in self._hessian else h
-                self._rows[name] = self._rows.get(name, 0) + x2.shape[0]
+                fresh[name] = fresh[name] + h if name in fresh else h
 
             capture(model, missing, self.windows, self.manifest, take, self.progress, "calibrating (Hessians)")
-        return {t: self._hessian[t] for t in tensors}
+            if keep:
+                self._hessian.update(fresh)
+        return {t: self._hessian[t] if t in self._hessian else fresh[t] for t in wanted}
 
 
 def _node_name(matmul: onnx.NodeProto, op: str) -> str:
@@ -133,26 +137,37 @@ def _weight_only(job: Job, bits: int) -> tuple[onnx.ModelProto, dict]:
         raise InputError(f"--block-size {cfg.block_size} does not divide the hidden size {hidden}, which the "
                          "quantized embedding lookup needs; choose a block size that divides it, or --embeddings keep")
     targets = [m for m in g.constant_matmuls() if quantize_head or m is not emb.head]
-    hessians = {}
-    if cfg.algorithm == "gptq":
-        hessians = job.calibration.hessians(model, [m.input[0] for m in targets])
 
     from tqdm import tqdm
 
-    errors = []
+    # Quantize first (Hessians from the untouched fp32 graph, a chunk at a time so that they fit in
+    # memory), then swap the nodes.
+    packed, errors = {}, []
+    bar = tqdm(total=len(targets), desc=f"quantizing ({cfg.algorithm})", unit="matmul", disable=not job.progress,
+               leave=False)
+    for chunk in _hessian_chunks(g, targets) if cfg.algorithm == "gptq" else [targets]:
+        hessians = {}
+        if cfg.algorithm == "gptq":
+            inputs = [m.input[0] for m in chunk]
+            hessians = job.calibration.hessians(model, inputs, keep=len(chunk) == len(targets))
+        for m in chunk:
+            w = g.array(m.input[1])  # [K, N]
+            h = hessians.get(m.input[0])
+            qw = blockwise.gptq(w, h, bits, cfg.block_size) if h is not None else blockwise.rtn(w, bits, cfg.block_size)
+            if h is not None:
+                rtn_err = _hessian_error(w, blockwise.rtn(w, bits, cfg.block_size), h)
+                errors.append({"matmul": m.name, "rtn": rtn_err, "gptq": _hessian_error(w, qw, h)})
+            packed[m.name] = (w.shape, blockwise.pack(qw))
+            bar.update()
+        del hessians
+    bar.close()
+
     accuracy = job.target.nbits_accuracy_level
-    for m in tqdm(targets, desc=f"quantizing ({cfg.algorithm})", unit="matmul", disable=not job.progress,
-                  leave=False):
-        w = g.array(m.input[1])  # [K, N]
-        h = hessians.get(m.input[0])
-        qw = blockwise.gptq(w, h, bits, cfg.block_size) if h is not None else blockwise.rtn(w, bits, cfg.block_size)
-        if h is not None:
-            rtn_err = _hessian_error(w, blockwise.rtn(w, bits, cfg.block_size), h)
-            errors.append({"matmul": m.name, "rtn": rtn_err, "gptq": _hessian_error(w, qw, h)})
-        b, scales, zeros = blockwise.pack(qw)
+    for m in targets:
+        (k, n), (b, scales, zeros) = packed.pop(m.name)
         base = m.input[1]
         names = (g.add(f"{base}.q{bits}", b), g.add(f"{base}.scales", scales), g.add(f"{base}.zero_points", zeros))
-        attrs = dict(K=int(w.shape[0]), N=int(w.shape[1]), bits=bits, block_size=cfg.block_size)
+        attrs = dict(K=int(k), N=int(n), bits=bits, block_size=cfg.block_size)
         if accuracy:
             attrs["accuracy_level"] = accuracy
         node = helper.make_node("MatMulNBits", [m.input[0], *names], [m.output[0]], name=_node_name(m, "MatMulNBits"),
@@ -198,6 +213,22 @@ def _weight_only(job: Job, bits: int) -> tuple[onnx.ModelProto, dict]:
             "damp": 0.01, "act_order": False, "sequential": False,
         }
     return model, record
+
+
+HESSIAN_BUDGET_BYTES = 2 << 30  # GPTQ: Hessians held at once (float64 K x K each)
+
+
+def _hessian_chunks(g: Graph, targets: list[onnx.NodeProto]) -> list[list[onnx.NodeProto]]:
+    """Targets in graph order, grouped so that each group's Hessians fit the budget (one pass each)."""
+    chunks, size = [[]], 0
+    for m in targets:
+        k = g.initializer(m.input[1]).dims[0]
+        if chunks[-1] and size + 8 * k * k > HESSIAN_BUDGET_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(m)
+        size += 8 * k * k
+    return chunks
 
 
 def _hessian_error(w: np.ndarray, qw: blockwise.BlockQuantized, h: np.ndarray) -> float:
@@ -279,16 +310,16 @@ def _serve_lookup_int8(g: Graph, lookup: onnx.NodeProto) -> str:
     return "int8 Gather on the LM head's int8 bytes, scaled per token (Gather -> Cast -> Mul; stored once)"
 
 
-def _run_ort_quantizer(job: Job, model: onnx.ModelProto, quantize: Callable[[str, str, bool], None]):
-    """Save ``model`` to the work folder, let ORT quantize it file to file, load the result."""
+def _run_ort_quantizer(job: Job, holder: list, quantize: Callable[[str, str, bool], None]) -> onnx.ModelProto:
+    """Save the model in ``holder`` (a one-item list, emptied so that only ORT's copy stays in memory)
+    to the work folder, let ORT quantize it file to file, and load the result."""
     import logging
 
     root = logging.getLogger()
     level = root.level
     with tempfile.TemporaryDirectory(prefix="ort-q-", dir=job.workdir) as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        big = save_model(model, src) is not None
-        del model
+        big = save_model(holder.pop(), src) is not None
         root.setLevel(logging.ERROR)  # ORT's quantizers warn on the root logger about pre-processing we do not need
         try:
             quantize(str(src), str(dst), big)
@@ -297,13 +328,20 @@ def _run_ort_quantizer(job: Job, model: onnx.ModelProto, quantize: Callable[[str
         return load_model(dst)
 
 
-def _int8_embedding(job: Job, model: onnx.ModelProto, emb: Embedding, what_head: str) -> tuple[onnx.ModelProto, dict]:
+def _embedding_names(model: onnx.ModelProto) -> tuple[str, str, bool]:
+    """(lookup node, LM head node, tied) by name: names survive ORT's quantizers, node objects do not."""
+    emb = find_embedding(Graph(model))
+    return emb.lookup.name, emb.head.name, emb.tied
+
+
+def _int8_embedding(job: Job, model: onnx.ModelProto, lookup: str, tied: bool,
+                    what_head: str) -> tuple[onnx.ModelProto, dict]:
     """After ORT's quantizer: serve the lookup (found by its node name) from the int8 head weight."""
     g = Graph(model)
-    record = {"setting": job.config.embeddings, "tied": emb.tied, "positions": "fp32 Gather (kept: small, only gathered)"}
+    record = {"setting": job.config.embeddings, "tied": tied, "positions": "fp32 Gather (kept: small, only gathered)"}
     if job.config.embeddings == "quantize":
         record["lm_head"] = what_head
-        record["lookup"] = (_serve_lookup_int8(g, g.node(emb.lookup.name)) if emb.tied
+        record["lookup"] = (_serve_lookup_int8(g, g.node(lookup)) if tied
                             else "fp32 Gather (kept: the embedding is not tied to the LM head)")
     else:
         record["lm_head"], record["lookup"] = "fp32 MatMul (kept)", "fp32 Gather (kept)"
@@ -319,8 +357,8 @@ def int8_dynamic(job: Job):
         raise InputError(f"int8-dynamic has no kernels on target {job.target.name}: {job.target.why}")
     model = job.load()
     declare_float_outputs(model)
-    emb = find_embedding(Graph(model))
-    exclude = [] if job.config.embeddings == "quantize" else [emb.head.name]
+    lookup, head, tied = _embedding_names(model)
+    exclude = [] if job.config.embeddings == "quantize" else [head]
     reduce_range = job.target.dynamic_reduce_range
 
     def run(src, dst, big):
@@ -328,8 +366,10 @@ def int8_dynamic(job: Job):
                          weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
 
-    model = _run_ort_quantizer(job, model, run)
-    model, emb_record = _int8_embedding(job, model, emb, "MatMulInteger int8, per-column scales")
+    holder = [model]
+    del model
+    model = _run_ort_quantizer(job, holder, run)
+    model, emb_record = _int8_embedding(job, model, lookup, tied, "MatMulInteger int8, per-column scales")
     return model, {"format": "QOperator (MatMulInteger + DynamicQuantizeLinear; ORT fuses them into "
                              "DynamicQuantizeMatMul at load)",
                    "weights": "int8 symmetric, per output channel" + (" (7-bit)" if reduce_range else ""),
@@ -346,15 +386,16 @@ def int8_static(job: Job):
 
     cfg, target = job.config, job.target
     model = job.load()
-    g = Graph(model)
     smoothing = []
     if cfg.smooth_alpha:
+        g = Graph(model)
         pairs = find_pairs(g)
         act_max = job.calibration.channel_max(model, [p.activation for p in pairs])
         smoothing = smooth(g, pairs, act_max, cfg.smooth_alpha)
+        del g, pairs
     declare_float_outputs(model)
-    emb = find_embedding(g)
-    exclude = [] if cfg.embeddings == "quantize" else [emb.head.name]
+    lookup, head, tied = _embedding_names(model)
+    exclude = [] if cfg.embeddings == "quantize" else [head]
     symmetric = target.static_activations == "int8"
 
     def run(src, dst, big):
@@ -368,8 +409,10 @@ def int8_static(job: Job):
                                        "OpTypesToExcludeOutputQuantization": ["MatMul"],
                                        "ActivationSymmetric": symmetric, "WeightSymmetric": True})
 
-    model = _run_ort_quantizer(job, model, run)
-    model, emb_record = _int8_embedding(job, model, emb, "QDQ int8 (DequantizeLinear per column) -> MatMul")
+    holder = [model]
+    del model
+    model = _run_ort_quantizer(job, holder, run)
+    model, emb_record = _int8_embedding(job, model, lookup, tied, "QDQ int8 (DequantizeLinear per column) -> MatMul")
     return model, {"format": "QDQ (QuantizeLinear/DequantizeLinear around every MatMul input)",
                    "weights": "int8 symmetric, per output channel" + (" (7-bit)" if target.static_reduce_range else ""),
                    "activations": ("int8 symmetric" if symmetric else "uint8 asymmetric") + ", per tensor, MinMax "
