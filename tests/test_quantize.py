@@ -371,3 +371,13 @@ def test_cli(tiny_artifact, tmp_path, eval_text):
     step = json.loads(r.stdout)
     assert step["mode"] == "int4-weight" and step["target"]["name"] == "arm64"
     assert read_manifest(tmp_path / "ok")["steps"][-1] == step
+
+
+def test_public_api_and_cheap_imports():
+    code = ("import sys, edgelm.optimize as o, edgelm.optimize.commands; "
+            "assert not {'onnx', 'onnxruntime', 'torch'} & set(sys.modules), sorted(sys.modules); "
+            "print(sorted(o.__all__)); [getattr(o, n) for n in o.__all__]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(["MODES", "MeasureConfig", "QuantizeConfig", "TARGETS", "perplexity",
+                                    "quantize_artifact"])
