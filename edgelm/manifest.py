@@ -8,7 +8,8 @@ Schema (version 1), all keys always present unless marked optional:
     io:         inputs/outputs [{name, dtype, shape}], kv_cache [{layer, past_key, past_value,
                 present_key, present_value, kind: full|window|concat, window, share_buffer}], kv_dtype
     tokenizer:  files, bos_token_id, eos_token_id
-    steps:      [{name, ... settings, seconds, peak_rss_bytes, versions}]  (the lineage, in order)
+    steps:      [{name, ... settings, seconds, peak_rss_bytes, versions, energy}]  (the lineage, in order;
+                energy: edgelm.bench.energy's record of the step, measured or not and why)
     validation: status (passed|not_validated), reason (optional), atol, provider, schedule,
                 max_abs_diff {output: value}
     files:      {name: {bytes, sha256}}

@@ -231,6 +231,9 @@ def charts(report: dict, folder: Path) -> None:
                        color=f"C{j}", edgecolor="white", alpha=1.0 if comp == "cpu_j" else 0.55,
                        label=s if not any(bottom) else None)
                 bottom = [a + b for a, b in zip(bottom, vals)]
+            for i, total in enumerate(bottom):
+                if total:
+                    ax.annotate(f"{total:.3f}", (i + j * width, total), ha="center", va="bottom", fontsize=7)
         ax.set_xticks([i + 0.4 - width / 2 for i in xs])
         ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in keys], fontsize=8)
         ax.set_ylabel("joules per generated token (lower is better)")
