@@ -174,7 +174,9 @@ def write_report(data: dict) -> None:
         f"Command: `{data['command']}`",
         "",
         f"Memory bandwidth measured in this run: **{data['bandwidth_gbps']:.1f} GB/s** "
-        "(all cores reading a 1 GiB buffer, best of 5 passes).",
+        "(all cores reading a 1 GiB buffer, best of 5 passes)."
+        + "".join(f" Earlier run merged in: `{e.get('command')}` ({e.get('date')}, {e.get('bandwidth_gbps', 0):.1f} GB/s)."
+                  for e in data.get("earlier_runs", [])),
         "Random weights, real configurations; prompt of 32 random tokens; greedy; EOS ignored; "
         "median over repeats; systems interleaved within a repeat for the 125M shapes "
         "(one system in memory at a time for the large ones).",
@@ -247,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch8", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure batch 8 throughput on the 125M shapes")
     p.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    p.add_argument("--merge", action="store_true", help="keep the rows of models this run does not measure")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     import psutil
@@ -259,6 +262,12 @@ def main(argv=None) -> int:
             "machine": {"cpus": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 1e9,
                         "platform": platform.platform()},
             "versions": versions(), "bandwidth_gbps": bandwidth, "rows": []}
+    measured = set(args.models.split(","))
+    if args.merge and Path(args.out).is_file():  # keep the rows of models this run does not measure
+        old = json.loads(Path(args.out).read_text())
+        data["rows"] = [r for r in old["rows"] if r["model"] not in measured]
+        data["earlier_runs"] = old.get("earlier_runs", []) + [
+            {k: old[k] for k in ("date", "command", "bandwidth_gbps") if k in old}]
 
     def save():
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
