@@ -6,7 +6,7 @@ Decoding one token multiplies a (1, K) row by every weight matrix, so fp32 decod
 by how fast ONNX Runtime's MatMul streams a weight matrix at M = 1. This times the GPT-2 124M LM
 head (768 x 50257, 154 MB) as MatMul, Gemm(transB) and com.microsoft FusedMatMul(transB), with and
 without prepacking, beside the machine's read bandwidth measured the same way as the runtime
-benchmark's ceiling (all cores summing a 1 GiB buffer, best of 5). Writes results/matmul_bandwidth.json.
+benchmark's ceiling (edgelm.bench.machine.measure_bandwidth). Writes results/matmul_bandwidth.json.
 """
 
 from __future__ import annotations

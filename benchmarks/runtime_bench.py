@@ -5,7 +5,7 @@
 
 Random-weight models with the real configurations (benchmarks/configs.py), batch 1, a 32-token
 prompt, 128 greedy new tokens (EOS ignored), systems interleaved within each repeat. The memory
-bandwidth ceiling is measured in the same run: all cores read a 1 GiB buffer, best of 5 passes;
+bandwidth ceiling is measured in the same run: all cores read a 1 GiB buffer, best of 8 passes;
 a system's ceiling is bandwidth / weight bytes read per token (every weight except the position
 table, which is only gathered). Writes benchmarks/results/runtime.{json,md,png}.
 """
@@ -174,7 +174,7 @@ def write_report(data: dict) -> None:
         f"Command: `{data['command']}`",
         "",
         f"Memory bandwidth measured in this run: **{data['bandwidth_gbps']:.1f} GB/s** "
-        "(all cores reading a 1 GiB buffer, best of 5 passes)."
+        "(all cores reading a 1 GiB buffer with two read kernels, best of 8 passes)."
         + "".join(f" Earlier run merged in: `{e.get('command')}` ({e.get('date')}, {e.get('bandwidth_gbps', 0):.1f} GB/s)."
                   for e in data.get("earlier_runs", [])),
         "Random weights, real configurations; prompt of 32 random tokens; greedy; EOS ignored; "
