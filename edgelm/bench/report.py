@@ -257,7 +257,8 @@ def charts(report: dict, folder: Path) -> None:
     for ax, key, label in ((axes[0], "size_bytes", "size on disk, MB"), (axes[1], "peak_rss_bytes", "peak RSS, MB")):
         for j, s in enumerate(systems):
             vals = [(first.get((m, s)) or {}).get(key) or 0 for m in models]
-            ax.bar([i + j * width for i in range(len(models))], [v / 1e6 for v in vals], width, label=s)
+            bars = ax.bar([i + j * width for i in range(len(models))], [v / 1e6 for v in vals], width, label=s)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
         ax.set_xticklabels(models, fontsize=8)
         ax.set_ylabel(f"{label} (lower is better)")
