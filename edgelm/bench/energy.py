@@ -22,6 +22,7 @@ until a tracker starts.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import resource
@@ -270,7 +271,7 @@ def describe_method(tracker, ram_watts: float, ram_share: float | None) -> tuple
             elif mode == "intel_power_gadget":
                 cpu = "Intel Power Gadget measured"
             elif mode == "cpu_load":
-                cpu = f"estimated from TDP ({tdp:g} W{_generic_tdp_note(hw)}) and CPU load (no RAPL)"
+                cpu = f"estimated from TDP ({tdp:g} W{_generic_tdp_note()}) and CPU load (no RAPL)"
             elif mode == "constant":
                 cpu = f"estimated as a constant share of TDP ({tdp} W; no RAPL, no load reading)"
             else:
@@ -307,8 +308,9 @@ def _scope(tracking_mode: str, details: dict) -> str:
     return "; ".join(parts)
 
 
-def _generic_tdp_note(hw) -> str:
-    """', generic 4 W per thread' when CodeCarbon's CPU table does not know this CPU model."""
+@functools.lru_cache(maxsize=1)
+def _generic_tdp_note() -> str:
+    """', generic 4 W per thread' when CodeCarbon's CPU table does not know this CPU model (asked once)."""
     try:
         from codecarbon.core import cpu as cc_cpu
         from codecarbon.core.hardware_cache import get_cached_tdp
@@ -464,8 +466,6 @@ def measured_step(name: str, **settings):
 
     For pipeline functions whose body builds the manifest: ``"energy": current_step().finish()["energy"]``.
     """
-    import functools
-
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):

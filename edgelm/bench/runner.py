@@ -280,6 +280,8 @@ def run_bench(artifacts: list[str | Path], settings: BenchSettings | None = None
     say(f"measuring memory bandwidth ({settings.bandwidth_gib:g} GiB buffer) ...")
     report["bandwidth_gbps"] = measure_bandwidth(settings.bandwidth_gib)
     say(f"memory bandwidth: {report['bandwidth_gbps']:.1f} GB/s")
+    meter.start()  # CodeCarbon probes the hardware on its first start (about 2 s): not before a timed run
+    meter.stop()
     with tempfile.TemporaryDirectory(prefix="edgelm-bench-") as logs:
         for target in targets:
             _plan(target, settings, cache, env)
