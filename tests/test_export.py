@@ -252,3 +252,16 @@ def test_relative_tolerance_rule():
     small = [{"logits": np.array([[[1.05, 1.0], [1.0, 1.0]]], np.float32)}]
     with pytest.raises(ValidationError):  # 0.05 on a value of 1 is far beyond 2e-3 + 1e-3
         compare([{"logits": np.ones((1, 2, 2), np.float32)}], small, sched, atol=2e-3, rtol=1e-3)
+
+
+def test_graph_this_machine_cannot_run_is_marked_not_validated(tiny_model_dir, tmp_path, monkeypatch):
+    import onnxruntime
+
+    class NoKernels:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for X")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", NoKernels)
+    m = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "o", dtype="fp16", progress=False)
+    assert m["validation"]["status"] == "not_validated"
+    assert "cannot run this graph here" in m["validation"]["reason"]

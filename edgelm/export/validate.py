@@ -94,16 +94,48 @@ def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.
     return out
 
 
+class SpilledSteps:
+    """Per-step output dicts kept on disk (.npz) and read back one step at a time.
+
+    The PyTorch reference is computed before ONNX Runtime maps the weights; keeping it on disk
+    instead of in memory takes it out of the peak of the ONNX Runtime phase.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.paths: list[Path | None] = []
+
+    def append(self, step: dict) -> None:
+        path = self.folder / f"step{len(self.paths)}.npz"
+        np.savez(path, **step)
+        self.paths.append(path)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k: int) -> dict:
+        with np.load(self.paths[k]) as data:
+            return {name: data[name] for name in data.files}
+
+    def __setitem__(self, k: int, value) -> None:  # compare() drops a step once used
+        if value is None and self.paths[k] is not None:
+            self.paths[k].unlink(missing_ok=True)
+            self.paths[k] = None
+
+
 def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule,
-                    cache_kinds: list[str] | None = None) -> list[dict]:
-    """PyTorch's outputs for the schedule; ``cache_kinds`` (per layer, from io["kv_cache"]) picks the rows kept."""
+                    cache_kinds: list[str] | None = None, spill_to: Path | None = None):
+    """PyTorch's outputs for the schedule; ``cache_kinds`` (per layer, from io["kv_cache"]) picks the rows kept.
+
+    With ``spill_to`` (a folder), the steps are written there (SpilledSteps) instead of held in memory.
+    """
     import torch
 
     from .torch_model import load_torch_model
 
     cache_kinds = cache_kinds or default_cache_kinds(facts)
     model = load_torch_model(model_dir, facts)
-    results = []
+    results = SpilledSteps(spill_to) if spill_to is not None else []
     cache = None
     with torch.inference_mode():
         for k in range(len(sched.steps)):
