@@ -411,6 +411,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--quality-from", default=None,
+                   help="take the quality rows from an earlier quantize.json (perplexity does not depend on load; "
+                        "rerun only the speed part on a quiet machine)")
     args = p.parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)
     from edgelm.bench.machine import measure_bandwidth
@@ -426,7 +429,11 @@ def main(argv=None) -> int:
         "settings": {"rounds": 2 if args.quick else args.rounds, "new_tokens": args.new_tokens,
                      "prompt_tokens": args.prompt_tokens, "eval": EVAL},
     }
-    data["quality"] = [] if args.skip_quality else quality(args.quick)
+    if args.quality_from:
+        earlier = json.loads(Path(args.quality_from).read_text())
+        data["quality"], data["quality_from"] = earlier["quality"], {"date": earlier["date"], "commit": earlier["commit"]}
+    else:
+        data["quality"] = [] if args.skip_quality else quality(args.quick)
     data["speed"], data["sizes"] = {}, {}
     data["bandwidth_gbps"] = measure_bandwidth()
     if not args.skip_speed:
@@ -462,6 +469,9 @@ def notes(data: dict) -> list[str]:
         "ORTModelForCausalLM.generate with IO binding; CTranslate2: Generator.generate_batch, "
         "model converted with quantization=int8 (int8 weights, float32 compute elsewhere).",
     ]
+    if data.get("quality_from"):
+        out.append(f"Quality rows come from the run of {data['quality_from']['date']} (commit "
+                   f"{data['quality_from']['commit']}); speed and size from this one.")
     if data.get("target") != "avx2":
         out.append(f"This machine reports {data['machine']['isa']}: `--target auto` resolves to {data['target']}, "
                    "not avx2 as docs/FIELD_NOTES assumed; ONNX Runtime's int8 kernels use VNNI here.")
