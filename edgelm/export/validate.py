@@ -90,7 +90,11 @@ def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.
             first = 0 if everything else resident - 1
             sl = slice(first, resident) if from_onnx else slice(b - resident + first, b)
         for j, part in enumerate(("key", "value")):
-            out[f"present.{i}.{part}"] = np.array(presents[2 * i + j][:, :, sl], dtype=np.float32)
+            rows = presents[2 * i + j][:, :, sl]
+            # ONNX Runtime's arrays stay alive as the next step's past: views cost nothing; PyTorch's
+            # cache is freed, so its rows are copied
+            out[f"present.{i}.{part}"] = np.asarray(rows, dtype=np.float32) if from_onnx \
+                else np.array(rows, dtype=np.float32)
     return out
 
 
@@ -208,7 +212,7 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict):
             past[entry["past_key"]] = outs[entry["present_key"]]
             past[entry["past_value"]] = outs[entry["present_value"]]
             presents += [outs[entry["present_key"]], outs[entry["present_value"]]]
-        step = {"logits": outs["logits"].astype(np.float32)}
+        step = {"logits": np.asarray(outs["logits"], dtype=np.float32)}  # no copy: logits are fp32
         step.update(_compare_rows(facts, sched, k, presents, from_onnx=True, cache_kinds=cache_kinds))
         del outs, presents
         yield step
