@@ -363,7 +363,7 @@ def plot(data: dict) -> None:
     b.axvline(1.5, color="tab:orange", ls="--", label="int8 target +1.5%")
     b.axvline(5.0, color="tab:red", ls="--", label="int4 target +5%")
     b.set_xlabel("perplexity change vs fp32 (%), held-out text")
-    b.set_title("Quality (trained embedded models, embedding quantized)")
+    b.set_title("Quality: trained embedded models (emb quantized)")
     b.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(RESULTS / "quantize.png", dpi=110)
