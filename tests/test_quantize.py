@@ -381,3 +381,13 @@ def test_public_api_and_cheap_imports():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(["MODES", "MeasureConfig", "QuantizeConfig", "TARGETS", "perplexity",
                                     "quantize_artifact"])
+
+
+def test_quantize_step_records_its_energy(tiny_artifact, tmp_path):
+    from edgelm.optimize.quantize import QuantizeConfig, quantize_artifact
+
+    m = quantize_artifact(tiny_artifact["gpt2"], tmp_path / "q", QuantizeConfig(mode="int8-weight"), progress=False,
+                          say=lambda *a, **k: None)
+    energy = m["steps"][-1]["energy"]
+    assert m["steps"][-1]["name"] == "quantize" and isinstance(energy, dict)
+    assert "method" in energy or "not measured" in str(energy)

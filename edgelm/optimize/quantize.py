@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..bench.energy import current_step, measured_step
 from .. import __version__
 from .._fs import atomic_output_dir, check_output, file_table
 from ..errors import InputError, QualityError
@@ -203,6 +204,7 @@ def _finish(folder: Path, result: dict) -> dict:
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
+@measured_step("quantize")  # time and energy of the whole step, in the step record (as export does)
 def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfig | None = None,
                       measure: MeasureConfig | None = None, calib_text: str | Path | None = None,
                       eval_text: str | Path | None = None, force: bool = False, progress: bool = True,
@@ -346,6 +348,7 @@ def _step(mode: str, row: dict, built: dict, rows: list[dict] | None, started: f
         "decode_tokens_per_s": speed,
         "embeddings": embeddings,
         "seconds": round(time.perf_counter() - started, 2),
+        "energy": current_step().finish()["energy"],
         "versions": _versions(),
     }
     if rows is not None:
