@@ -265,3 +265,9 @@ def test_graph_this_machine_cannot_run_is_marked_not_validated(tiny_model_dir, t
     m = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "o", dtype="fp16", progress=False)
     assert m["validation"]["status"] == "not_validated"
     assert "cannot run this graph here" in m["validation"]["reason"]
+
+
+def test_untied_lm_head_exports(tmp_path):
+    src = make_tiny_model("gpt2", tmp_path / "untied", seed=5, tie_word_embeddings=False)
+    m = export_model(str(src), tmp_path / "o", progress=False)
+    assert m["model"]["facts"]["tied_embeddings"] is False and m["validation"]["status"] == "passed"

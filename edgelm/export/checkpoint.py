@@ -98,7 +98,7 @@ class Checkpoint:
     prefix: str = ""
 
     def __contains__(self, name: str) -> bool:
-        return self.prefix + name in self._keys()
+        return (name if name.startswith("lm_head.") else self.prefix + name) in self._keys()
 
     def _keys(self):
         return self._entries.keys() if self._torch_state is None else self._torch_state.keys()
@@ -110,7 +110,8 @@ class Checkpoint:
         return self._entries[full].shape
 
     def _full(self, name: str) -> str:
-        full = self.prefix + name
+        # lm_head.weight sits outside the "transformer." prefix in HF checkpoints
+        full = name if name.startswith("lm_head.") else self.prefix + name
         if full not in self._keys():
             raise InputError(
                 f"{self.model_dir} has no weight '{full}'; the checkpoint is incomplete or not of the architecture "
