@@ -18,29 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # run as a file: this folder's modules must not shadow top-level packages
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since it started its program.
-
-    Linux's ru_maxrss is not that: it keeps the high-water mark of the forked copy of the parent
-    from before exec. /proc/self/status VmHWM belongs to this program's memory alone.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+from edgelm.bench.energy import peak_rss_bytes  # noqa: E402  (this program's own peak, VmHWM)
 
 
 # -- systems: load(spec) -> object with run(prompts, new_tokens) -> (stamps, first row's tokens) --------

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-EXTERNAL_DATA_BYTES = 1 << 30  # as the exporter: weights above 1 GiB go to one external data file
+from ..export.graph import EXTERNAL_DATA_BYTES  # noqa: E402  (one threshold, the exporter's)
 MS = "com.microsoft"
 
 
@@ -157,7 +157,7 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 
 def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None, keep: bool = False) -> str | None:
-    """Write ``path`` (+ ``path.data`` when the weights pass 1 GiB or ``external``); return the data file name.
+    """Write ``path`` (+ ``path.data`` when the weights pass EXTERNAL_DATA_BYTES (64 MiB) or ``external``); return the data file name.
 
     With external data, onnx turns the in-memory tensors into references to the file; ``keep`` reads
     them back so that ``model`` stays usable (otherwise do not use it afterwards)."""
