@@ -166,9 +166,9 @@ def export_edgelm(folder: Path, backend: str, work: Path, timeout_s: float) -> d
             validation={"status": v["status"], "atol": v.get("atol"), "max_abs_diff": worst[1],
                         "worst_output": worst[0], "outputs_compared": len(diffs), "reason": v.get("reason"),
                         "schedule": v.get("schedule")},
-            manifest_peak_rss_bytes=manifest["steps"][0].get("peak_rss_bytes"),
-            manifest_seconds=manifest["steps"][0].get("seconds"),
-            build_seconds=manifest["steps"][0].get("build_seconds"),
+            manifest_peak_rss_bytes=manifest["steps"][-1].get("peak_rss_bytes"),
+            manifest_seconds=manifest["steps"][-1].get("seconds"),
+            build_seconds=manifest["steps"][-1].get("build_seconds"),
             external_data=manifest["graph"].get("external_data"),
         )
         row["artifact_bytes"], row["artifact_files"] = dir_bytes(out)

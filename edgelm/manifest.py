@@ -24,6 +24,9 @@ from .errors import ArtifactError
 
 FORMAT = "edgelm-artifact"
 SCHEMA_VERSION = 1
+# Beside a Hugging Face folder made by a training step (distill, prune): the steps that made it.
+# The exporter puts them first in the manifest's ``steps``, so an artifact carries its whole lineage.
+LINEAGE_FILE = "edgelm_steps.json"
 REQUIRED = ("format", "schema_version", "model", "graph", "io", "tokenizer", "steps", "validation", "files")
 
 
@@ -65,3 +68,15 @@ def read_manifest(folder: str | Path, verify_checksums: bool = False) -> dict:
             if sha256_file(f) != meta["sha256"]:
                 raise ArtifactError(f"{f} does not match its sha256 in the manifest; the copy is damaged")
     return manifest
+
+
+def read_lineage(model_dir: str | Path) -> list[dict]:
+    """The step records in a model folder's edgelm_steps.json ([] when it has none)."""
+    path = Path(model_dir) / LINEAGE_FILE
+    if not path.is_file():
+        return []
+    try:
+        steps = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path} is not valid JSON; restore it or delete it (it only records the lineage)") from None
+    return steps if isinstance(steps, list) else []

@@ -49,6 +49,33 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0, scale: float = 1.0, 
     return folder
 
 
+def make_pruned_tiny_model(arch: str, folder: Path, layer_heads, layer_inner, seed: int = 0, **overrides) -> Path:
+    """A tiny model of TINY_CONFIGS (with ``overrides``) as structured pruning saves one.
+
+    Layer i keeps ``layer_heads[i]`` attention heads (head size unchanged) and an MLP
+    ``layer_inner[i]`` wide; config.json lists both (edgelm_layer_heads, edgelm_layer_inner)
+    and the weights have the smaller shapes. The resized projections are randomly initialised.
+    """
+    import torch
+    import transformers
+
+    from edgelm.export.arch import LAYER_HEADS, LAYER_INNER
+    from edgelm.export.torch_model import apply_layer_shapes
+
+    config_dict = {**TINY_CONFIGS[arch], **overrides}
+    config = transformers.AutoConfig.for_model(**config_dict)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config_dict["architectures"][0])(config).eval()
+    apply_layer_shapes(model, layer_heads, layer_inner)
+    setattr(model.config, LAYER_HEADS, [int(n) for n in layer_heads])
+    setattr(model.config, LAYER_INNER, [int(m) for m in layer_inner])
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder
+
+
 def make_outlier_model(folder: Path, channels: tuple[int, ...] = (3, 11, 20), factor: float = 60.0,
                        seed: int = 0) -> Path:
     """A tiny GPT-2 whose LayerNorm outputs have a few huge channels, as real GPT-2's do.

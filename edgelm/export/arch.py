@@ -160,6 +160,8 @@ class ModelFacts:
     layer_norm_eps: float
     activation: str
     layer_kinds: tuple[tuple[str, int], ...]
+    layer_heads: tuple[int, ...]  # attention heads per layer (fewer than num_heads after pruning)
+    layer_inner: tuple[int, ...]  # MLP width per layer
     attention_scales: tuple[float, ...]
     tied_embeddings: bool
     bos_token_id: int | None
@@ -169,6 +171,8 @@ class ModelFacts:
         d = asdict(self)
         d["layer_kinds"] = [list(k) for k in self.layer_kinds]
         d["attention_scales"] = list(self.attention_scales)
+        d["layer_heads"] = list(self.layer_heads)
+        d["layer_inner"] = list(self.layer_inner)
         return d
 
 
@@ -184,6 +188,45 @@ def arch_for(config: dict) -> ArchSpec:
             f"model_type '{model_type}' is not supported; edgelm exports {supported_types()}"
         )
     return spec
+
+
+# Optional config.json fields written by structured pruning: one value per layer. The head size
+# stays hidden_size / num_heads; only the number of heads and the MLP width change per layer.
+LAYER_HEADS = "edgelm_layer_heads"
+LAYER_INNER = "edgelm_layer_inner"
+
+
+def layer_shapes(config: dict) -> tuple[list[int], list[int]]:
+    """Attention heads and MLP width of every layer: the pruning fields, or the config's uniform values."""
+    spec = arch_for(config)
+    try:
+        layers, heads, hidden = (int(config[f]) for f in (spec.num_layers, spec.num_heads, spec.hidden_size))
+    except KeyError as missing:
+        raise UnsupportedModelError(f"config.json has no field {missing} that a {spec.hf_class} needs") from None
+    inner = int(config.get(spec.inner_size) or 4 * hidden)
+    return (_per_layer(config, LAYER_HEADS, heads, layers, "attention head count"),
+            _per_layer(config, LAYER_INNER, inner, layers, "MLP width"))
+
+
+def _per_layer(config: dict, key: str, default: int, layers: int, what: str) -> list[int]:
+    values = config.get(key)
+    if values is None:
+        return [default] * layers
+    if not isinstance(values, list):
+        raise UnsupportedModelError(
+            f"config.json's {key} is {values!r}, not a list; give one {what} per layer, or remove the field"
+        )
+    if len(values) != layers:
+        raise UnsupportedModelError(
+            f"config.json's {key} lists {len(values)} values for {layers} layers; give one {what} per layer, "
+            "or remove the field"
+        )
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UnsupportedModelError(
+                f"config.json's {key} gives layer {i} the {what} {v!r}; every layer needs a whole number >= 1"
+            )
+    return list(values)
 
 
 def resolve(config: dict) -> ModelFacts:
@@ -210,6 +253,7 @@ def resolve(config: dict) -> ModelFacts:
             f"activation '{activation}' is not supported; supported: {', '.join(ACTIVATIONS)}"
         )
     spec.check(config)
+    layer_heads, layer_inner = layer_shapes(config)
     return ModelFacts(
         model_type=spec.model_type,
         num_layers=layers,
@@ -222,6 +266,8 @@ def resolve(config: dict) -> ModelFacts:
         layer_norm_eps=float(config.get(spec.layer_norm_eps, 1e-5)),
         activation=activation,
         layer_kinds=tuple(spec.layer_kinds(config)),
+        layer_heads=tuple(layer_heads),
+        layer_inner=tuple(layer_inner),
         attention_scales=tuple(spec.attention_scale(config, i) for i in range(layers)),
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
         bos_token_id=config.get("bos_token_id"),

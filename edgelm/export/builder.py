@@ -3,11 +3,14 @@
 Graph, per layer (pre-LayerNorm transformer; fused com.microsoft operators):
 
     x, resid = SkipLayerNormalization(prev_mlp_out, prev_resid, ln_1, bias=prev_proj_bias)
-    qkv      = MatMul(x, W_qkv) [+ b_qkv]                               # (B, S, 3D)
+    qkv      = MatMul(x, W_qkv) [+ b_qkv]                               # (B, S, 3*N*H)
     attn, present_k, present_v = GroupQueryAttention(qkv, past_k, past_v, seqlens_k, total_len,
-                                                     attention_bias)   # (B, S, D), (B, N, L, H)
+                                                     attention_bias)   # (B, S, N*H), (B, N, L, H)
     x, resid = SkipLayerNormalization(MatMul(attn, W_o), resid, ln_2, bias=b_o)
     mlp_out  = MatMul(FastGelu(MatMul(x, W_fc), b_fc), W_proj)
+
+N (heads) and the MLP width may differ per layer (structurally pruned models: ``facts.layer_heads``,
+``facts.layer_inner``); the head size H is the same in every layer.
 
 The first LayerNorm adds the token and position embeddings with the same SkipLayerNormalization,
 and the last one applies ln_f. The tied embedding is stored once, as [D, V]: the LM head reads it
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from .arch import ACTIVATIONS, ArchSpec, ModelFacts
+from ..errors import UnsupportedModelError
+from .arch import ACTIVATIONS, LAYER_HEADS, LAYER_INNER, ArchSpec, ModelFacts
 from .checkpoint import Checkpoint
 from .graph import GraphBuilder
 
@@ -48,7 +52,7 @@ def kv_dtype(facts: ModelFacts, dtype: str) -> str:
 def io_spec(facts: ModelFacts, dtype: str) -> dict:
     """Every input and output with dtype and symbolic shape, plus the cache kind of each layer."""
     kv = {"fp32": "float32", "fp16": "float16"}[kv_dtype(facts, dtype)]
-    n, h = facts.num_heads, facts.head_size
+    h = facts.head_size
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
@@ -58,6 +62,7 @@ def io_spec(facts: ModelFacts, dtype: str) -> dict:
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "logits_sequence", facts.vocab_size]}]
     cache = []
     for i, (kind, window) in enumerate(facts.layer_kinds):
+        n = facts.layer_heads[i]
         past_len = "past_sequence" if kind == "global" else "window_capacity"
         present_len = "past_sequence + sequence" if kind == "global" else "window_capacity"
         for part in ("key", "value"):
@@ -70,6 +75,7 @@ def io_spec(facts: ModelFacts, dtype: str) -> dict:
             "kind": "full" if kind == "global" else "window",
             "window": window or None,
             "share_buffer": True,
+            "heads": n, "head_size": h,  # per layer: a pruned model keeps fewer heads in some layers
         })
     return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv}
 
@@ -96,6 +102,16 @@ class _Weights:
         return self.ckpt.read(p + ".weight").astype(self.np_dtype), self.ckpt.read(p + ".bias").astype(self.np_dtype)
 
 
+def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
+    """The graph is built from the weights' shapes, the cache from the config's: they must agree."""
+    if weight.shape != expected:
+        raise UnsupportedModelError(
+            f"layer {i}'s {what} weight is {list(weight.shape)} ([in, out]) where config.json implies "
+            f"{list(expected)} ({facts.layer_heads[i]} heads of {facts.head_size}, MLP width {facts.layer_inner[i]}); "
+            f"a pruned model's config.json needs {LAYER_HEADS} and {LAYER_INNER} that match its weights"
+        )
+
+
 def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str, onnx_path: Path,
                 external: bool, progress=None) -> dict:
     """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary."""
@@ -103,7 +119,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
     kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
     g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
     w = _Weights(spec, ckpt, np_dtype)
-    n, h = facts.num_heads, facts.head_size
+    h, d = facts.head_size, facts.hidden_size
     try:
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
         pos_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
@@ -112,7 +128,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "past_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):
-                g.input(f"past_key_values.{i}.{part}", kv_elem, ["batch", n, length, h])
+                g.input(f"past_key_values.{i}.{part}", kv_elem, ["batch", facts.layer_heads[i], length, h])
 
         # -- attention metadata, shared by every layer: (B,), scalar, (B, 1, S, T) ---------
         p = "/model/attn_mask"
@@ -156,6 +172,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         for i in (progress(layers, desc="writing layers", unit="layer") if progress else layers):
             p = f"/model/layers.{i}"
             kind, window = facts.layer_kinds[i]
+            n, m = facts.layer_heads[i], facts.layer_inner[i]
             gamma, beta = w.norm(spec.ln_1, i)
             skip_in = [stream_in, stream_skip, g.weight(f"{p}.ln_1.weight", gamma), g.weight(f"{p}.ln_1.bias", beta)]
             if stream_bias:
@@ -165,6 +182,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                                     name=f"{p}/ln_1/SkipLayerNorm", epsilon=eps)
             # attention
             wq, bq = w.linear(spec.qkv, i)
+            _check_shape(facts, i, "attention QKV", wq, (d, 3 * n * h))
             qkv = g.node("MatMul", [x, g.weight(f"{p}.attn.qkv_proj.weight", wq)], name=f"{p}/attn/qkv_proj/MatMul")
             if bq is not None:
                 qkv = g.node("Add", [qkv, g.weight(f"{p}.attn.qkv_proj.bias", bq)], name=f"{p}/attn/qkv_proj/Add")
@@ -182,6 +200,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             if kv_np != np_dtype:
                 attn = g.node("Cast", [attn], name=f"{p}/attn/DowncastOut", to=elem)
             wo, bo = w.linear(spec.attn_out, i)
+            _check_shape(facts, i, "attention output", wo, (n * h, d))
             o = g.node("MatMul", [attn, g.weight(f"{p}.attn.o_proj.weight", wo)], name=f"{p}/attn/o_proj/MatMul")
             gamma, beta = w.norm(spec.ln_2, i)
             x, _, _, resid = g.node(
@@ -191,6 +210,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 [f"{p}/ln_2/output_0", "", "", f"{p}/ln_2/output_3"], name=f"{p}/ln_2/SkipLayerNorm", epsilon=eps)
             # MLP
             wf, bf = w.linear(spec.fc, i)
+            _check_shape(facts, i, "MLP input", wf, (d, m))
             f = g.node("MatMul", [x, g.weight(f"{p}.mlp.fc.weight", wf)], name=f"{p}/mlp/fc/MatMul")
             if act_op == "FastGelu":
                 a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
@@ -198,6 +218,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
                 a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
             wp, bp = w.linear(spec.proj, i)
+            _check_shape(facts, i, "MLP output", wp, (m, d))
             stream_in = g.node("MatMul", [a, g.weight(f"{p}.mlp.proj.weight", wp)], name=f"{p}/mlp/proj/MatMul")
             stream_skip, stream_bias = resid, g.weight(f"{p}.mlp.proj.bias", bp)
 
@@ -223,7 +244,8 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "present_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):
-                g.output(f"present.{i}.{part}", f"present.{i}.{part}", kv_elem, ["batch", n, length, h])
+                g.output(f"present.{i}.{part}", f"present.{i}.{part}", kv_elem,
+                         ["batch", facts.layer_heads[i], length, h])
         g.save(onnx_path)
     except BaseException:
         g.abort()

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     v = manifest["validation"]
     size = sum(f["bytes"] for f in manifest["files"].values())
     ops = manifest["graph"]["operators"]
-    print(f"wrote {args.output}: {size / 1e6:.1f} MB, {manifest['steps'][0]['seconds']:.1f} s, "
-          f"peak RSS {manifest['steps'][0]['peak_rss_bytes'] / 1e9:.2f} GB")
+    print(f"wrote {args.output}: {size / 1e6:.1f} MB, {manifest['steps'][-1]['seconds']:.1f} s, "
+          f"peak RSS {manifest['steps'][-1]['peak_rss_bytes'] / 1e9:.2f} GB")
     print("fused operators: " + ", ".join(f"{k} {v}" for k, v in ops.items()
                                            if k in ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu",
                                                     "Attention", "MultiHeadAttention", "Softmax")))

@@ -125,6 +125,7 @@ def io_from_graph(graph, facts: ModelFacts) -> dict:
         "kind": "concat",  # present = past rows + new rows, for local layers too
         "window": window or None,
         "share_buffer": False,
+        "heads": facts.layer_heads[i], "head_size": facts.head_size,
     } for i, (_, window) in enumerate(facts.layer_kinds)]
     return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv_dtypes.pop()}
 

@@ -12,7 +12,7 @@ from .. import __version__
 from .._fs import atomic_output_dir, check_output, file_table
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from ..manifest import FORMAT, SCHEMA_VERSION, write_manifest
+from ..manifest import FORMAT, SCHEMA_VERSION, read_lineage, write_manifest
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
@@ -90,7 +90,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             "io": io,
             "tokenizer": {"files": tokenizer_files, "bos_token_id": facts.bos_token_id,
                           "eos_token_id": facts.eos_token_id},
-            "steps": [{
+            "steps": read_lineage(model_dir) + [{  # the training steps that made the model, then this one
                 "name": "export", "backend": backend, "dtype": dtype, "source": str(model),
                 "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),
                 "peak_rss_bytes": peak_rss_bytes(), "versions": versions(),

@@ -191,13 +191,14 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict):
         raise
     np_kv = np.float16 if io["kv_dtype"] == "float16" else np.float32
     batch = sched.input_ids.shape[0]
-    n, h = facts.num_heads, facts.head_size
     wanted = {i["name"] for i in io["inputs"]}
     past = {}
     for entry in io["kv_cache"]:
         length = sched.window_capacity if entry["kind"] == "window" else 0
-        past[entry["past_key"]] = np.zeros((batch, n, length, h), np_kv)
-        past[entry["past_value"]] = np.zeros((batch, n, length, h), np_kv)
+        # per-layer heads (pruned models); manifests written before the key had one count for all layers
+        shape = (batch, entry.get("heads", facts.num_heads), length, entry.get("head_size", facts.head_size))
+        past[entry["past_key"]] = np.zeros(shape, np_kv)
+        past[entry["past_value"]] = np.zeros(shape, np_kv)
     cache_kinds = [entry["kind"] for entry in io["kv_cache"]]
     names = [o.name for o in sess.get_outputs()]
     for k in range(len(sched.steps)):

@@ -101,3 +101,124 @@ def run_quantize(args: argparse.Namespace) -> int:
           f"{size['model_bytes_after'] / 1e6:.1f} MB; {speed_text}")
     print(f"wrote {args.output}")
     return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser, length_required: bool) -> None:
+    g = p.add_argument_group("training")
+    if length_required:
+        length = g.add_mutually_exclusive_group(required=True)
+        length.add_argument("--steps", type=int, help="optimizer steps to train")
+        length.add_argument("--minutes", type=float, help="wall-clock budget for training (the steps are estimated "
+                                                          "from the first few)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence; also the evaluation window (default 128)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine decay (default 3e-4)")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (default 1)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="matrix products in fp32, or bf16 autocast (auto: bf16 where the CPU has it) (default fp32)")
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the teacher's soft targets; 1 - alpha goes to the next-token loss (default 0.5)")
+    g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    g.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUTPUT.ckpt beside the output)")
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
+    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in the checkpoint folder")
+    g.add_argument("--seed", type=int, default=0, help="data order and initialisation seed (default 0)")
+    p.add_argument("--eval-text", default=None,
+                   help="held-out UTF-8 text for perplexity (default: edgelm's heldout.txt)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the step record as JSON")
+
+
+def _train_config(args: argparse.Namespace, steps: int | None = None):
+    from .train import TrainConfig
+
+    return TrainConfig(steps=steps if steps is not None else args.steps,
+                       minutes=None if steps is not None else args.minutes, batch_size=args.batch_size,
+                       seq_len=args.seq_len, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
+                       checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision)
+
+
+def _print_record(record: dict, as_json: bool, summary: str, output: str) -> None:
+    if as_json:
+        slim = json.loads(json.dumps(record))
+        for part in (slim.get("training"), slim.get("recovery")):
+            if part:
+                part.pop("history", None)
+        print(json.dumps(slim, indent=2))
+    else:
+        print(summary)
+        print(f"wrote {output}")
+
+
+def _configure_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher model: HF folder, hub id or embedded:NAME")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--student-layers", help="student depth N (layers spread over the teacher, kinds kept), or "
+                                              "a list of teacher layers such as 0,3,5")
+    who.add_argument("--student-config", help="config.json of another student of the same architecture")
+    p.add_argument("--train-text", required=True, help="UTF-8 training text")
+    p.add_argument("-o", "--output", required=True, help="student model folder to write (Hugging Face format)")
+    _add_training_args(p, length_required=True)
+
+
+@command("optimize distill", "Distill a teacher into a shallower student (KL on soft targets + next-token loss).",
+         _configure_distill)
+def run_distill(args: argparse.Namespace) -> int:
+    from .distill import distill_model
+
+    record = distill_model(args.teacher, args.output, args.train_text, _train_config(args),
+                           student_layers=args.student_layers, student_config_file=args.student_config,
+                           eval_text=args.eval_text, resume=args.resume, force=args.force,
+                           progress=not (args.quiet or args.json), checkpoint_dir=args.checkpoint_dir,
+                           keep_checkpoints=args.keep_checkpoints)
+    ppl, t = record["perplexity"], record["training"]
+    closed = "" if ppl["gap_closed"] is None else f", {100 * ppl['gap_closed']:.1f}% of the gap closed"
+    _print_record(record, args.json,
+                  f"student {len(record['student_layer_kinds'])} layers, {record['parameters']['student'] / 1e6:.1f}M "
+                  f"parameters; {t['steps_done']} steps, {t['tokens']} tokens in {t['train_seconds']:.0f} s; held-out "
+                  f"perplexity teacher {ppl['teacher']:.2f}, student {ppl['student_before']:.2f} -> "
+                  f"{ppl['student_after']:.2f}{closed}", args.output)
+    return 0
+
+
+def _configure_prune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model to prune: HF folder, hub id or embedded:NAME")
+    p.add_argument("--heads", type=float, default=0.0, help="share of attention heads to remove, e.g. 0.25")
+    p.add_argument("--mlp", type=float, default=0.0, help="share of MLP neurons to remove, e.g. 0.30")
+    p.add_argument("--train-text", required=True, help="UTF-8 text for the importance scores and the recovery")
+    p.add_argument("-o", "--output", required=True, help="pruned model folder to write (Hugging Face format)")
+    p.add_argument("--importance", choices=["gradient", "random"], default="gradient",
+                   help="how units are ranked: |dLoss/dmask| (default) or at random (a baseline)")
+    p.add_argument("--scope", choices=["global", "layer"], default="global",
+                   help="rank units across all layers (default) or remove the same share in every layer")
+    p.add_argument("--multiple", type=int, default=8, help="keep MLP widths at multiples of this (default 8)")
+    p.add_argument("--score-batches", type=int, default=16, help="batches used for importance (default 16)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="steps of recovery training, distilling from the unpruned model (default 0: none)")
+    _add_training_args(p, length_required=False)
+
+
+@command("optimize prune", "Remove attention heads and MLP neurons by measured importance, with optional recovery.",
+         _configure_prune)
+def run_prune(args: argparse.Namespace) -> int:
+    from .prune import PruneConfig, prune_model
+
+    pcfg = PruneConfig(heads=args.heads, mlp=args.mlp, importance=args.importance, scope=args.scope,
+                       multiple=args.multiple, batches=args.score_batches, batch_size=args.batch_size,
+                       seq_len=args.seq_len, seed=args.seed)
+    if args.recover_steps < 0:
+        from ..errors import InputError
+
+        raise InputError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
+    recover = _train_config(args, steps=args.recover_steps) if args.recover_steps else None
+    record = prune_model(args.model, args.output, args.train_text, pcfg, recover=recover, eval_text=args.eval_text,
+                         resume=args.resume, force=args.force, progress=not (args.quiet or args.json),
+                         checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints)
+    ppl, wb = record["perplexity"], record["weight_bytes"]
+    _print_record(record, args.json,
+                  f"heads {sum(record['layer_heads']['before'])} -> {sum(record['layer_heads']['after'])}, MLP "
+                  f"neurons {sum(record['layer_inner']['before'])} -> {sum(record['layer_inner']['after'])}; weights "
+                  f"{wb['before'] / 1e6:.1f} -> {wb['after'] / 1e6:.1f} MB; held-out perplexity {ppl['original']:.2f} "
+                  f"-> {ppl['pruned']:.2f} pruned -> {ppl['final']:.2f} final ({ppl['increase']:+.1%})", args.output)
+    return 0

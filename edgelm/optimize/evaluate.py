@@ -78,14 +78,16 @@ def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32) -> dict:
     """Inputs for one forward pass over ``chunk`` (1, S) with empty caches, logits at every position."""
     facts = manifest["model"]["facts"]
     names = {i["name"] for i in manifest["io"]["inputs"]}
-    n, h, s = int(facts["num_heads"]), int(facts["head_size"]), chunk.shape[1]
+    s = chunk.shape[1]
     feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
             "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s, np.int64)}
     feed = {k: v for k, v in feed.items() if k in names}
     for e in manifest["io"]["kv_cache"]:
         length = (e.get("window") or 0) if e["kind"] == "window" else 0
+        # per-layer heads (pruned models); older manifests have one count for every layer
+        heads, head_size = int(e.get("heads", facts["num_heads"])), int(e.get("head_size", facts["head_size"]))
         for name in (e["past_key"], e["past_value"]):
-            feed[name] = np.zeros((1, n, length, h), dtype=kv_dtype)
+            feed[name] = np.zeros((1, heads, length, head_size), dtype=kv_dtype)
     return feed
 
 
@@ -117,36 +119,41 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
 def torch_perplexity(model_dir: str | Path, text: str, stride: int | None = None,
                      max_length: int | None = None) -> Perplexity:
     """Perplexity of a Hugging Face model folder with PyTorch (same windows, same tokenizer)."""
-    import torch
-
     from ..export.arch import resolve
     from ..export.checkpoint import read_config, resolve_model_dir
     from ..export.torch_model import load_torch_model
-    from ..runtime.artifact import Tokenizer
+    from .models import tokenizer_for
 
     model_dir = resolve_model_dir(str(model_dir))
     facts = resolve(read_config(model_dir))
-    from ..export.embedded import TOKENIZER_DIR
-
-    tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file() \
-        else TOKENIZER_DIR
-    ids = np.array(Tokenizer(tok_dir).encode(text), dtype=np.int64)
+    ids = np.array(tokenizer_for(model_dir).encode(text), dtype=np.int64)
     max_length = max_length or min(facts.max_positions, 1024)
     stride = max_length // 2 if stride is None else stride
     _check(len(ids), max_length, stride)
     model = load_torch_model(model_dir, facts)
+    return model_perplexity(model, ids, max_length, stride, f"pytorch:{model_dir}")
+
+
+def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, source: str = "pytorch") -> Perplexity:
+    """Perplexity of a PyTorch model already in memory (the training steps score their students with it)."""
+    import torch
+
+    _check(len(ids), max_length, stride)
+    was_training = model.training
+    model.eval()
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
     with torch.inference_mode():
         for begin, end, first in wins:
-            chunk = torch.from_numpy(ids[begin:end][None])
+            chunk = torch.from_numpy(np.ascontiguousarray(ids[begin:end][None]))
             logits = model(input_ids=chunk).logits[0].float().numpy()
             logp = _log_softmax_pick(logits[first - begin - 1:end - begin - 1], ids[first:end])
             total -= float(logp.sum())
             count += end - first
+    model.train(was_training)
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
-                      round(time.perf_counter() - started, 3), f"pytorch:{model_dir}")
+                      round(time.perf_counter() - started, 3), source)
 
 
 def perplexity(target: str, text: str, stride: int | None = None, max_length: int | None = None,

@@ -110,6 +110,7 @@ class Generator:
         facts = artifact.facts
         self.max_positions = int(facts["max_positions"])
         self.vocab = int(facts["vocab_size"])
+        # the cache's shape when a manifest's kv_cache entries carry no per-layer "heads" (older artifacts)
         self.heads, self.head_size = int(facts["num_heads"]), int(facts["head_size"])
         self.pad_id = artifact.eos_token_id if artifact.eos_token_id is not None else 0
         self.device = "cuda" if artifact.provider == "cuda" else "cpu"

@@ -1,6 +1,6 @@
 """The KV cache: buffers allocated once per generation and bound to both past and present.
 
-Per layer, from the manifest's ``io.kv_cache``:
+Per layer, from the manifest's ``io.kv_cache`` (``heads`` may differ per layer in a pruned model):
 - ``full``   one (B, N, max_len, H) buffer bound as past and present; the attention operator
              writes the new rows in place (no per-step allocation, no copy of the cache);
 - ``window`` one (B, N, window + slack, H) buffer; the operator keeps the most recent rows at the
@@ -29,7 +29,8 @@ class KVCache:
             # ORT's CUDA kernel takes a window cache only at exactly the window's capacity
             slack = WINDOW_SLACK if device == "cpu" else 0
             length = {"full": max_len, "window": (e.get("window") or 0) + slack, "concat": 0}[e["kind"]]
-            shape = (batch, heads, length, head_size)
+            # heads per layer (pruned models); older manifests have one count for every layer
+            shape = (batch, int(e.get("heads", heads)), length, int(e.get("head_size", head_size)))
             self.nbytes += 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
             for name in (e["past_key"], e["past_value"]):
                 if device == "cpu" or e["kind"] == "concat":

@@ -1,0 +1,292 @@
+"""``edgelm optimize prune``: remove whole attention heads and MLP neurons, keep a smaller dense model.
+
+Importance (Michel et al., 2019, "Are Sixteen Heads Really Better than One?"): a mask of ones
+multiplies every head's output and every MLP neuron's activation; the importance of a unit is
+the mean over batches of |dLoss/dmask|, the first-order estimate of the loss change if that unit
+were removed. Head scores are normalised per layer (L2) so that layers compare; the least
+important units are removed across all layers (``scope="global"``, every layer keeps at least one
+head and ``multiple`` neurons) or the same share in every layer (``scope="layer"``).
+
+The masks are forward pre-hooks on the output projections, named from the architecture table
+(edgelm/export/arch.py), so there is no per-architecture code here. Slicing the weights is also
+table-driven: the QKV projection loses the removed heads' rows in each of its q, k and v blocks,
+the attention output projection their inputs; the MLP's first projection loses the removed
+neurons' outputs, the second their inputs. The pruned model computes exactly what the original
+computes with the removed units masked to zero (a test checks it).
+
+Optional recovery: a short distillation from the unpruned model (the same loop as distill).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._fs import atomic_output_dir, check_output
+from ..bench.energy import current_step, measured_step
+from ..errors import InputError
+from .train import TrainConfig, batch_at, resolved_precision, token_ids, train
+
+IMPORTANCE = ("gradient", "random")
+SCOPES = ("global", "layer")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    heads: float = 0.0  # share of attention heads to remove
+    mlp: float = 0.0  # share of MLP neurons to remove
+    importance: str = "gradient"
+    scope: str = "global"
+    multiple: int = 8  # MLP widths are kept at multiples of this (fast kernels; 1 = exact ratio)
+    batches: int = 16  # batches of the training text used to score importance
+    batch_size: int = 8
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("heads", "mlp"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise InputError(f"--{name} is the share to remove, from 0 up to (not including) 1; got {value}")
+        if self.heads == 0 and self.mlp == 0:
+            raise InputError("nothing to prune: give --heads and/or --mlp, e.g. --heads 0.25 --mlp 0.30")
+        if self.importance not in IMPORTANCE:
+            raise InputError(f"--importance must be one of {', '.join(IMPORTANCE)}, got '{self.importance}'")
+        if self.scope not in SCOPES:
+            raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
+        if self.multiple < 1 or self.batches < 1:
+            raise InputError("--multiple and --batches must be at least 1")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _module(model, weight_name: str, i: int, prefix: str):
+    return model.get_submodule(prefix + weight_name.format(i=i).rsplit(".", 1)[0])
+
+
+class UnitMasks:
+    """Multiplicative masks on every head output and MLP activation, as forward pre-hooks.
+
+    ``heads[i]`` has one entry per head of layer i, ``neurons[i]`` one per MLP neuron. They are
+    leaf tensors: after a backward pass their ``.grad`` holds dLoss/dmask.
+    """
+
+    def __init__(self, model, config: dict, requires_grad: bool = False):
+        import torch
+
+        from ..export.arch import arch_for, resolve
+
+        spec, facts = arch_for(config), resolve(config)
+        prefix = "transformer."
+        self.head_size = facts.head_size
+        self.heads = [torch.ones(n, requires_grad=requires_grad) for n in facts.layer_heads]
+        self.neurons = [torch.ones(m, requires_grad=requires_grad) for m in facts.layer_inner]
+        self._handles = []
+        for i in range(facts.num_layers):
+            attn_out = _module(model, spec.attn_out.names[0], i, prefix)
+            proj = _module(model, spec.proj.names[0], i, prefix)
+            self._handles.append(attn_out.register_forward_pre_hook(self._scale(self.heads[i], self.head_size)))
+            self._handles.append(proj.register_forward_pre_hook(self._scale(self.neurons[i], 1)))
+
+    @staticmethod
+    def _scale(mask, repeat: int):
+        def hook(module, args):
+            x = args[0]
+            m = mask.repeat_interleave(repeat) if repeat > 1 else mask
+            return (x * m.to(x.dtype),) + tuple(args[1:])
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def importance_scores(model, config: dict, ids: np.ndarray, cfg: PruneConfig, progress: bool = False):
+    """([per-layer head scores], [per-layer neuron scores]) as numpy arrays; higher = more important."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    masks = UnitMasks(model, config, requires_grad=True)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.importance == "random":
+        masks.remove()
+        return [rng.random(len(m)) for m in masks.heads], [rng.random(len(m)) for m in masks.neurons]
+    head_acc = [np.zeros(len(m)) for m in masks.heads]
+    neuron_acc = [np.zeros(len(m)) for m in masks.neurons]
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only the masks need gradients
+    model.eval()
+    tcfg = TrainConfig(steps=1, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 7919)
+    try:
+        for b in tqdm(range(cfg.batches), desc="scoring importance", unit="batch", disable=not progress, leave=False):
+            batch = torch.from_numpy(batch_at(ids, b, tcfg))
+            logits = model(input_ids=batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            loss.backward()
+            for acc, m in zip(head_acc + neuron_acc, masks.heads + masks.neurons):
+                acc += np.abs(m.grad.numpy())
+                m.grad = None
+    finally:
+        masks.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    heads = [a / (np.linalg.norm(a) or 1.0) for a in head_acc]  # per-layer L2 (Michel et al.)
+    neurons = [a / (np.linalg.norm(a) / math.sqrt(len(a)) or 1.0) for a in neuron_acc]
+    return heads, neurons
+
+
+def _round_up(n: int, multiple: int, limit: int) -> int:
+    return min(limit, max(multiple, int(math.ceil(n / multiple)) * multiple)) if multiple > 1 else max(1, n)
+
+
+def select_units(scores: list[np.ndarray], share: float, scope: str, minimum: int = 1,
+                 multiple: int = 1) -> list[np.ndarray]:
+    """Per layer, the sorted indices of the units to KEEP after removing ``share`` of all units."""
+    sizes = [len(s) for s in scores]
+    if share == 0:
+        return [np.arange(n) for n in sizes]
+    if scope == "layer":
+        keep_counts = [_round_up(max(minimum, n - int(round(share * n))), multiple, n) for n in sizes]
+    else:
+        total_remove = int(round(share * sum(sizes)))
+        order = sorted((float(s), i, j) for i, layer in enumerate(scores) for j, s in enumerate(layer))
+        keep_counts = list(sizes)
+        removed = 0
+        for _, i, _j in order:
+            if removed >= total_remove:
+                break
+            if keep_counts[i] > minimum:
+                keep_counts[i] -= 1
+                removed += 1
+        keep_counts = [_round_up(k, multiple, n) for k, n in zip(keep_counts, sizes)]
+    return [np.sort(np.argsort(-s, kind="stable")[:k]) for s, k in zip(scores, keep_counts)]
+
+
+def pruned_tensors(model, config: dict, keep_heads: list[np.ndarray], keep_neurons: list[np.ndarray]):
+    """(new config, {parameter name: tensor}) of the model with only the kept heads and neurons."""
+    import copy
+
+    import torch
+
+    from ..export.arch import arch_for, resolve
+
+    spec, facts = arch_for(config), resolve(config)
+    h = facts.head_size
+    state = dict(model.named_parameters())
+    prefix = "transformer."
+    tensors = {name: p.detach().clone() for name, p in state.items()}
+
+    def cut(name: str, axis: int, index):
+        idx = torch.as_tensor(index, dtype=torch.long)
+        tensors[name] = torch.index_select(state[name].detach(), axis, idx).clone()
+
+    for i in range(facts.num_layers):
+        n_i = facts.layer_heads[i]
+        cols = np.concatenate([np.arange(k * h, (k + 1) * h) for k in keep_heads[i]])
+        # q, k and v each n_i * h wide: packed in one tensor (GPT-2) or three (GPT-Neo)
+        packed = len(spec.qkv.names) == 1
+        qkv_index = np.concatenate([cols + b * n_i * h for b in range(3)]) if packed else cols
+        out_axis = 0 if spec.qkv.transpose else 1
+        for lw, index, axis in ((spec.qkv, qkv_index, out_axis),
+                                (spec.attn_out, cols, 1 if spec.attn_out.transpose else 0),
+                                (spec.fc, keep_neurons[i], 0 if spec.fc.transpose else 1),
+                                (spec.proj, keep_neurons[i], 1 if spec.proj.transpose else 0)):
+            for name in lw.names:
+                cut(prefix + name.format(i=i), axis, index)
+        for lw, index in ((spec.qkv, qkv_index), (spec.fc, keep_neurons[i])):
+            for name in lw.bias or ():
+                cut(prefix + name.format(i=i), 0, index)
+    new_config = copy.deepcopy(config)
+    new_config["edgelm_layer_heads"] = [len(k) for k in keep_heads]
+    new_config["edgelm_layer_inner"] = [len(k) for k in keep_neurons]
+    return new_config, tensors
+
+
+@measured_step("prune")
+def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: PruneConfig, *,
+                recover: TrainConfig | None = None, eval_text: str | Path | None = None,
+                eval_length: int | None = None, resume: bool = False, force: bool = False, progress: bool = True,
+                checkpoint_dir: str | Path | None = None, keep_checkpoints: bool = False,
+                stop_after: int | None = None) -> dict:
+    """Prune a model folder into ``out`` (optionally with recovery training); return the step record."""
+    from ..export.arch import resolve
+    from .distill import EVAL_TEXT
+    from ..manifest import read_lineage
+    from .evaluate import model_perplexity, read_text
+    from .models import build_model, load_model, model_dir_of, parameter_bytes, save_model, tokenizer_for
+
+    out = Path(out)
+    check_output(out, force)
+    work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
+    if recover and (work / "state.pt").is_file() and not resume:
+        raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
+                         "that folder to start over")
+    started = time.perf_counter()
+    say = print if progress else (lambda *a, **k: None)
+    source_dir = model_dir_of(model)
+    tokenizer = tokenizer_for(source_dir)
+    seq_len = recover.seq_len if recover else pcfg.seq_len
+    ids = token_ids(tokenizer, read_text(train_text), seq_len)
+    eval_path = Path(eval_text) if eval_text else EVAL_TEXT
+    eval_ids = token_ids(tokenizer, read_text(eval_path), 2)
+
+    original, config = load_model(source_dir)
+    facts = resolve(config)
+    if seq_len > facts.max_positions:
+        raise InputError(f"--seq-len {seq_len} is longer than the model's context ({facts.max_positions})")
+    length = min(eval_length or seq_len, facts.max_positions)
+    stride = max(1, length // 2)
+    score = lambda m: model_perplexity(m, eval_ids, length, stride).perplexity  # noqa: E731
+
+    head_scores, neuron_scores = importance_scores(original, config, ids, pcfg, progress)
+    keep_heads = select_units(head_scores, pcfg.heads, pcfg.scope, minimum=1)
+    keep_neurons = select_units(neuron_scores, pcfg.mlp, pcfg.scope, minimum=min(pcfg.multiple, min(facts.layer_inner)),
+                                multiple=pcfg.multiple)
+    new_config, tensors = pruned_tensors(original, config, keep_heads, keep_neurons)
+    pruned = build_model(new_config, tensors)
+    del tensors
+    ppl_original, ppl_pruned = score(original), score(pruned)
+    say(f"pruned heads {sum(facts.layer_heads)} -> {sum(new_config['edgelm_layer_heads'])}, MLP neurons "
+        f"{sum(facts.layer_inner)} -> {sum(new_config['edgelm_layer_inner'])}; held-out perplexity "
+        f"{ppl_original:.2f} -> {ppl_pruned:.2f}")
+    recovery = None
+    if recover is not None:
+        for p in original.parameters():
+            p.requires_grad_(False)
+        result = train(pruned, original, ids, recover, work, resume=resume, progress=progress, desc="recovering",
+                       stop_after=stop_after, extra_state={"source": str(source_dir), "prune": pcfg.to_dict()})
+        ppl_recovered = score(pruned)
+        say(f"after {result.steps} recovery steps: held-out perplexity {ppl_recovered:.2f}")
+        recovery = {**recover.to_dict(), "steps_done": result.steps, "tokens": result.tokens,
+                    "train_seconds": result.seconds, "resumed_from": result.resumed_from,
+                    "precision_used": resolved_precision(recover),
+                    "first_loss": result.first_loss, "last_loss": result.last_loss, "history": result.history,
+                    "perplexity": round(ppl_recovered, 4)}
+    final_ppl = recovery["perplexity"] if recovery else round(ppl_pruned, 4)
+    record = {
+        "name": "prune", "source": str(model), "train_text": str(train_text), **pcfg.to_dict(),
+        "layer_heads": {"before": list(facts.layer_heads), "after": new_config["edgelm_layer_heads"]},
+        "layer_inner": {"before": list(facts.layer_inner), "after": new_config["edgelm_layer_inner"]},
+        "removed_heads": [sorted(set(range(n)) - set(k.tolist())) for n, k in zip(facts.layer_heads, keep_heads)],
+        "weight_bytes": {"before": parameter_bytes(original), "after": parameter_bytes(pruned)},
+        "recovery": recovery,
+        "perplexity": {"text": str(eval_path), "max_length": length, "stride": stride,
+                       "original": round(ppl_original, 4), "pruned": round(ppl_pruned, 4), "final": final_ppl,
+                       "increase": round(final_ppl / ppl_original - 1, 4)},
+    }
+    with atomic_output_dir(out, force) as tmp:
+        step = current_step().finish()
+        record.update({k: step[k] for k in ("seconds", "peak_rss_bytes", "energy")})
+        save_model(pruned, new_config, tmp, source_dir, read_lineage(source_dir) + [record])
+    if recover is not None and not keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return record
