@@ -99,3 +99,31 @@ def make_outlier_model(folder: Path, channels: tuple[int, ...] = (3, 11, 20), fa
                 proj.weight[idx, :] /= factor
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_planted_model(arch: str, folder: Path, weak_heads: dict[int, list[int]], weak_neurons: dict[int, list[int]],
+                       factor: float = 0.01, seed: int = 0, **overrides) -> Path:
+    """A tiny model whose listed heads and MLP neurons barely matter: their rows of the output projections
+    (attention out, MLP proj) are multiplied by ``factor``. Importance scoring must find them."""
+    import torch
+    import transformers
+
+    from edgelm.export.arch import arch_for
+
+    folder = make_tiny_model(arch, Path(folder), seed=seed, **overrides)
+    config = {**TINY_CONFIGS[arch], **overrides}
+    spec = arch_for(config)
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+    head_size = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for lw, weak, width in ((spec.attn_out, weak_heads, head_size), (spec.proj, weak_neurons, 1)):
+            for layer, units in weak.items():
+                weight = model.get_parameter("transformer." + lw.names[0].format(i=layer))
+                rows = torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
+                # the input axis: rows of GPT-2's Conv1D [in, out], columns of nn.Linear [out, in]
+                if lw.transpose:
+                    weight[:, rows] *= factor
+                else:
+                    weight[rows] *= factor
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

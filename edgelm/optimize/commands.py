@@ -190,10 +190,12 @@ def _configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="pruned model folder to write (Hugging Face format)")
     p.add_argument("--importance", choices=["gradient", "random"], default="gradient",
                    help="how units are ranked: |dLoss/dmask| (default) or at random (a baseline)")
-    p.add_argument("--scope", choices=["global", "layer"], default="global",
-                   help="rank units across all layers (default) or remove the same share in every layer")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+                   help="remove the same share in every layer (default) or rank units across all layers")
     p.add_argument("--multiple", type=int, default=8, help="keep MLP widths at multiples of this (default 8)")
     p.add_argument("--score-batches", type=int, default=16, help="batches used for importance (default 16)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="prune in this many rounds, re-scoring the survivors after each (default 4)")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="steps of recovery training, distilling from the unpruned model (default 0: none)")
     _add_training_args(p, length_required=False)
@@ -205,7 +207,8 @@ def run_prune(args: argparse.Namespace) -> int:
     from .prune import PruneConfig, prune_model
 
     pcfg = PruneConfig(heads=args.heads, mlp=args.mlp, importance=args.importance, scope=args.scope,
-                       multiple=args.multiple, batches=args.score_batches, batch_size=args.batch_size,
+                       multiple=args.multiple, batches=args.score_batches, rounds=args.rounds,
+                       batch_size=args.batch_size,
                        seq_len=args.seq_len, seed=args.seed)
     if args.recover_steps < 0:
         from ..errors import InputError
@@ -221,4 +224,31 @@ def run_prune(args: argparse.Namespace) -> int:
                   f"neurons {sum(record['layer_inner']['before'])} -> {sum(record['layer_inner']['after'])}; weights "
                   f"{wb['before'] / 1e6:.1f} -> {wb['after'] / 1e6:.1f} MB; held-out perplexity {ppl['original']:.2f} "
                   f"-> {ppl['pruned']:.2f} pruned -> {ppl['final']:.2f} final ({ppl['increase']:+.1%})", args.output)
+    return 0
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="TOML recipe: model, train_text, and [[step]] tables (distill, prune, export, "
+                                  "quantize); see edgelm/optimize/recipe.py or the README")
+    p.add_argument("-o", "--output", required=True, help="folder to write: model/ (final artifact), steps/, report.*")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same recipe")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("optimize run", "Run a recipe (distill, prune, export, quantize) and report size, speed and perplexity "
+         "after every step.", _configure_run)
+def run_recipe_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .recipe import report_markdown, run_recipe
+
+    report = run_recipe(args.recipe, args.output, force=args.force, resume=args.resume,
+                        progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(report_markdown(report))
+    print(f"wrote {args.output}: final artifact {Path(args.output) / 'model'}, report.md, report.png")
     return 0

@@ -7,13 +7,14 @@ soft term independent of T). The default T = 1 lets both terms share one vocabul
 Reproducible and resumable by construction:
 - batch ``k`` is drawn from a generator seeded with (seed, k), so the data order does not depend on
   where a run was interrupted;
-- a checkpoint holds the student, the optimizer, the torch RNG state, the step, the planned total
-  of steps and the loss history, written atomically (temporary file, then rename);
+- a checkpoint holds the student, the optimizer, the torch RNG state, the step, the time spent
+  and the loss history, written atomically (temporary file, then rename);
 - a resumed run therefore continues the exact sequence of updates: it ends with the same weights as
   a run that was never interrupted (a test checks this bit for bit).
 
-With a time budget (``minutes``) the planned total of steps, which the learning-rate schedule needs,
-is estimated from the first steps and then saved in the checkpoint, so a resumed run keeps it.
+With a time budget (``minutes``) the learning-rate schedule runs on time instead of steps: its
+progress is the share of the budget spent (saved in the checkpoint, so a resumed run continues
+where it stopped). A busy machine then trains fewer steps, never a schedule cut short or overrun.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 from ..errors import InputError
 
 STATE_FILE = "state.pt"
-PROBE_STEPS = 5  # steps timed to turn a time budget into a step count
 
 
 @dataclass
@@ -119,11 +119,15 @@ def batch_at(ids: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
     return np.stack([ids[s:s + cfg.seq_len + 1] for s in starts])
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at ``total``."""
+def lr_at(step: int, total: int | None, cfg: TrainConfig, spent: float = 0.0) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to lr * min_lr_ratio at step ``total``
+    (or, with a time budget, when the share ``spent`` of it reaches 1)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if total is None:
+        progress = min(1.0, spent)
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -238,14 +242,14 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        total = state["total_steps"] if cfg.steps is None else cfg.steps
+        total = cfg.steps
         resumed_from = step
     else:
         torch.manual_seed(cfg.seed)
 
     def checkpoint():
         _save_state(work_dir / STATE_FILE, {
-            "step": step, "total_steps": total, "elapsed": elapsed, "history": history,
+            "step": step, "elapsed": elapsed, "history": history,
             "config": cfg.to_dict(), "extra": extra_state or {}, "rng": torch.get_rng_state(),
             "student": student.state_dict(), "optimizer": optimizer.state_dict(),
         })
@@ -254,7 +258,8 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
     student.train()
     if teacher is not None:
         teacher.eval()
-    bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total if budget is None else round(budget), initial=step if budget is None else round(elapsed),
+               desc=desc, unit="step" if budget is None else "s", disable=not progress, dynamic_ncols=True)
     session_start, session_steps = time.perf_counter(), 0
     loss_sum = kl_sum = ce_sum = 0.0
     window = 0
@@ -275,7 +280,7 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
                 with torch.inference_mode(), autocast(cfg):
                     teacher_logits = teacher(input_ids=inputs).logits
                 teacher_logits = teacher_logits.clone()  # leave inference mode for autograd
-            lr = lr_at(step, total or 10 ** 9, cfg)
+            lr = lr_at(step, total, cfg, spent=0.0 if budget is None else elapsed / budget)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(cfg):
@@ -291,18 +296,14 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
             session_steps += 1
             elapsed += time.perf_counter() - t0
             loss_sum, kl_sum, ce_sum, window = loss_sum + loss.item(), kl_sum + kl.item(), ce_sum + ce.item(), window + 1
-            if total is None and session_steps == PROBE_STEPS:
-                # a time budget becomes a step count: the schedule needs an end
-                total = max(step + 1, int(budget / (elapsed / step)))
-                bar.total = total
             if step % cfg.log_every == 0 or step == total:
                 history.append({"step": step, "loss": round(loss_sum / window, 5), "soft": round(kl_sum / window, 5),
                                 "ce": round(ce_sum / window, 5), "lr": lr})
                 loss_sum = kl_sum = ce_sum = 0.0
                 window = 0
             tokens_per_s = session_steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - session_start)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
-            bar.update(1)
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1 if budget is None else round(elapsed) - bar.n)
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:

@@ -1,0 +1,355 @@
+"""``edgelm optimize run RECIPE.toml -o OUT``: distill, prune, export and quantize from one file.
+
+A recipe::
+
+    model = "embedded:gpt2"                  # where the chain starts (HF folder, hub id, embedded:NAME)
+    train_text = "benchmarks/data/austen-train.txt"
+    eval_text = "edgelm/assets/text/heldout.txt"   # optional (default: edgelm's held-out text)
+    eval_length = 128                        # optional perplexity window (default: 128), stride half of it
+
+    [[step]]
+    kind = "distill"                         # settings as on the command line, with underscores
+    student_layers = 2
+    minutes = 20
+
+    [[step]]
+    kind = "prune"
+    heads = 0.25
+    mlp = 0.30
+    recover_steps = 200
+
+    [[step]]
+    kind = "export"
+
+    [[step]]
+    kind = "quantize"
+    mode = "int8-dynamic"
+
+Relative paths are read from the recipe's folder. PyTorch steps (distill, prune) come first, then
+export, then quantize (which takes the latest artifact). Every step is measured the same way: the
+starting model and the output of every step are exported to fp32 ONNX where they are not ONNX
+already, scored for perplexity on the held-out text, weighed (bytes of the graph and its weights),
+and decoded by edgelm's runtime in one interleaved loop at the end (so a busy machine slows every
+row alike). OUT holds:
+
+    model/          the final artifact; its manifest lists every step (the lineage) and the recipe
+    steps/NN-kind/  what each step wrote (and NN-kind-onnx/, the measurement export of a PyTorch step)
+    report.md, report.json, report.png   size, decode speed and perplexity after every step
+
+The run works in a hidden folder beside OUT, renamed to OUT at the end; ``--resume`` continues an
+interrupted run from its last finished step (a training step from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .._fs import check_output
+from ..errors import InputError
+
+TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature", "alpha", "precision",
+                 "checkpoint_every", "seed"}
+STEP_KEYS = {
+    "distill": {"student_layers", "student_config"} | TRAINING_KEYS,
+    "prune": {"heads", "mlp", "importance", "scope", "multiple", "score_batches", "rounds", "recover_steps"} | TRAINING_KEYS,
+    "export": {"dtype", "atol", "rtol"},
+    "quantize": {"mode", "target", "algorithm", "block_size", "embeddings", "smooth_alpha", "calib_windows",
+                 "calib_length", "max_ppl_increase", "calib_text"},
+}
+TOP_KEYS = {"model", "train_text", "eval_text", "eval_length", "new_tokens", "repeats", "step"}
+TORCH_STEPS = ("distill", "prune")
+
+
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from ..errors import require
+
+        tomllib = require("tomli", "export")
+    return tomllib
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read and check a recipe; every problem is one sentence that names the step and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no recipe {path}; pass a TOML file (see edgelm optimize run --help)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        recipe = _toml().loads(text)
+    except Exception as exc:  # tomllib.TOMLDecodeError
+        raise InputError(f"{path} is not valid TOML ({exc}); fix the recipe") from None
+    unknown = set(recipe) - TOP_KEYS
+    if unknown:
+        raise InputError(f"{path}: unknown top-level setting(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(sorted(TOP_KEYS - {'step'}))} and [[step]] tables")
+    if "model" not in recipe:
+        raise InputError(f"{path} has no 'model'; say where the chain starts, e.g. model = \"embedded:gpt2\"")
+    steps = recipe.get("step")
+    if not isinstance(steps, list) or not steps:
+        raise InputError(f"{path} has no [[step]] tables; add at least one (kind = distill, prune, export or quantize)")
+    seen_onnx = False
+    for n, step in enumerate(steps, 1):
+        kind = step.get("kind")
+        if kind not in STEP_KEYS:
+            raise InputError(f"{path}: step {n} has kind {kind!r}; choose one of {', '.join(STEP_KEYS)}")
+        extra = set(step) - STEP_KEYS[kind] - {"kind"}
+        if extra:
+            raise InputError(f"{path}: step {n} ({kind}) has no setting(s) {', '.join(sorted(extra))}; known: "
+                             f"{', '.join(sorted(STEP_KEYS[kind]))}")
+        if kind in TORCH_STEPS and seen_onnx:
+            raise InputError(f"{path}: step {n} ({kind}) comes after an export or quantize step; PyTorch steps "
+                             "must come first")
+        if kind in TORCH_STEPS and "train_text" not in recipe:
+            raise InputError(f"{path}: step {n} ({kind}) needs train_text at the top of the recipe")
+        if kind == "export" and seen_onnx:
+            raise InputError(f"{path}: step {n} exports a model that is already ONNX; remove the second export")
+        seen_onnx = seen_onnx or kind in ("export", "quantize")
+    base = path.resolve().parent
+    for key in ("train_text", "eval_text"):
+        if key in recipe:
+            recipe[key] = str(_relative(recipe[key], base))
+    for step in steps:
+        for key in ("student_config", "calib_text"):
+            if key in step:
+                step[key] = str(_relative(step[key], base))
+    model = str(recipe["model"])
+    if not model.startswith("embedded:") and (base / model).exists():
+        recipe["model"] = str(base / model)
+    recipe["_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    recipe["_text"] = text
+    recipe["_path"] = str(path)
+    return recipe
+
+
+def _relative(value, base: Path) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _train_config(step: dict, length_default: int | None = None):
+    from .train import TrainConfig
+
+    keys = {k: step[k] for k in TRAINING_KEYS if k in step}
+    if length_default is not None and "steps" not in keys and "minutes" not in keys:
+        keys["steps"] = length_default
+    keys.setdefault("precision", "auto")
+    return TrainConfig(**keys)
+
+
+class _Run:
+    """The working folder of one recipe run: what is done, where it is (for --resume)."""
+
+    def __init__(self, work: Path, recipe: dict, resume: bool):
+        self.work, self.state_path = work, work / "state.json"
+        if work.exists() and not resume:
+            raise InputError(f"an unfinished run of a recipe is in {work}; pass --resume to continue it, or delete "
+                             "that folder to start over")
+        if resume and self.state_path.is_file():
+            self.state = json.loads(self.state_path.read_text())
+            if self.state["recipe_sha256"] != recipe["_sha256"]:
+                raise InputError(f"the unfinished run in {work} was made from another version of the recipe; "
+                                 "restore that recipe, or delete the folder to start over")
+        else:
+            if resume:
+                raise InputError(f"--resume was given but there is no unfinished run in {work}; run without --resume")
+            (work / "steps").mkdir(parents=True)
+            self.state = {"recipe_sha256": recipe["_sha256"], "done": {}}
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.state_path)
+
+    def done(self, key: str) -> dict | None:
+        return self.state["done"].get(key)
+
+    def finish(self, key: str, entry: dict) -> dict:
+        self.state["done"][key] = entry
+        self.save()
+        return entry
+
+
+def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, resume: bool = False,
+               progress: bool = True) -> dict:
+    """Run every step of a recipe into ``out``; return the report (also written as report.json)."""
+    from ..export import export_model
+    from ..manifest import read_manifest, write_manifest
+    from .distill import distill_model
+    from .measure import MeasureConfig
+    from .models import model_dir_of
+    from .prune import PruneConfig, prune_model
+    from .quantize import QuantizeConfig, quantize_artifact
+
+    recipe = load_recipe(recipe_path)
+    out = Path(out)
+    check_output(out, force)
+    work = out.parent / f".{out.name}.recipe-run"
+    run = _Run(work, recipe, resume)
+    say = print if progress else (lambda *a, **k: None)
+    steps_dir = work / "steps"
+    eval_length = int(recipe.get("eval_length", 128))
+    measure = MeasureConfig(max_length=eval_length, stride=max(1, eval_length // 2),
+                            new_tokens=int(recipe.get("new_tokens", 64)), repeats=int(recipe.get("repeats", 3)))
+    eval_text = recipe.get("eval_text")
+
+    def export_for_measure(model_dir: Path, folder: Path) -> None:
+        if not (folder / "manifest.json").is_file():
+            export_model(str(model_dir), folder, progress=False, force=True)
+
+    # the starting point, measured like every step
+    stages = []
+    source_dir = model_dir_of(recipe["model"])
+    entry = run.done("source") or run.finish("source", {"artifact": str(steps_dir / "00-source"), "record": None})
+    say(f"[0/{len(recipe['step'])}] source {recipe['model']}: exporting fp32 for the measurements")
+    export_for_measure(source_dir, Path(entry["artifact"]))
+    stages.append({"name": "source", "kind": "source", "artifact": entry["artifact"], "record": None})
+    model_dir, artifact = source_dir, Path(entry["artifact"])
+    for n, step in enumerate(recipe["step"], 1):
+        kind, key = step["kind"], f"{n:02d}-{step['kind']}"
+        folder = steps_dir / key
+        settings = {k: v for k, v in step.items() if k != "kind"}
+        say(f"[{n}/{len(recipe['step'])}] {kind} {json.dumps(settings) if settings else ''}")
+        entry = run.done(key)
+        if entry is None:
+            started = time.perf_counter()
+            if kind == "distill":
+                record = distill_model(str(model_dir), folder, recipe["train_text"], _train_config(step),
+                                       student_layers=None if "student_layers" not in step else str(step["student_layers"]),
+                                       student_config_file=step.get("student_config"), eval_text=eval_text,
+                                       eval_length=eval_length, resume=resume and (work / f"{key}.ckpt").exists(),
+                                       force=True, progress=progress, checkpoint_dir=work / f"{key}.ckpt")
+            elif kind == "prune":
+                recover_steps = int(step.get("recover_steps", 0))
+                pcfg = PruneConfig(**{k: step[k] for k in ("heads", "mlp", "importance", "scope", "multiple", "seed",
+                                                           "batch_size", "seq_len", "rounds") if k in step},
+                                   batches=int(step.get("score_batches", 16)))
+                record = prune_model(str(model_dir), folder, recipe["train_text"], pcfg,
+                                     recover=_train_config(step, recover_steps) if recover_steps else None,
+                                     eval_text=eval_text, eval_length=eval_length,
+                                     resume=resume and (work / f"{key}.ckpt").exists(), force=True,
+                                     progress=progress, checkpoint_dir=work / f"{key}.ckpt")
+            elif kind == "export":
+                manifest = export_model(str(model_dir), folder, dtype=step.get("dtype", "fp32"), atol=step.get("atol"),
+                                        rtol=step.get("rtol"), force=True, progress=progress)
+                record = manifest["steps"][-1]
+            else:
+                qkeys = {k: step[k] for k in STEP_KEYS["quantize"] - {"calib_text"} if k in step}
+                if "max_ppl_increase" in qkeys:
+                    from .quantize import parse_percent
+
+                    qkeys["max_ppl_increase"] = parse_percent(qkeys["max_ppl_increase"])
+                manifest = quantize_artifact(artifact, folder, QuantizeConfig(**qkeys), measure,
+                                             calib_text=step.get("calib_text"), eval_text=eval_text, force=True,
+                                             progress=progress)
+                record = manifest["steps"][-1]
+            entry = run.finish(key, {"folder": str(folder), "record": record,
+                                     "seconds": round(time.perf_counter() - started, 2)})
+        if kind in TORCH_STEPS:
+            model_dir = Path(entry["folder"])
+            artifact = steps_dir / f"{key}-onnx"
+            export_for_measure(model_dir, artifact)
+        else:
+            artifact = Path(entry["folder"])
+        stages.append({"name": key, "kind": kind, "artifact": str(artifact), "record": entry["record"]})
+
+    say("measuring every stage: perplexity, size, decode speed")
+    report = measure_stages(stages, recipe, measure, progress)
+    final = Path(stages[-1]["artifact"])
+    manifest = read_manifest(final)
+    manifest["recipe"] = {"file": Path(recipe["_path"]).name, "sha256": recipe["_sha256"], "text": recipe["_text"],
+                          "report": report["rows"]}
+    write_manifest(final, manifest)
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.md").write_text(report_markdown(report))
+    plot_report(report, work / "report.png")
+    # the final artifact at OUT/model; the work folder becomes OUT
+    final.rename(work / "model")
+    for row in report["rows"]:
+        if row["artifact"] == str(final):
+            row["artifact"] = str(work / "model")
+    (work / "state.json").unlink()
+    for ckpt in work.glob("*.ckpt"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    report["output"] = str(out)
+    return report
+
+
+def measure_stages(stages: list[dict], recipe: dict, measure, progress: bool) -> dict:
+    """Size, perplexity and decode speed of every stage's artifact; speed in one interleaved loop."""
+    from ..runtime.artifact import Tokenizer
+    from .distill import EVAL_TEXT
+    from .evaluate import onnx_perplexity, read_text
+    from .measure import decode_speeds, model_bytes
+
+    text = read_text(recipe.get("eval_text") or EVAL_TEXT)
+    folders = {s["name"]: Path(s["artifact"]) for s in stages}
+    prompt = Tokenizer(folders["source"]).encode(text)[:measure.prompt_tokens]
+    speeds = decode_speeds(folders, prompt, measure, progress=progress)
+    rows = []
+    for s in stages:
+        folder = folders[s["name"]]
+        ppl = onnx_perplexity(folder, text, measure.stride, measure.max_length)
+        record = s["record"] or {}
+        rows.append({"stage": s["name"], "kind": s["kind"], "artifact": str(folder), "model_bytes": model_bytes(folder),
+                     "perplexity": round(ppl.perplexity, 4), "decode_tokens_per_s": speeds[s["name"]]["tokens_per_s"],
+                     "decode_runs": speeds[s["name"]]["runs"], "seconds": record.get("seconds"),
+                     "energy_joules": (record.get("energy") or {}).get("joules")})
+    base = rows[0]
+    for r in rows:
+        r["size_vs_source"] = round(r["model_bytes"] / base["model_bytes"], 4)
+        r["speedup_vs_source"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+        r["perplexity_vs_source"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
+    return {"recipe": recipe["_path"], "model": recipe["model"], "eval_text": recipe.get("eval_text") or str(EVAL_TEXT),
+            "eval_window": measure.max_length, "eval_stride": measure.stride, "prompt_tokens": len(prompt),
+            "new_tokens": measure.new_tokens, "repeats": measure.repeats, "rows": rows}
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# Recipe report: {Path(report['recipe']).name}", "",
+             f"Starting model: {report['model']}. Perplexity on {report['eval_text']} ({report['eval_window']}-token "
+             f"windows, stride {report['eval_stride']}); decode speed: edgelm runtime, greedy, {report['new_tokens']} "
+             f"tokens after a {report['prompt_tokens']}-token prompt, median of {report['repeats']} interleaved rounds. "
+             "Stages that are PyTorch models are measured through their fp32 export.", "",
+             "| stage | size (MB) | size vs source | decode tok/s | speed-up | perplexity | ppl vs source | step time (s) "
+             "| step energy (J) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        energy = "" if r["energy_joules"] is None else f"{r['energy_joules']:.0f}"
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['stage']} | {r['model_bytes'] / 1e6:.1f} | {r['size_vs_source']:.3f}x | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['speedup_vs_source']:.2f}x | {r['perplexity']:.2f} | "
+                     f"{r['perplexity_vs_source']:+.1%} | {seconds} | {energy} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the chart is optional; the Markdown and JSON carry the same numbers
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = [r["stage"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("model_bytes", "decode_tokens_per_s", "perplexity"),
+                              ("size (MB)", "decode tokens/s (edgelm runtime)", "held-out perplexity")):
+        values = [r[key] / (1e6 if key == "model_bytes" else 1) for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=["#888888"] + ["#3b75af"] * (len(rows) - 1))
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+    fig.suptitle(f"{Path(report['recipe']).name}: every step against the source ({report['model']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
