@@ -26,16 +26,23 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg()[0]}
 
 
-def versions(packages=("edgelm", "numpy", "onnx", "onnxruntime", "torch", "transformers", "codecarbon")) -> dict:
-    import importlib.metadata as md
+def versions() -> dict:
+    from edgelm.bench.machine import versions as package_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions()
+
+
+def write_results(stem: Path, result: dict, markdown, plot) -> str:
+    """stem.json, stem.md (``markdown(result)``) and stem.png (``plot(result, path)``); returns the Markdown."""
+    import json
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    plot(result, stem.with_suffix(".png"))
+    return text
 
 
 def commit(*paths: str) -> str:

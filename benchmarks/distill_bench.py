@@ -17,7 +17,6 @@ truncated student and the teacher. Writes benchmarks/results/distill.{json,md,pn
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, commit, machine, versions  # noqa: E402
+from common import RESULTS, commit, machine, versions, write_results  # noqa: E402
 
 TRAIN_TEXT = HERE / "data" / "austen-train.txt"
 TARGET_GAP_CLOSED = 0.5
@@ -111,12 +110,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "distill"), help="path stem of the result files")
     args = ap.parse_args()
     result = run(args.models.split(","), args.minutes, args.precision)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-    print(markdown(result))
+    print(write_results(Path(args.out), result, markdown, plot))
     return 0 if all(r["target"] == "PASS" for r in result["rows"]) else 1
 
 

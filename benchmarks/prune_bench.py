@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, commit, machine, versions  # noqa: E402
+from common import RESULTS, commit, machine, versions, write_results  # noqa: E402
 
 TRAIN_TEXT = HERE / "data" / "austen-train.txt"
 CACHE = HERE / ".cache"
@@ -104,7 +104,8 @@ def speed(models: list[str], new_tokens: int, repeats: int) -> list[dict]:
     rows = []
     for name in models:
         source = CACHE / name
-        ensure_model_folder(MODELS[name], source)
+        cfg_hf = MODELS[name][1]
+        ensure_model_folder(cfg_hf, source)
         work = CACHE / "prune"
         pruned_dir, art_full, art_pruned = work / f"{name}-pruned", work / f"{name}-onnx", work / f"{name}-pruned-onnx"
         print(f"== speed {name}: pruning {HEADS:.0%} of heads, {MLP:.0%} of MLP neurons", flush=True)
@@ -125,7 +126,7 @@ def speed(models: list[str], new_tokens: int, repeats: int) -> list[dict]:
         b_full, b_pruned = bytes_per_token(source), bytes_per_token(pruned_dir)
         reduction = b_full / b_pruned
         speedup = speeds["pruned"]["tokens_per_s"] / speeds["original"]["tokens_per_s"]
-        rows.append({"model": name, "heads": {"before": sum([MODELS[name].get("n_head", 0)] * MODELS[name]["n_layer"]),
+        rows.append({"model": name, "heads": {"before": cfg_hf["n_head"] * cfg_hf["n_layer"],
                                               "after": sum(new_config["edgelm_layer_heads"])},
                      "mlp_neurons_after": sum(new_config["edgelm_layer_inner"]),
                      "bytes_per_token": {"original": b_full, "pruned": b_pruned}, "byte_reduction": round(reduction, 4),
@@ -226,14 +227,10 @@ def main() -> int:
               "command": " ".join(["benchmarks/prune_bench.py", *sys.argv[1:]])}
     if "quality" in parts:
         result["quality"] = quality(args.quality_models.split(","), args.recover_steps)
+        write_results(Path(args.out), result, markdown, plot)  # kept if the speed part fails
     if "speed" in parts:
         result["speed"] = speed(args.speed_models.split(","), args.new_tokens, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-    print(markdown(result))
+    print(write_results(Path(args.out), result, markdown, plot))
     rows = result.get("quality", []) + result.get("speed", [])
     return 0 if all(r["target"] == "PASS" for r in rows) else 1
 

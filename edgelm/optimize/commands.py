@@ -114,8 +114,8 @@ def _add_training_args(p: argparse.ArgumentParser, length_required: bool) -> Non
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence; also the evaluation window (default 128)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine decay (default 3e-4)")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (default 1)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="matrix products in fp32, or bf16 autocast (auto: bf16 where the CPU has it) (default fp32)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="matrix products in fp32, or bf16 autocast (auto, the default: bf16 where the CPU has it)")
     g.add_argument("--alpha", type=float, default=0.5,
                    help="weight of the teacher's soft targets; 1 - alpha goes to the next-token loss (default 0.5)")
     g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")

@@ -138,7 +138,6 @@ def _train_config(step: dict, length_default: int | None = None):
     keys = {k: step[k] for k in TRAINING_KEYS if k in step}
     if length_default is not None and "steps" not in keys and "minutes" not in keys:
         keys["steps"] = length_default
-    keys.setdefault("precision", "auto")
     return TrainConfig(**keys)
 
 

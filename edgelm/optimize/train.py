@@ -48,7 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     log_every: int = 10
-    precision: str = "fp32"  # fp32, bf16 (autocast matrix products) or auto (bf16 where the CPU has it)
+    precision: str = "auto"  # fp32, bf16 (autocast matrix products) or auto (bf16 where the CPU has it)
     # fields that must match between a checkpoint and the run resuming it
     _RESUME_KEYS: tuple = field(default=("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
                                          "weight_decay", "grad_clip", "temperature", "alpha", "seed", "precision"),
