@@ -379,8 +379,9 @@ def test_public_api_and_cheap_imports():
             "print(sorted(o.__all__)); [getattr(o, n) for n in o.__all__]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(["MODES", "MeasureConfig", "QuantizeConfig", "TARGETS", "perplexity",
-                                    "quantize_artifact"])
+    assert r.stdout.strip() == str(["MODES", "MeasureConfig", "PruneConfig", "QuantizeConfig", "TARGETS",
+                                    "TrainConfig", "distill_model", "perplexity", "prune_model", "quantize_artifact",
+                                    "run_recipe"])
 
 
 def test_quantize_step_records_its_energy(tiny_artifact, tmp_path):
