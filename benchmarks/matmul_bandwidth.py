@@ -6,7 +6,12 @@ Decoding one token multiplies a (1, K) row by every weight matrix, so fp32 decod
 by how fast ONNX Runtime's MatMul streams a weight matrix at M = 1. This times the GPT-2 124M LM
 head (768 x 50257, 154 MB) as MatMul, Gemm(transB) and com.microsoft FusedMatMul(transB), with and
 without prepacking, beside the machine's read bandwidth measured the same way as the runtime
-benchmark's ceiling (edgelm.bench.machine.measure_bandwidth). Writes results/matmul_bandwidth.json.
+benchmark's ceiling (edgelm.bench.machine.measure_bandwidth).
+
+Then the 48 projections of GPT-2 124M (random weights, real shapes, 340 MB) one after another, in
+the two linear layouts edgelm exports: MatMul(x, W[K, N]) and the 1x1 Conv form
+(Reshape -> Transpose -> Conv -> Transpose -> Reshape, which ONNX Runtime runs as NCHWc), in
+interleaved rounds with the bandwidth measured between rounds. Writes results/matmul_bandwidth.json.
 """
 
 from __future__ import annotations
@@ -67,10 +72,78 @@ def main() -> int:
                          "fraction_of_ceiling": w.nbytes / sec / 1e9 / bandwidth})
             print(f"{name:28s} prepack={prepack!s:5s} {sec * 1e3:6.2f} ms  {rows[-1]['gbps']:5.1f} GB/s  "
                   f"{rows[-1]['fraction_of_ceiling'] * 100:4.0f}% of {bandwidth:.1f} GB/s")
+    chain = projection_chain()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "matmul_bandwidth.json").write_text(json.dumps(
-        {"bandwidth_gbps": bandwidth, "weight_bytes": int(w.nbytes), "rows": rows}, indent=2) + "\n")
+        {"bandwidth_gbps": bandwidth, "weight_bytes": int(w.nbytes), "rows": rows, "projection_chain": chain},
+        indent=2) + "\n")
     return 0
+
+
+def chain_model(layout: str, layers: int = 12, d: int = 768):
+    """Every projection of a GPT-2 layer stack, each on its own input, in one graph (batch 1, 1 token)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    nodes, inputs, outputs, inits = [], [], [], []
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * layers
+    for i, (k, n) in enumerate(shapes):
+        w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02)
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, 1, k]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+        if layout == "matmul":
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]))
+            continue
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w.T).reshape(n, k, 1, 1), f"w{i}"),
+                  numpy_helper.from_array(np.array([1, -1, 1, k], np.int64), f"s{i}"),
+                  numpy_helper.from_array(np.array([1, -1, n], np.int64), f"o{i}")]
+        nodes += [helper.make_node("Reshape", [f"x{i}", f"s{i}"], [f"r{i}"]),
+                  helper.make_node("Transpose", [f"r{i}"], [f"t{i}"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Conv", [f"t{i}", f"w{i}"], [f"c{i}"]),
+                  helper.make_node("Transpose", [f"c{i}"], [f"u{i}"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Reshape", [f"u{i}", f"o{i}"], [f"y{i}"])]
+    graph = helper.make_graph(nodes, "chain", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sum(k * n * 4 for k, n in shapes)
+
+
+def projection_chain(rounds: int = 20, runs: int = 5) -> dict:
+    import onnxruntime as ort
+
+    from edgelm.bench.machine import measure_bandwidth
+
+    sessions, nbytes = {}, 0
+    for layout in ("matmul", "conv"):
+        model, nbytes = chain_model(layout)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sessions[layout] = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = {s.name: np.random.default_rng(3).standard_normal(s.shape).astype(np.float32)
+         for s in sessions["matmul"].get_inputs()}
+    for sess in sessions.values():
+        for _ in range(3):
+            sess.run(None, x)
+    seconds = {k: [] for k in sessions}
+    bandwidths = [measure_bandwidth(passes=3)]
+    rng = np.random.default_rng(4)
+    for _ in range(rounds):
+        for layout in rng.permutation(list(sessions)):
+            t = time.perf_counter()
+            for _ in range(runs):
+                sessions[layout].run(None, x)
+            seconds[str(layout)].append((time.perf_counter() - t) / runs)
+        bandwidths.append(measure_bandwidth(passes=3))
+    best = [max(a, b) for a, b in zip(bandwidths, bandwidths[1:])]
+    out = {"weight_bytes": nbytes, "rounds": rounds, "bandwidth_gbps_between_rounds": bandwidths}
+    for layout, secs in seconds.items():
+        fractions = [nbytes / s / 1e9 / b for s, b in zip(secs, best)]
+        out[layout] = {"ms_median": float(np.median(secs)) * 1e3, "gbps_median": nbytes / float(np.median(secs)) / 1e9,
+                       "fraction_of_ceiling_median": float(np.median(fractions))}
+        print(f"chain {layout:6s} {out[layout]['ms_median']:6.2f} ms  {out[layout]['gbps_median']:5.1f} GB/s  "
+              f"{out[layout]['fraction_of_ceiling_median'] * 100:4.0f}% of the bandwidth around each round")
+    out["conv_speedup_median"] = float(np.median(np.array(seconds["matmul"]) / np.array(seconds["conv"])))
+    print(f"conv / matmul speed-up, median over rounds: {out['conv_speedup_median']:.3f}x")
+    return out
 
 
 if __name__ == "__main__":

@@ -271,3 +271,55 @@ def test_untied_lm_head_exports(tmp_path):
     src = make_tiny_model("gpt2", tmp_path / "untied", seed=5, tie_word_embeddings=False)
     m = export_model(str(src), tmp_path / "o", progress=False)
     assert m["model"]["facts"]["tied_embeddings"] is False and m["validation"]["status"] == "passed"
+
+
+# -- linear layout: 1x1 Conv (default fp32) and MatMul ---------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_model_dir, tmp_path, arch):
+    """The default fp32 graph has its projections as 1x1 Conv; turned back, it is the MatMul export."""
+    import onnxruntime as ort
+
+    from edgelm.optimize.onnx_edit import conv_to_matmul
+
+    conv = read_manifest(tiny_artifact[arch])
+    layers = conv["model"]["facts"]["num_layers"]
+    assert conv["graph"]["linear_layout"] == "conv"
+    assert conv["graph"]["operators"]["Conv"] == 4 * layers and conv["graph"]["operators"]["MatMul"] == 1  # LM head
+    mm = export_model(str(tiny_model_dir[arch]), tmp_path / "mm", progress=False, linear_layout="matmul")
+    assert mm["graph"]["linear_layout"] == "matmul" and mm["validation"]["status"] == "passed"
+    assert "Conv" not in mm["graph"]["operators"]
+
+    model = onnx.load(str(tiny_artifact[arch] / "model.onnx"))
+    assert conv_to_matmul(model) == 4 * layers
+    reference = onnx.load(str(tmp_path / "mm" / "model.onnx"))
+    assert [(n.op_type, n.name) for n in model.graph.node] == [(n.op_type, n.name) for n in reference.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert weights.keys() == expected.keys()
+    assert all(np.array_equal(weights[k], expected[k]) for k in expected)
+
+    # and the two graphs compute the same logits (prompt of 5 tokens, batch 2, no cache yet)
+    feeds = {"input_ids": np.arange(10, dtype=np.int64).reshape(2, 5) + 3,
+             "position_ids": np.tile(np.arange(5, dtype=np.int64), (2, 1)),
+             "attention_mask": np.ones((2, 5), dtype=np.int64), "num_logits_to_keep": np.array(5, dtype=np.int64)}
+    for e in conv["io"]["kv_cache"]:
+        for name in (e["past_key"], e["past_value"]):
+            feeds[name] = np.zeros((2, e["heads"], 0 if e["kind"] == "full" else 8, e["head_size"]), np.float32)
+    outs = [ort.InferenceSession(str(a / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+            for a in (tiny_artifact[arch], tmp_path / "mm")]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_conv_layout_needs_fp32_and_the_builder(tiny_model_dir, tmp_path):
+    from edgelm.errors import InputError
+
+    with pytest.raises(InputError, match="conv linear layout needs --dtype fp32"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "a", dtype="fp16", linear_layout="conv", progress=False)
+    with pytest.raises(InputError, match="conv linear layout needs"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "b", backend="optimum", linear_layout="conv",
+                     progress=False)
+    with pytest.raises(InputError, match="linear layout 'dense' is not supported"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "c", linear_layout="dense", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    m = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "h", dtype="fp16", progress=False)
+    assert m["graph"]["linear_layout"] == "matmul"  # auto: fp16 graphs are for CUDA

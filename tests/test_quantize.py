@@ -183,7 +183,9 @@ def test_every_mode(tiny_artifact, tmp_path, eval_text, arch, mode):
 
     # the graph holds the quantized operators, the fp32 table is gone, the io is unchanged
     ops = manifest["graph"]["operators"]
-    n_matmuls = source["graph"]["operators"]["MatMul"]
+    assert source["graph"]["linear_layout"] == "conv"  # the default fp32 export: turned back to MatMul here
+    n_matmuls = source["graph"]["operators"]["MatMul"] + source["graph"]["operators"]["Conv"]
+    assert manifest["graph"]["linear_layout"] == "matmul" and "Conv" not in ops
     assert ops[QUANT_OPS[mode]] == n_matmuls and ops.get("MatMul", 0) == (n_matmuls if mode == "int8-static" else 0)
     if mode.endswith("-weight"):
         assert ops["GatherBlockQuantized"] == 1

@@ -1,6 +1,7 @@
 """Build the one decoder graph (prompt and decode) for any architecture in ``arch.ARCHITECTURES``.
 
-Graph, per layer (pre-LayerNorm transformer; fused com.microsoft operators):
+Graph, per layer (pre-LayerNorm transformer; fused com.microsoft operators; each MatMul below is
+a 1x1 Conv in the conv linear layout):
 
     x, resid = SkipLayerNormalization(prev_mlp_out, prev_resid, ln_1, bias=prev_proj_bias)
     qkv      = MatMul(x, W_qkv) [+ b_qkv]                               # (B, S, 3*N*H)
@@ -16,6 +17,15 @@ The first LayerNorm adds the token and position embeddings with the same SkipLay
 and the last one applies ln_f. The tied embedding is stored once, as [D, V]: the LM head reads it
 as a constant MatMul weight (the layout ONNX Runtime's quantizers expect) and the embedding
 lookup gathers its columns.
+
+Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
+- ``matmul``: every projection is ``MatMul(x, W[K, N])``, the layout ONNX Runtime's quantizers take.
+- ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
+  ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
+  ONNX Runtime's CPU provider turns it into its blocked NCHWc convolution, whose kernel
+  streams the weights about 10% faster than its MatMul at one token (benchmarks/matmul_bandwidth.py,
+  results/runtime.md), and takes the QKV bias in the same kernel. fp32 only (the NCHWc kernels
+  are fp32); quantization turns it back into MatMul (``optimize.onnx_edit.conv_to_matmul``).
 
 Cache contract (written to the manifest, read by the runtime):
 - global layers ("full"): past has any length P, present has P + S rows; or past and present are
@@ -42,6 +52,12 @@ from .graph import GraphBuilder
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
 OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
+LINEAR_LAYOUTS = ("matmul", "conv")
+
+
+def default_linear_layout(dtype: str) -> str:
+    """conv for fp32 (faster on ONNX Runtime's CPU provider), matmul for fp16 (GPU kernels)."""
+    return "conv" if dtype == "fp32" else "matmul"
 
 
 def kv_dtype(facts: ModelFacts, dtype: str) -> str:
@@ -102,6 +118,41 @@ class _Weights:
         return self.ckpt.read(p + ".weight").astype(self.np_dtype), self.ckpt.read(p + ".bias").astype(self.np_dtype)
 
 
+class _Linear:
+    """Emits one projection y = x @ W [+ b] in the graph's linear layout; W is [in, out]."""
+
+    def __init__(self, g: GraphBuilder, layout: str, batch: str):
+        self.g, self.layout, self.batch = g, layout, batch
+        self._shapes: dict[tuple[str, int], str] = {}
+
+    def _shape(self, kind: str, size: int) -> str:
+        key = (kind, size)
+        if key not in self._shapes:
+            p = f"/model/linear/{kind}{size}"
+            if kind == "in":  # (B, S, K) -> (1, B*S, 1, K): the tokens become the conv's spatial axis
+                self._shapes[key] = self.g.const(p, [1, -1, 1, size])
+            else:  # (1, B*S, 1, N) -> (B, S, N)
+                self._shapes[key] = self.g.node("Concat", [self.batch, self.g.const(f"{p}/rest", [-1, size])],
+                                                name=p, axis=0)
+        return self._shapes[key]
+
+    def __call__(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str) -> str:
+        g = self.g
+        if self.layout == "matmul":
+            y = g.node("MatMul", [x, g.weight(f"{name}.weight", weight)], name=f"{prefix}/MatMul")
+            if bias is not None:
+                y = g.node("Add", [y, g.weight(f"{name}.bias", bias)], name=f"{prefix}/Add")
+            return y
+        k, n = weight.shape
+        w = g.weight(f"{name}.weight", weight.T.reshape(n, k, 1, 1))
+        inputs = [w] if bias is None else [w, g.weight(f"{name}.bias", bias)]
+        r = g.node("Reshape", [x, self._shape("in", k)], name=f"{prefix}/ToTokens")
+        t = g.node("Transpose", [r], name=f"{prefix}/ToChannels", perm=[0, 3, 1, 2])  # (1, K, B*S, 1)
+        c = g.node("Conv", [t] + inputs, name=f"{prefix}/Conv")  # (1, N, B*S, 1)
+        t = g.node("Transpose", [c], name=f"{prefix}/FromChannels", perm=[0, 2, 3, 1])  # (1, B*S, 1, N)
+        return g.node("Reshape", [t, self._shape("out", n)], name=f"{prefix}/FromTokens")
+
+
 def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
     """The graph is built from the weights' shapes, the cache from the config's: they must agree."""
     if weight.shape != expected:
@@ -113,8 +164,12 @@ def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expec
 
 
 def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str, onnx_path: Path,
-                external: bool, progress=None) -> dict:
+                external: bool, progress=None, linear_layout: str = "matmul") -> dict:
     """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary."""
+    if linear_layout not in LINEAR_LAYOUTS:
+        raise ValueError(f"linear layout {linear_layout!r} is not one of {LINEAR_LAYOUTS}")
+    if linear_layout == "conv" and dtype != "fp32":
+        raise ValueError("the conv linear layout is for fp32 graphs (ONNX Runtime's NCHWc kernels are fp32)")
     np_dtype, elem = DTYPES[dtype]
     kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
     g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
@@ -149,6 +204,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         attn_bias = g.node("Expand", [bias4d, bias_shape], name=f"{p}/AttentionBias")
         if kv_np != np_dtype:
             attn_bias = g.node("Cast", [attn_bias], name=f"{p}/AttentionBiasCast", to=kv_elem)
+        linear = _Linear(g, linear_layout, batch)
 
         # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
         p = "/model/embed_tokens"
@@ -183,9 +239,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             # attention
             wq, bq = w.linear(spec.qkv, i)
             _check_shape(facts, i, "attention QKV", wq, (d, 3 * n * h))
-            qkv = g.node("MatMul", [x, g.weight(f"{p}.attn.qkv_proj.weight", wq)], name=f"{p}/attn/qkv_proj/MatMul")
-            if bq is not None:
-                qkv = g.node("Add", [qkv, g.weight(f"{p}.attn.qkv_proj.bias", bq)], name=f"{p}/attn/qkv_proj/Add")
+            qkv = linear(x, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj")
             if kv_np != np_dtype:
                 qkv = g.node("Cast", [qkv], name=f"{p}/attn/UpcastQKV", to=kv_elem)
             attrs = dict(num_heads=n, kv_num_heads=n, scale=float(facts.attention_scales[i]))
@@ -201,7 +255,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 attn = g.node("Cast", [attn], name=f"{p}/attn/DowncastOut", to=elem)
             wo, bo = w.linear(spec.attn_out, i)
             _check_shape(facts, i, "attention output", wo, (n * h, d))
-            o = g.node("MatMul", [attn, g.weight(f"{p}.attn.o_proj.weight", wo)], name=f"{p}/attn/o_proj/MatMul")
+            o = linear(attn, f"{p}.attn.o_proj", wo, None, f"{p}/attn/o_proj")
             gamma, beta = w.norm(spec.ln_2, i)
             x, _, _, resid = g.node(
                 "SkipLayerNormalization",
@@ -211,7 +265,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             # MLP
             wf, bf = w.linear(spec.fc, i)
             _check_shape(facts, i, "MLP input", wf, (d, m))
-            f = g.node("MatMul", [x, g.weight(f"{p}.mlp.fc.weight", wf)], name=f"{p}/mlp/fc/MatMul")
+            f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
             if act_op == "FastGelu":
                 a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
             else:
@@ -219,7 +273,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
             wp, bp = w.linear(spec.proj, i)
             _check_shape(facts, i, "MLP output", wp, (m, d))
-            stream_in = g.node("MatMul", [a, g.weight(f"{p}.mlp.proj.weight", wp)], name=f"{p}/mlp/proj/MatMul")
+            stream_in = linear(a, f"{p}.mlp.proj", wp, None, f"{p}/mlp/proj")
             stream_skip, stream_bias = resid, g.weight(f"{p}.mlp.proj.bias", bp)
 
         p = "/model/norm"

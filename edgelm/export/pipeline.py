@@ -16,7 +16,7 @@ from ..manifest import FORMAT, SCHEMA_VERSION, read_lineage, write_manifest
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
-from .builder import OPSET_NOTE, build_graph, count_ops, io_spec
+from .builder import LINEAR_LAYOUTS, OPSET_NOTE, build_graph, count_ops, default_linear_layout, io_spec
 from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
@@ -37,13 +37,23 @@ def versions() -> dict:
 @measured_step("export")  # time, peak memory and energy of the whole export, in the step record
 def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
                  atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
-                 progress: bool = True, external_data: bool | None = None) -> dict:
-    """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder."""
+                 progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto") -> dict:
+    """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder.
+
+    ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv" or "matmul"; see builder.py.
+    """
     out = Path(out)
     if dtype not in V.DEFAULT_ATOL:
         raise InputError(f"dtype '{dtype}' is not supported; choose one of {', '.join(V.DEFAULT_ATOL)}")
     if backend not in BACKENDS:
         raise InputError(f"backend '{backend}' is not supported; choose one of {', '.join(BACKENDS)}")
+    if linear_layout == "auto":
+        linear_layout = default_linear_layout(dtype) if backend == "builder" else "matmul"
+    if linear_layout not in LINEAR_LAYOUTS:
+        raise InputError(f"linear layout '{linear_layout}' is not supported; choose auto, {', '.join(LINEAR_LAYOUTS)}")
+    if linear_layout == "conv" and (dtype != "fp32" or backend != "builder"):
+        raise InputError("the conv linear layout needs --dtype fp32 and the builder backend; "
+                         "use --linear-layout matmul (or auto)")
     if atol is not None and not atol > 0:
         raise InputError(f"--atol must be a positive number, got {atol}")
     if rtol is not None and not rtol >= 0:
@@ -68,11 +78,12 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
         else:
             weight_bytes = ckpt.nbytes_fp32() // (2 if dtype == "fp16" else 1)
             external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-            summary = build_graph(spec, facts, ckpt, dtype, tmp / "model.onnx", external, progress=bar)
+            summary = build_graph(spec, facts, ckpt, dtype, tmp / "model.onnx", external, progress=bar,
+                                  linear_layout=linear_layout)
             release_memory()
             graph = {"file": "model.onnx", "external_data": "model.onnx.data" if summary["external_data"] else None,
                      "dtype": dtype, "backend": "builder", "opset": OPSET_NOTE,
-                     "weight_bytes": summary["weight_bytes"]}
+                     "weight_bytes": summary["weight_bytes"], "linear_layout": linear_layout}
             io = io_spec(facts, dtype)
         graph["operators"] = count_ops(tmp / graph["file"])
         build_seconds = time.perf_counter() - started

@@ -153,7 +153,62 @@ def declare_float_outputs(model: onnx.ModelProto) -> int:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
+    """Load a graph for editing, its projections as MatMul (conv-layout graphs are turned back)."""
+    model = onnx.load(str(path), load_external_data=True)
+    conv_to_matmul(model)
+    return model
+
+
+def conv_to_matmul(model: onnx.ModelProto) -> int:
+    """Turn the builder's conv-layout projections back into ``MatMul(x, W[K, N])`` (+ ``Add(b)``).
+
+    Pattern (export/builder.py, linear_layout="conv"): Reshape -> Transpose -> Conv(W[N, K, 1, 1], b)
+    -> Transpose -> Reshape. The MatMul takes the first Reshape's input, writes the last Reshape's
+    output, keeps the weight's name and gets the Conv's name with "Conv" -> "MatMul", so the graph
+    is the one ``linear_layout="matmul"`` builds. Returns how many projections were turned.
+    """
+    g = Graph(model)
+    turned = 0
+    for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
+        w = g.initializer(conv.input[1])
+        if w is None or len(w.dims) != 4 or list(w.dims[2:]) != [1, 1]:
+            continue
+        to_channels = g.producer(conv.input[0])
+        to_tokens = g.producer(to_channels.input[0]) if to_channels is not None else None
+        after = g.consumers(conv.output[0])
+        from_channels = after[0] if len(after) == 1 else None
+        after = g.consumers(from_channels.output[0]) if from_channels is not None else []
+        from_tokens = after[0] if len(after) == 1 else None
+        chain = [to_tokens, to_channels, from_channels, from_tokens]
+        if [n.op_type if n is not None else None for n in chain] != ["Reshape", "Transpose", "Transpose", "Reshape"]:
+            raise ValueError(f"{conv.name} is a 1x1 Conv outside the builder's conv layout; export the model again")
+        n_out, k = int(w.dims[0]), int(w.dims[1])
+        g.set(conv.input[1], g.array(conv.input[1]).reshape(n_out, k).T)
+        base, _, _ = conv.name.rpartition("/")
+        out = from_tokens.output[0]
+        nodes = [helper.make_node("MatMul", [to_tokens.input[0], conv.input[1]],
+                                  [out if len(conv.input) < 3 else f"{base}/MatMul/output_0"], name=f"{base}/MatMul")]
+        if len(conv.input) >= 3 and conv.input[2]:
+            nodes.append(helper.make_node("Add", [nodes[0].output[0], conv.input[2]], [out], name=f"{base}/Add"))
+        g.replace(conv, nodes)
+        for n in chain:
+            g.graph.node.remove(n)
+        turned += 1
+    if turned:  # the shape constants and Concats only the Reshapes read
+        _remove_dead_nodes(g)
+        g.remove_unused_initializers()
+    return turned
+
+
+def _remove_dead_nodes(g: Graph) -> None:
+    outputs = {o.name for o in g.graph.output}
+    while True:
+        used = {i for n in g.graph.node for i in n.input} | outputs
+        dead = [n for n in g.graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for n in dead:
+            g.graph.node.remove(n)
 
 
 def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None, keep: bool = False) -> str | None:

@@ -168,6 +168,7 @@ def _build(job: Job, mode: str, folder: Path, source: Path, src_manifest: dict) 
         file="model.onnx", weight_bytes=Graph(model).weight_bytes(), operators=count_ops(model),
         opset={(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         quantization={"mode": mode, "bits": MODES[mode].bits, "target": job.target.name, "format": record["format"]},
+        linear_layout="matmul",  # quantized operators are MatMuls (onnx_edit.load_model turns conv layouts back)
     )
     graph["external_data"] = save_model(model, folder / "model.onnx")
     del model
