@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -254,30 +253,12 @@ def judge(row: dict) -> dict:
 
 # -- report --------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    import importlib.metadata as md
+    from common import commit, machine, versions
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {"python": platform.python_version()}
-    for pkg in ("edgelm", "torch", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx", "numpy",
-                "accelerate"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "edgelm"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_bytes": psutil.virtual_memory().total,
-            "platform": platform.platform(), "versions": versions, "git_commit": commit,
-            "edgelm_tree_modified": dirty}
+    m, head = machine(), commit()
+    return {"nproc": m["cpus"], "cpu": m["cpu"], "ram_bytes": psutil.virtual_memory().total,
+            "platform": m["platform"], "versions": versions(), "git_commit": head.removesuffix("+modified"),
+            "edgelm_tree_modified": head.endswith("+modified")}
 
 
 def edgelm_state() -> dict:

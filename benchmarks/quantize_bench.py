@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from common import commit, machine, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 
@@ -369,40 +369,6 @@ def plot(data: dict) -> None:
     fig.savefig(RESULTS / "quantize.png", dpi=110)
 
 
-def machine() -> dict:
-    from edgelm.optimize.targets import _cpu_flags
-
-    flags = _cpu_flags()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
-    return {"cpu": cpu, "cpus": os.cpu_count(), "ram_gb": ram, "isa": isa, "platform": platform.platform()}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("edgelm", "numpy", "onnx", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx",
-                "ctranslate2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "edgelm/optimize", "benchmarks/quantize_bench.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + (" (quantization code had uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer variants and rounds (a smoke run)")
@@ -424,7 +390,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/quantize_bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                             if (argv if argv is not None else sys.argv[1:]) else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "versions": versions(), "commit": commit(), "target": this_machine(),
+        "versions": versions(), "commit": commit("edgelm/optimize", "benchmarks/quantize_bench.py"), "target": this_machine(),
         "load_start": round(os.getloadavg()[0], 2),
         "settings": {"rounds": 2 if args.quick else args.rounds, "new_tokens": args.new_tokens,
                      "prompt_tokens": args.prompt_tokens, "eval": EVAL},

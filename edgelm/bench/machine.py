@@ -99,7 +99,7 @@ def _gpus() -> list[str]:
         return []
 
 
-PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers", "optimum",
+PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers", "optimum",
             "optimum-onnx", "ctranslate2", "codecarbon")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from .._fs import atomic_output_dir, check_output
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from .train import TrainConfig, resolved_precision, token_ids, train
+from .train import TrainConfig, checkpoint_folder, token_ids, train
 
 EVAL_TEXT = Path(__file__).resolve().parent.parent / "assets" / "text" / "heldout.txt"
 
@@ -165,10 +165,7 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
 
     out = Path(out)
     check_output(out, force)
-    work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
-    if (work / "state.pt").is_file() and not resume:
-        raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
-                         "that folder to start over")
+    work = checkpoint_folder(out, checkpoint_dir, resume)
     started = time.perf_counter()
     teacher_dir = model_dir_of(teacher)
     say = print if progress else (lambda *a, **k: None)
@@ -211,11 +208,7 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
         "parameters": {"teacher": sum(p.numel() for p in teacher_model.parameters()),
                        "student": sum(p.numel() for p in student.parameters())},
         "weight_bytes": {"teacher": parameter_bytes(teacher_model), "student": parameter_bytes(student)},
-        "training": {**cfg.to_dict(), "steps_done": result.steps, "tokens": result.tokens,
-                     "train_seconds": result.seconds, "resumed_from": result.resumed_from,
-                     "precision_used": resolved_precision(cfg),
-                     "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None,
-                     "first_loss": result.first_loss, "last_loss": result.last_loss, "history": result.history},
+        "training": result.record(cfg),
         "perplexity": {"text": str(eval_path), "max_length": length, "stride": stride, "teacher": round(ppl_teacher, 4),
                        "student_before": round(ppl_before, 4), "student_after": round(ppl_after, 4),
                        "gap_closed": None if closed is None else round(closed, 4)},

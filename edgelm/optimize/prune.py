@@ -31,7 +31,7 @@ import numpy as np
 from .._fs import atomic_output_dir, check_output
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from .train import TrainConfig, batch_at, resolved_precision, token_ids, train
+from .train import TrainConfig, batch_at, checkpoint_folder, token_ids, train
 
 IMPORTANCE = ("gradient", "random")
 SCOPES = ("global", "layer")
@@ -284,10 +284,7 @@ def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: Prune
 
     out = Path(out)
     check_output(out, force)
-    work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
-    if recover and (work / "state.pt").is_file() and not resume:
-        raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
-                         "that folder to start over")
+    work = checkpoint_folder(out, checkpoint_dir, resume, training=recover is not None)
     say = print if progress else (lambda *a, **k: None)
     source_dir = model_dir_of(model)
     tokenizer = tokenizer_for(source_dir)
@@ -320,11 +317,7 @@ def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: Prune
                        stop_after=stop_after, extra_state={"source": str(source_dir), "prune": pcfg.to_dict()})
         ppl_recovered = score(pruned)
         say(f"after {result.steps} recovery steps: held-out perplexity {ppl_recovered:.2f}")
-        recovery = {**recover.to_dict(), "steps_done": result.steps, "tokens": result.tokens,
-                    "train_seconds": result.seconds, "resumed_from": result.resumed_from,
-                    "precision_used": resolved_precision(recover),
-                    "first_loss": result.first_loss, "last_loss": result.last_loss, "history": result.history,
-                    "perplexity": round(ppl_recovered, 4)}
+        recovery = {**result.record(recover), "perplexity": round(ppl_recovered, 4)}
     final_ppl = recovery["perplexity"] if recovery else round(ppl_pruned, 4)
     record = {
         "name": "prune", "source": str(model), "train_text": str(train_text), **pcfg.to_dict(),

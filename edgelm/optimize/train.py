@@ -88,6 +88,13 @@ class TrainResult:
     resumed_from: int | None
     history: list[dict]  # [{step, loss, soft, ce, lr}] every log_every steps
 
+    def record(self, cfg: "TrainConfig") -> dict:
+        """The training part of a step record: the settings and what the run did."""
+        return {**cfg.to_dict(), "steps_done": self.steps, "tokens": self.tokens, "train_seconds": self.seconds,
+                "resumed_from": self.resumed_from, "precision_used": resolved_precision(cfg),
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+                "first_loss": self.first_loss, "last_loss": self.last_loss, "history": self.history}
+
     @property
     def first_loss(self) -> float | None:
         return self.history[0]["loss"] if self.history else None
@@ -101,6 +108,16 @@ class Interrupted(InputError):
     """Training stopped by the user; the checkpoint to resume from was written."""
 
     exit_code = 130
+
+
+def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool, training: bool = True) -> Path:
+    """Where a step's checkpoints go (default OUT.ckpt beside the output); refuses to start over on top of
+    an earlier run's checkpoint unless asked to resume it."""
+    work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
+    if training and (work / STATE_FILE).is_file() and not resume:
+        raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
+                         "that folder to start over")
+    return work
 
 
 def token_ids(tokenizer, text: str, seq_len: int) -> np.ndarray:
