@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import RESULTS, commit, machine, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
+from runtime_bench import layout_of  # noqa: E402
 
 CACHE = HERE / ".cache"
 LAYOUTS = ("matmul", "conv")
@@ -38,7 +39,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from edgelm.export import export_model
-    from edgelm.manifest import read_manifest
     from edgelm.runtime import Generator, SamplingConfig
 
     model_dir = CACHE / args.model
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     gens = {}
     for layout in LAYOUTS:
         art = CACHE / "artifacts" / f"{args.model}-builder-{layout}"
-        try:
-            assert read_manifest(art)["graph"]["linear_layout"] == layout
-        except Exception:
+        if layout_of(art) != layout:  # missing, damaged, or exported with the other layout
             export_model(str(model_dir), art, force=True, progress=False, linear_layout=layout)
         gens[layout] = Generator.load(art)
     prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()

@@ -48,6 +48,17 @@ def weight_bytes_per_token(cfg: dict) -> int:
 
 
 # -- systems ------------------------------------------------------------------------------------
+def layout_of(art: Path) -> str | None:
+    """The linear layout of a cached artifact; None when it is missing or unreadable."""
+    from edgelm.errors import EdgelmError
+    from edgelm.manifest import read_manifest
+
+    try:
+        return read_manifest(art)["graph"].get("linear_layout")
+    except EdgelmError:
+        return None
+
+
 class Edgelm:
     """edgelm's runtime on an artifact of the default export (fp32: projections as 1x1 Conv)."""
 
@@ -56,13 +67,10 @@ class Edgelm:
 
     def __init__(self, model_dir: Path, name: str):
         from edgelm.export import export_model
-        from edgelm.manifest import read_manifest
         from edgelm.runtime import Generator
 
         art = CACHE / "artifacts" / f"{name}-builder-{self.layout}"
-        try:
-            assert read_manifest(art)["graph"]["linear_layout"] == self.layout
-        except Exception:
+        if layout_of(art) != self.layout:  # missing, damaged, or exported with the other layout
             export_model(str(model_dir), art, force=True, progress=False, linear_layout=self.layout)
         self.gen = Generator.load(art)
 
