@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import RESULTS, commit, machine, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
-from runtime_bench import layout_of  # noqa: E402
+from runtime_bench import cached_artifact  # noqa: E402
 
 CACHE = HERE / ".cache"
 LAYOUTS = ("matmul", "conv")
@@ -38,17 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=33, help="per generation (the first is the prompt step)")
     args = p.parse_args(argv)
 
-    from edgelm.export import export_model
     from edgelm.runtime import Generator, SamplingConfig
 
     model_dir = CACHE / args.model
     ensure_model_folder(MODELS[args.model][1], model_dir)
-    gens = {}
-    for layout in LAYOUTS:
-        art = CACHE / "artifacts" / f"{args.model}-builder-{layout}"
-        if layout_of(art) != layout:  # missing, damaged, or exported with the other layout
-            export_model(str(model_dir), art, force=True, progress=False, linear_layout=layout)
-        gens[layout] = Generator.load(art)
+    gens = {layout: Generator.load(cached_artifact(model_dir, args.model, layout)) for layout in LAYOUTS}
     prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
     for g in gens.values():

@@ -48,15 +48,21 @@ def weight_bytes_per_token(cfg: dict) -> int:
 
 
 # -- systems ------------------------------------------------------------------------------------
-def layout_of(art: Path) -> str | None:
-    """The linear layout of a cached artifact; None when it is missing or unreadable."""
+def cached_artifact(model_dir: Path, name: str, layout: str) -> Path:
+    """The builder export of ``model_dir`` in ``layout`` under .cache/artifacts, exported when the cached
+    one is missing, damaged or in the other layout."""
     from edgelm.errors import EdgelmError
+    from edgelm.export import export_model
     from edgelm.manifest import read_manifest
 
+    art = CACHE / "artifacts" / f"{name}-builder-{layout}"
     try:
-        return read_manifest(art)["graph"].get("linear_layout")
+        current = read_manifest(art)["graph"].get("linear_layout")
     except EdgelmError:
-        return None
+        current = None
+    if current != layout:
+        export_model(str(model_dir), art, force=True, progress=False, linear_layout=layout)
+    return art
 
 
 class Edgelm:
@@ -66,13 +72,9 @@ class Edgelm:
     layout = "conv"
 
     def __init__(self, model_dir: Path, name: str):
-        from edgelm.export import export_model
         from edgelm.runtime import Generator
 
-        art = CACHE / "artifacts" / f"{name}-builder-{self.layout}"
-        if layout_of(art) != self.layout:  # missing, damaged, or exported with the other layout
-            export_model(str(model_dir), art, force=True, progress=False, linear_layout=self.layout)
-        self.gen = Generator.load(art)
+        self.gen = Generator.load(cached_artifact(model_dir, name, self.layout))
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
         from edgelm.runtime import SamplingConfig
