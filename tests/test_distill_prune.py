@@ -279,6 +279,7 @@ score_batches = 2
 
 [[step]]
 kind = "export"
+linear_layout = "matmul"
 
 [[step]]
 kind = "quantize"
@@ -295,6 +296,8 @@ max_ppl_increase = "50%"
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["steps"]] == ["distill", "prune", "export", "quantize"]
     assert manifest["recipe"]["report"][-1]["stage"] == "04-quantize"
+    export = json.loads((out / "steps" / "03-export" / "manifest.json").read_text())
+    assert export["graph"]["linear_layout"] == "matmul"  # the recipe's setting, not the fp32 default (conv)
     assert (out / "report.md").read_text().count("\n| ") >= 6 and (out / "report.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".out.recipe-run*"))
 

@@ -56,7 +56,7 @@ TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature
 STEP_KEYS = {
     "distill": {"student_layers", "student_config"} | TRAINING_KEYS,
     "prune": {"heads", "mlp", "importance", "scope", "multiple", "score_batches", "rounds", "recover_steps"} | TRAINING_KEYS,
-    "export": {"dtype", "atol", "rtol"},
+    "export": {"dtype", "atol", "rtol", "linear_layout"},
     "quantize": {"mode", "target", "algorithm", "block_size", "embeddings", "smooth_alpha", "calib_windows",
                  "calib_length", "max_ppl_increase", "calib_text"},
 }
@@ -236,7 +236,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
                                      progress=progress, checkpoint_dir=work / f"{key}.ckpt")
             elif kind == "export":
                 manifest = export_model(str(model_dir), folder, dtype=step.get("dtype", "fp32"), atol=step.get("atol"),
-                                        rtol=step.get("rtol"), force=True, progress=progress)
+                                        rtol=step.get("rtol"), linear_layout=step.get("linear_layout", "auto"),
+                                        force=True, progress=progress)
                 record = manifest["steps"][-1]
             else:
                 qkeys = {k: step[k] for k in STEP_KEYS["quantize"] - {"calib_text"} if k in step}
