@@ -1,11 +1,13 @@
-"""Decode speed of the two linear layouts of one model, in many short interleaved rounds.
+"""Decode speed of two linear layouts of one model, in many short interleaved rounds.
 
-    .venv/bin/python benchmarks/layout_ab.py --model gpt2 --rounds 60
+    .venv/bin/python benchmarks/layout_ab.py --model gpt2 --rounds 60                    # conv vs matmul
+    .venv/bin/python benchmarks/layout_ab.py --model gpt2 --rounds 60 --layouts conv,packed
 
-The same random-weight model exported twice (`edgelm export --linear-layout conv` and `matmul`),
-both loaded in one process; each round generates 32 greedy tokens with each, in shuffled order.
+The same random-weight model exported twice (`edgelm export --linear-layout A` and `B`), both
+loaded in one process; each round generates 32 greedy tokens with each, in shuffled order.
 Speeds on this shared machine drift by +-20% within minutes, so the figure is the median of the
-per-round ratios (with quartiles). Writes benchmarks/results/layout_ab-MODEL.json.
+per-round ratios B / A (with quartiles). Writes benchmarks/results/layout_ab-MODEL.json for the
+default pair (matmul, conv), else layout_ab-MODEL-B-A.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import cached_artifact  # noqa: E402
 
 CACHE = HERE / ".cache"
-LAYOUTS = ("matmul", "conv")
+DEFAULT_LAYOUTS = "matmul,conv"
 
 
 def main(argv=None) -> int:
@@ -36,40 +38,46 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gpt2", choices=sorted(MODELS))
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--new-tokens", type=int, default=33, help="per generation (the first is the prompt step)")
+    p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="A,B: the baseline and the layout compared with it")
     args = p.parse_args(argv)
+    layouts = tuple(args.layouts.split(","))
+    if len(layouts) != 2 or len(set(layouts)) != 2:
+        p.error(f"--layouts takes two different layouts, as A,B; got {args.layouts!r}")
+    base, other = layouts
 
     from edgelm.runtime import Generator, SamplingConfig
 
     model_dir = CACHE / args.model
     ensure_model_folder(MODELS[args.model][1], model_dir)
-    gens = {layout: Generator.load(cached_artifact(model_dir, args.model, layout)) for layout in LAYOUTS}
+    gens = {layout: Generator.load(cached_artifact(model_dir, args.model, layout)) for layout in layouts}
     prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
     for g in gens.values():
         g.generate(prompt, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
     rng = np.random.default_rng(1)
-    rates = {k: [] for k in LAYOUTS}
+    rates = {k: [] for k in layouts}
     started = time.time()
     for r in range(args.rounds):
-        for i in rng.permutation(len(LAYOUTS)):
-            layout = LAYOUTS[i]
+        for i in rng.permutation(len(layouts)):
+            layout = layouts[i]
             rates[layout].append(gens[layout].generate(prompt, cfg).timings["decode_tokens_per_s"])
-    ratio = np.array(rates["conv"]) / np.array(rates["matmul"])
+    ratio = np.array(rates[other]) / np.array(rates[base])
     result = {
         "model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "seconds": round(time.time() - started),
         "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
         "decode_tokens_per_s": rates,
         "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
-        "conv_over_matmul": {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
-                             "q75": float(np.quantile(ratio, 0.75)), "rounds_conv_faster": int((ratio > 1).sum())},
+        f"{other}_over_{base}": {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
+                                 "q75": float(np.quantile(ratio, 0.75)), f"rounds_{other}_faster": int((ratio > 1).sum())},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"layout_ab-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    c = result["conv_over_matmul"]
-    print(f"{args.model}: conv {result['median_tokens_per_s']['conv']:.1f} tok/s, matmul "
-          f"{result['median_tokens_per_s']['matmul']:.1f} tok/s (medians); conv/matmul per round: median "
-          f"{c['median']:.3f}, quartiles {c['q25']:.3f}-{c['q75']:.3f}, conv faster in {c['rounds_conv_faster']} of "
-          f"{args.rounds} rounds")
+    suffix = "" if args.layouts == DEFAULT_LAYOUTS else f"-{other}-{base}"
+    (RESULTS / f"layout_ab-{args.model}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    c = result[f"{other}_over_{base}"]
+    print(f"{args.model}: {other} {result['median_tokens_per_s'][other]:.1f} tok/s, {base} "
+          f"{result['median_tokens_per_s'][base]:.1f} tok/s (medians); {other}/{base} per round: median "
+          f"{c['median']:.3f}, quartiles {c['q25']:.3f}-{c['q75']:.3f}, {other} faster in "
+          f"{c[f'rounds_{other}_faster']} of {args.rounds} rounds")
     return 0
 
 

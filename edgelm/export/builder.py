@@ -20,6 +20,11 @@ lookup gathers its columns.
 
 Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
 - ``matmul``: every projection is ``MatMul(x, W[K, N])``, the layout ONNX Runtime's quantizers take.
+- ``packed``: every projection and the LM head is ``ai.edgelm.PackedLinear(x, W, b)``, edgelm's own
+  operator (edgelm/runtime/native), over W stored as panels of 16 output columns, (N/16, K, 16):
+  one decode step reads each weight once, front to back. The tied embedding is stored once, packed;
+  the lookup gathers a token's panel and picks its lane. Needs edgelm's operator library wherever
+  the graph runs (edgelm's runtime registers it); fp32, CPU.
 - ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
   ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
   ONNX Runtime's CPU provider turns it into its blocked NCHWc convolution, whose kernel
@@ -47,12 +52,13 @@ from onnx import TensorProto
 from ..errors import UnsupportedModelError
 from .arch import ACTIVATIONS, LAYER_HEADS, LAYER_INNER, ArchSpec, ModelFacts
 from .checkpoint import Checkpoint
+from ..runtime.native import PANEL, pack_panels
 from .graph import GraphBuilder
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
 OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
-LINEAR_LAYOUTS = ("matmul", "conv")
+LINEAR_LAYOUTS = ("matmul", "conv", "packed")
 
 
 def default_linear_layout(dtype: str) -> str:
@@ -138,6 +144,11 @@ class _Linear:
 
     def __call__(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str) -> str:
         g = self.g
+        if self.layout == "packed":
+            inputs = [x, g.weight(f"{name}.weight_panels", pack_panels(weight))]
+            if bias is not None:
+                inputs.append(g.weight(f"{name}.bias", bias))
+            return g.node("PackedLinear", inputs, name=f"{prefix}/PackedLinear", n=weight.shape[1])
         if self.layout == "matmul":
             y = g.node("MatMul", [x, g.weight(f"{name}.weight", weight)], name=f"{prefix}/MatMul")
             if bias is not None:
@@ -151,6 +162,19 @@ class _Linear:
         c = g.node("Conv", [t] + inputs, name=f"{prefix}/Conv")  # (1, N, B*S, 1)
         t = g.node("Transpose", [c], name=f"{prefix}/FromChannels", perm=[0, 2, 3, 1])  # (1, B*S, 1, N)
         return g.node("Reshape", [t, self._shape("out", n)], name=f"{prefix}/FromTokens")
+
+
+def _gather_packed_rows(g: GraphBuilder, table: str, ids: str, d: int, p: str) -> str:
+    """Embedding rows from a packed table (V/16, D, 16): token t is lane t % 16 of panel t // 16."""
+    panel = g.node("Div", [ids, g.const(f"{p}/panel", PANEL)], name=f"{p}/Panel")
+    rows = g.node("Gather", [table, panel], name=f"{p}/Gather", axis=0)  # (B, S, D, 16)
+    lane = g.node("Mod", [ids, g.const(f"{p}/lanes", PANEL)], name=f"{p}/Lane")
+    lane = g.node("Unsqueeze", [lane, g.const(f"{p}/lane_axes", [2, 3])], name=f"{p}/LaneUnsqueeze")  # (B, S, 1, 1)
+    shape = g.node("Concat", [g.node("Shape", [ids], name=f"{p}/Shape"), g.const(f"{p}/rest", [d, 1])],
+                   name=f"{p}/LaneShape", axis=0)
+    lane = g.node("Expand", [lane, shape], name=f"{p}/LaneExpand")  # (B, S, D, 1)
+    picked = g.node("GatherElements", [rows, lane], name=f"{p}/GatherLane", axis=3)
+    return g.node("Squeeze", [picked, g.const(f"{p}/lane_axis", [3])], name=f"{p}/Squeeze")  # (B, S, D)
 
 
 def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
@@ -168,8 +192,8 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
     """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary."""
     if linear_layout not in LINEAR_LAYOUTS:
         raise ValueError(f"linear layout {linear_layout!r} is not one of {LINEAR_LAYOUTS}")
-    if linear_layout == "conv" and dtype != "fp32":
-        raise ValueError("the conv linear layout is for fp32 graphs (ONNX Runtime's NCHWc kernels are fp32)")
+    if linear_layout != "matmul" and dtype != "fp32":
+        raise ValueError(f"the {linear_layout} linear layout is for fp32 graphs (its kernels are fp32)")
     np_dtype, elem = DTYPES[dtype]
     kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
     g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
@@ -209,14 +233,20 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
         p = "/model/embed_tokens"
         wte = ckpt.read(spec.wte).astype(np_dtype)  # (V, D)
-        if facts.tied_embeddings:
+        if facts.tied_embeddings and linear_layout == "packed":
+            emb_table = g.weight("model.embed_tokens.weight_panels", pack_panels(wte.T))  # (V/16, D, 16)
+            tok = _gather_packed_rows(g, emb_table, ids, d, p)
+            lm_head = emb_table
+        elif facts.tied_embeddings:
             emb_table = g.weight("model.embed_tokens.weight_t", wte.T)  # (D, V), shared with lm_head
             cols = g.node("Gather", [emb_table, ids], name=f"{p}/Gather", axis=1)  # (D, B, S)
             tok = g.node("Transpose", [cols], name=f"{p}/Transpose", perm=[1, 2, 0])  # (B, S, D)
             lm_head = emb_table
         else:
             tok = g.node("Gather", [g.weight("model.embed_tokens.weight", wte), ids], name=f"{p}/Gather")
-            lm_head = g.weight("lm_head.weight_t", ckpt.read("lm_head.weight").astype(np_dtype).T)
+            head = ckpt.read("lm_head.weight").astype(np_dtype).T  # (D, V)
+            lm_head = (g.weight("lm_head.weight_panels", pack_panels(head)) if linear_layout == "packed"
+                       else g.weight("lm_head.weight_t", head))
         del wte
         pos = g.node("Gather", [g.weight("model.embed_positions.weight", ckpt.read(spec.wpe).astype(np_dtype)),
                                 pos_ids], name="/model/embed_positions/Gather")
@@ -290,8 +320,11 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                        name=f"{p}/Neg")
         final = g.node("Slice", [final, start, g.const(f"{p}/end", [np.iinfo(np.int64).max]),
                                  g.const(f"{p}/axis1", [1])], name=f"{p}/Slice")
-        logits = g.node("MatMul", [final, lm_head], ["logits" if dtype == "fp32" else "/lm_head/MatMul/output_0"],
-                        name="/lm_head/MatMul")
+        if linear_layout == "packed":
+            logits = g.node("PackedLinear", [final, lm_head], ["logits"], name="/lm_head/PackedLinear", n=facts.vocab_size)
+        else:
+            logits = g.node("MatMul", [final, lm_head], ["logits" if dtype == "fp32" else "/lm_head/MatMul/output_0"],
+                            name="/lm_head/MatMul")
         if dtype != "fp32":
             g.node("Cast", [logits], ["logits"], name="/lm_head/Cast", to=TensorProto.FLOAT)
         g.output("logits", "logits", TensorProto.FLOAT, ["batch", "logits_sequence", facts.vocab_size])

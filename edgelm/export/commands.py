@@ -16,9 +16,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; fp16 is meant for CUDA (default fp32)")
     p.add_argument("--backend", choices=["builder", "optimum"], default="builder",
                    help="builder: edgelm's fused graph (default); optimum: optimum-onnx's exporter")
-    p.add_argument("--linear-layout", choices=["auto", "conv", "matmul"], default="auto",
-                   help="projections as 1x1 convolutions (conv: faster fp32 decode on CPU) or MatMul; "
-                        "auto: conv for fp32, matmul for fp16 (default auto)")
+    p.add_argument("--linear-layout", choices=["auto", "conv", "matmul", "packed"], default="auto",
+                   help="projections as 1x1 convolutions (conv: faster fp32 decode on CPU than MatMul), MatMul, "
+                        "or packed: edgelm's own operator, the fastest fp32 decode on CPU, runnable only where "
+                        "edgelm's runtime is installed; auto: conv for fp32, matmul for fp16 (default auto)")
     p.add_argument("--atol", type=float, default=None,
                    help="max |difference| to PyTorch allowed per output (default 2e-3 for fp32, 5e-2 for fp16)")
     p.add_argument("--rtol", type=float, default=None,

@@ -15,6 +15,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
+EDGELM_DOMAIN = "ai.edgelm"  # edgelm's own operators (edgelm/runtime/native)
+EDGELM_OPS = {"PackedLinear"}
 OPSET = 17
 ALIGN = 4096
 # Weights above 64 MiB go to one external data file, which ONNX Runtime maps instead of copying:
@@ -84,6 +86,8 @@ class GraphBuilder:
             outputs = [f"{name}/output_{k}" for k in range(outputs)]
         domain = MS_DOMAIN if op in {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu", "Gelu",
                                      "MatMulNBits", "GatherBlockQuantized"} else ""
+        if op in EDGELM_OPS:
+            domain = EDGELM_DOMAIN
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -92,11 +96,10 @@ class GraphBuilder:
         if self._data is not None:
             self._data.close()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-            producer_name="edgelm",
-        )
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        if any(n.domain == EDGELM_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(EDGELM_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="edgelm")
         model.ir_version = 8
         with open(path, "wb") as f:
             f.write(model.SerializeToString())

@@ -16,6 +16,7 @@ from ..manifest import FORMAT, SCHEMA_VERSION, read_lineage, write_manifest
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
+from ..runtime import native
 from .builder import LINEAR_LAYOUTS, OPSET_NOTE, build_graph, count_ops, default_linear_layout, io_spec
 from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
@@ -40,7 +41,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                  progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto") -> dict:
     """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder.
 
-    ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv" or "matmul"; see builder.py.
+    ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv", "matmul" or "packed"
+    (edgelm's own operator, which needs edgelm's runtime library wherever the graph runs); see builder.py.
     """
     out = Path(out)
     if dtype not in V.DEFAULT_ATOL:
@@ -51,9 +53,11 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
         linear_layout = default_linear_layout(dtype) if backend == "builder" else "matmul"
     if linear_layout not in LINEAR_LAYOUTS:
         raise InputError(f"linear layout '{linear_layout}' is not supported; choose auto, {', '.join(LINEAR_LAYOUTS)}")
-    if linear_layout == "conv" and (dtype != "fp32" or backend != "builder"):
-        raise InputError("the conv linear layout needs --dtype fp32 and the builder backend; "
+    if linear_layout in ("conv", "packed") and (dtype != "fp32" or backend != "builder"):
+        raise InputError(f"the {linear_layout} linear layout needs --dtype fp32 and the builder backend; "
                          "use --linear-layout matmul (or auto)")
+    if linear_layout == "packed":
+        native.require()  # the graph is validated through the library: refuse now, not after the build
     if atol is not None and not atol > 0:
         raise InputError(f"--atol must be a positive number, got {atol}")
     if rtol is not None and not rtol >= 0:
@@ -82,7 +86,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                                   linear_layout=linear_layout)
             release_memory()
             graph = {"file": "model.onnx", "external_data": "model.onnx.data" if summary["external_data"] else None,
-                     "dtype": dtype, "backend": "builder", "opset": OPSET_NOTE,
+                     "dtype": dtype, "backend": "builder",
+                     "opset": dict(OPSET_NOTE, **({native.DOMAIN: 1} if linear_layout == "packed" else {})),
                      "weight_bytes": summary["weight_bytes"], "linear_layout": linear_layout}
             io = io_spec(facts, dtype)
         graph["operators"] = count_ops(tmp / graph["file"])

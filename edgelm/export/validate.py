@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import native
 from ..errors import ValidationError
 from .arch import ModelFacts
 from .checkpoint import release_memory
@@ -182,6 +183,8 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict):
     # Prepacking would hold a second copy of every MatMul weight while the session loads.
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = False  # give activations back after each step, not at session end
+    if native.library_path():  # packed-layout graphs run edgelm's own operator
+        native.register(opts)
     try:
         sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import ArtifactError, DependencyError, InputError
 from ..manifest import read_manifest
+from . import native
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -102,6 +103,11 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if manifest["graph"].get("linear_layout") == "packed":
+        if provider != "cpu":
+            raise InputError(f"{folder} is in the packed linear layout, whose operator runs on the CPU only: "
+                             "use --provider cpu, or export a CUDA artifact (--dtype fp16)")
+        native.register(opts)
     try:
         session = ort.InferenceSession(str(folder / manifest["graph"]["file"]), opts, providers=[provider_name])
     except Exception as exc:

@@ -1,0 +1,79 @@
+"""edgelm's compiled ONNX Runtime operator library (ai.edgelm.PackedLinear) and its kernels.
+
+The library is built by ``pip install`` from ops.c and kernels.c beside this file (optional: an
+install without a C compiler has none, and only the packed linear layout needs it). ONNX Runtime
+loads it per session (``register``); ctypes reaches the same kernels without ONNX Runtime
+(``kernels``), for tests and for the memory-read probe of edgelm.bench.machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from functools import lru_cache
+from pathlib import Path
+
+from ...errors import DependencyError
+
+DOMAIN = "ai.edgelm"
+PANEL = 16  # output columns per panel of a packed weight (kernels.h)
+HERE = Path(__file__).resolve().parent
+
+
+def library_path() -> Path | None:
+    """The built library, or None when this install has none."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = HERE / f"_edgelm_ops{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def require() -> Path:
+    path = library_path()
+    if path is None:
+        raise DependencyError(
+            "edgelm's operator library is not built (the packed linear layout needs it): reinstall edgelm "
+            "where a C compiler is available (pip install -e . builds it), or export with --linear-layout conv"
+        )
+    return path
+
+
+def register(options) -> None:
+    """Make ONNX Runtime session options know ai.edgelm.PackedLinear."""
+    options.register_custom_ops_library(str(require()))
+
+
+@lru_cache(maxsize=1)
+def kernels() -> ctypes.CDLL:
+    """The kernels through ctypes: edgelm_linear, edgelm_read_sum, edgelm_kernel_isa."""
+    lib = ctypes.CDLL(str(require()))
+    p, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.edgelm_linear.argtypes = [p, size, size, p, p, p, size]
+    lib.edgelm_linear.restype = None
+    lib.edgelm_read_sum.argtypes = [p, size]
+    lib.edgelm_read_sum.restype = ctypes.c_double
+    lib.edgelm_kernel_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the kernels run with here ("avx512f", "avx2" or "generic"), None without the library."""
+    return kernels().edgelm_kernel_isa().decode() if library_path() else None
+
+
+def pack_panels(weight):
+    """A [K, N] weight as PackedLinear's panels: (ceil(N / 16), K, 16), the last panel zero-padded."""
+    import numpy as np
+
+    k, n = weight.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((panels * PANEL, k), dtype=weight.dtype)
+    padded[:n] = weight.T
+    return np.ascontiguousarray(padded.reshape(panels, PANEL, k).transpose(0, 2, 1))
+
+
+def unpack_panels(packed, n: int):
+    """The [K, N] weight back from its panels (the inverse of pack_panels)."""
+    panels, k, lanes = packed.shape
+    return packed.transpose(1, 0, 2).reshape(k, panels * lanes)[:, :n]
