@@ -310,6 +310,59 @@ def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_mod
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_dir, tmp_path, arch):
+    """--linear-layout packed: every projection and the LM head are edgelm's PackedLinear over one
+    packed copy of each weight (the tied table too), validated against PyTorch like any export."""
+    import onnxruntime as ort
+
+    from edgelm.runtime import native
+
+    if native.library_path() is None:
+        pytest.skip("edgelm's operator library is not built")
+    m = export_model(str(tiny_model_dir[arch]), tmp_path / "p", progress=False, linear_layout="packed")
+    layers = m["model"]["facts"]["num_layers"]
+    assert m["graph"]["linear_layout"] == "packed" and m["validation"]["status"] == "passed"
+    assert m["graph"]["operators"]["PackedLinear"] == 4 * layers + 1
+    assert "MatMul" not in m["graph"]["operators"] and "Conv" not in m["graph"]["operators"]
+    assert m["graph"]["opset"]["ai.edgelm"] == 1
+    mm = export_model(str(tiny_model_dir[arch]), tmp_path / "mm", progress=False, linear_layout="matmul")
+    assert m["graph"]["weight_bytes"] >= mm["graph"]["weight_bytes"]  # panels pad N up to a multiple of 16
+    assert m["graph"]["weight_bytes"] < mm["graph"]["weight_bytes"] * 1.05  # and the table is stored once
+
+    feeds = {"input_ids": np.array([[3, 17, 40, 2, 9], [1, 1, 5, 6, 7]], np.int64),
+             "position_ids": np.tile(np.arange(5, dtype=np.int64), (2, 1)),
+             "attention_mask": np.ones((2, 5), dtype=np.int64), "num_logits_to_keep": np.array(5, dtype=np.int64)}
+    for e in m["io"]["kv_cache"]:
+        for name in (e["past_key"], e["past_value"]):
+            feeds[name] = np.zeros((2, e["heads"], 0 if e["kind"] == "full" else 8, e["head_size"]), np.float32)
+    opts = ort.SessionOptions()
+    native.register(opts)
+    packed = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(tmp_path / "mm" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(packed.run(["logits"], feeds)[0], plain.run(["logits"], feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_layout_with_an_untied_lm_head(tmp_path):
+    from edgelm.runtime import native
+
+    if native.library_path() is None:
+        pytest.skip("edgelm's operator library is not built")
+    src = make_tiny_model("gpt2", tmp_path / "untied", seed=5, tie_word_embeddings=False)
+    m = export_model(str(src), tmp_path / "o", progress=False, linear_layout="packed")
+    assert m["validation"]["status"] == "passed" and m["graph"]["operators"]["PackedLinear"] == 4 * 2 + 1
+
+
+def test_packed_layout_without_the_library_is_refused_up_front(tiny_model_dir, tmp_path, monkeypatch):
+    from edgelm.errors import DependencyError
+    from edgelm.runtime import native
+
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    with pytest.raises(DependencyError, match="operator library is not built.*--linear-layout conv"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "a", linear_layout="packed", progress=False)
+    assert not (tmp_path / "a").exists()
+
+
 def test_conv_layout_needs_fp32_and_the_builder(tiny_model_dir, tmp_path):
     from edgelm.errors import InputError
 
@@ -318,8 +371,10 @@ def test_conv_layout_needs_fp32_and_the_builder(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="conv linear layout needs"):
         export_model(str(tiny_model_dir["gpt2"]), tmp_path / "b", backend="optimum", linear_layout="conv",
                      progress=False)
+    with pytest.raises(InputError, match="packed linear layout needs --dtype fp32"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "p", dtype="fp16", linear_layout="packed", progress=False)
     with pytest.raises(InputError, match="linear layout 'dense' is not supported"):
         export_model(str(tiny_model_dir["gpt2"]), tmp_path / "c", linear_layout="dense", progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "p").exists()
     m = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "h", dtype="fp16", progress=False)
     assert m["graph"]["linear_layout"] == "matmul"  # auto: fp16 graphs are for CUDA

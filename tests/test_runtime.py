@@ -51,6 +51,34 @@ def test_left_padded_batch_matches_transformers(embedded_artifact, name):
     assert len({len(r.prompt_ids) for r in ours}) == 2  # the prompts really had different lengths
 
 
+@pytest.fixture(scope="module")
+def packed_artifact(tmp_path_factory):
+    """{name: artifact} of the embedded models in the packed linear layout (edgelm's own operator)."""
+    from edgelm.export import export_model
+    from edgelm.runtime import native
+
+    if native.library_path() is None:
+        pytest.skip("edgelm's operator library is not built")
+    root = tmp_path_factory.mktemp("packed")
+    return {name: export_model(str(d), root / name, progress=False, linear_layout="packed") and root / name
+            for name, d in EMBEDDED_MODELS.items()}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_packed_layout_matches_transformers(packed_artifact, name):
+    """Greedy past GPT-Neo's local window, and a left-padded batch (prompt steps of 2 rows through the kernel)."""
+    gen = Generator.load(packed_artifact[name])
+    ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
+    assert ours.token_ids == _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
+    batch = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=40, stop_at_eos=False))
+    assert [r.token_ids for r in batch] == _hf_greedy(EMBEDDED_MODELS[name], PROMPTS, 40)
+
+
+def test_packed_layout_runs_on_the_cpu_only(packed_artifact):
+    with pytest.raises(InputError, match="packed linear layout, whose operator runs on the CPU only"):
+        Generator.load(packed_artifact["gpt2"], provider="cuda")
+
+
 def test_tiny_models_match_transformers(tiny_artifact, tiny_model_dir):
     for arch in ("gpt2", "gpt_neo"):  # tiny GPT-Neo window is 4
         gen = Generator.load(tiny_artifact[arch])

@@ -96,6 +96,10 @@ class Artifact:
 def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None) -> Artifact:
     folder = Path(folder)
     manifest = read_manifest(folder)
+    packed = manifest["graph"].get("linear_layout") == "packed"
+    if packed and provider != "cpu":
+        raise InputError(f"{folder} is in the packed linear layout, whose operator runs on the CPU only: "
+                         "use --provider cpu, or export a CUDA artifact (--dtype fp16)")
     provider_name = check_provider(provider)
     ort = _ort()
     opts = ort.SessionOptions()
@@ -103,10 +107,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    if manifest["graph"].get("linear_layout") == "packed":
-        if provider != "cpu":
-            raise InputError(f"{folder} is in the packed linear layout, whose operator runs on the CPU only: "
-                             "use --provider cpu, or export a CUDA artifact (--dtype fp16)")
+    if packed:
         native.register(opts)
     try:
         session = ort.InferenceSession(str(folder / manifest["graph"]["file"]), opts, providers=[provider_name])

@@ -1,6 +1,7 @@
 /* The packed linear kernel and the read probe, for AVX-512, AVX2 and any other CPU (see kernels.h). */
 #include "kernels.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- portable kernel: plain C over the 16 lanes of a panel (the compiler vectorizes it) -------- */
@@ -133,12 +134,17 @@ static void panels_avx2(const float *x, size_t m, size_t k, const float *w, cons
 typedef void (*panels_fn)(const float *, size_t, size_t, const float *, const float *, float *, size_t, size_t, size_t);
 typedef double (*read_fn)(const float *, size_t);
 
-static int isa(void) {  /* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic */
+/* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic. EDGELM_KERNEL_ISA=avx2|generic picks a lesser kernel
+ * (the tests run every kernel on one machine); it never picks one the CPU lacks. */
+static int isa(void) {
 #ifdef HAVE_X86
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx512f") ? 2 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+        const char *want = getenv("EDGELM_KERNEL_ISA");
+        if (want && strcmp(want, "avx2") == 0 && cached > 1) cached = 1;
+        if (want && strcmp(want, "generic") == 0) cached = 0;
     }
     return cached;
 #else

@@ -1,0 +1,106 @@
+"""edgelm's operator library: the packed linear kernels against numpy, and PackedLinear inside ONNX Runtime."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgelm.runtime import native
+
+pytestmark = pytest.mark.skipif(native.library_path() is None, reason="edgelm's operator library is not built")
+
+# odd sizes reach every tail: a last panel of 1-15 columns, K not a multiple of 4, 1-6 rows
+SHAPES = [(37, 17), (64, 16), (768, 50), (5, 3)]
+
+
+def _linear(x, packed, bias, n):
+    m, k = x.shape
+    y = np.full((m, n), np.nan, np.float32)
+    native.kernels().edgelm_linear(x.ctypes.data, m, k, packed.ctypes.data,
+                                   None if bias is None else bias.ctypes.data, y.ctypes.data, n)
+    return y
+
+
+def test_pack_and_unpack_are_inverse():
+    w = np.random.default_rng(0).standard_normal((9, 35)).astype(np.float32)
+    packed = native.pack_panels(w)
+    assert packed.shape == (3, 9, 16) and not packed[2, :, 3:].any()  # 35 = 2 * 16 + 3: zero padding
+    assert np.array_equal(packed[1, 4], w[4, 16:32])
+    assert np.array_equal(native.unpack_panels(packed, 35), w)
+
+
+def test_kernel_matches_numpy():
+    rng = np.random.default_rng(1)
+    for k, n in SHAPES:
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        packed = native.pack_panels(w)
+        for m in (1, 2, 4, 6):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            np.testing.assert_allclose(_linear(x, packed, b, n), x @ w + b, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(_linear(x, packed, None, n), x @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_kernel_matches_numpy(isa):
+    """The lesser kernels (picked with EDGELM_KERNEL_ISA) give the same results, in a fresh process."""
+    code = ("import numpy as np, tests.test_native as t; from edgelm.runtime import native; "
+            "t.test_kernel_matches_numpy(); print(native.kernel_isa())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EDGELM_KERNEL_ISA": isa},
+                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] in (isa, "generic")  # a CPU without AVX2 runs the generic kernel
+
+
+def test_read_sum_reads_every_float():
+    x = np.random.default_rng(2).standard_normal(1000 * 64 + 13).astype(np.float32)
+    total = native.kernels().edgelm_read_sum(x.ctypes.data, x.size)
+    assert total == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-4, abs=1e-2)
+    assert native.kernel_isa() in ("avx512f", "avx2", "generic")
+
+
+def _session(n, k, bias: bool, packed=None):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    inits = [numpy_helper.from_array(native.pack_panels(w) if packed is None else packed, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(b, "B"))
+        inputs.append("B")
+    node = helper.make_node("PackedLinear", inputs, ["y"], domain=native.DOMAIN, n=n)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    native.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), w, b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_runs_in_onnx_runtime(bias):
+    rng = np.random.default_rng(4)
+    for k, n in SHAPES:
+        sess, w, b = _session(n, k, bias)
+        for shape in [(1, 1, k), (2, 7, k), (3, k), (1, 0, k)]:  # decode, a batch of prompts, 2-D, no rows
+            x = rng.standard_normal(shape).astype(np.float32)
+            y = sess.run(None, {"x": x})[0]
+            assert y.shape == shape[:-1] + (n,)
+            np.testing.assert_allclose(y, x @ w + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_rejects_mismatched_shapes():
+    sess, _, _ = _session(17, 37, True)
+    with pytest.raises(Exception, match="X has 36 features, W has 37"):
+        sess.run(None, {"x": np.zeros((1, 36), np.float32)})
+    with pytest.raises(Exception, match=r"W must be \(2, K, 16\) panels for n = 17"):
+        _session(17, 37, False, packed=np.zeros((1, 37, 16), np.float32))[0].run(None, {"x": np.zeros((1, 37), np.float32)})
