@@ -91,6 +91,13 @@ class EdgelmMatMul(Edgelm):
     layout = "matmul"
 
 
+class EdgelmPacked(Edgelm):
+    """The same runtime on the packed layout: every projection is edgelm's PackedLinear operator."""
+
+    name = "edgelm-packed"
+    layout = "packed"
+
+
 class _HFGenerate:
     model = None
 
@@ -135,7 +142,7 @@ class PyTorch(_HFGenerate):
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
 
 
-SYSTEMS = {"edgelm": Edgelm, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum, "pytorch": PyTorch}
+SYSTEMS = {"edgelm": Edgelm, "edgelm-packed": EdgelmPacked, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum, "pytorch": PyTorch}
 
 
 def bench_model(name: str, systems: list[str], batches: list[int], repeats: int, prompt_len: int,
@@ -237,8 +244,9 @@ def write_report(data: dict, out: Path) -> None:
         "Random weights, real configurations; prompt of 32 random tokens; greedy; EOS ignored; "
         "median over repeats; systems interleaved within a repeat for the 125M shapes "
         "(one system in memory at a time for the large ones). edgelm: the default fp32 export "
-        "(projections as 1x1 Conv, ONNX Runtime's NCHWc kernels); edgelm-matmul: the same graph with "
-        "MatMul projections.",
+        "(projections as 1x1 Conv, ONNX Runtime's NCHWc kernels); edgelm-packed: `--linear-layout packed` "
+        "(every projection and the LM head as edgelm's PackedLinear operator, weights in 16-column panels); "
+        "edgelm-matmul: MatMul projections.",
         "",
         "| model | batch | system | decode tok/s | TTFT ms | vs Optimum | vs PyTorch | ceiling tok/s | of ceiling "
         "| of best |",
@@ -302,8 +310,8 @@ def _plot(rows, path: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="gpt2,gpt-neo-125M,gpt2-xl,gpt-neo-2.7B")
-    p.add_argument("--systems", default="edgelm,edgelm-matmul,optimum,pytorch")
-    p.add_argument("--big-systems", default="edgelm,pytorch",
+    p.add_argument("--systems", default="edgelm,edgelm-packed,edgelm-matmul,optimum,pytorch")
+    p.add_argument("--big-systems", default="edgelm,edgelm-packed,pytorch",
                    help="systems for models outside the 125M shapes (Optimum's export of 2.7B does not fit)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
