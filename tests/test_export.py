@@ -324,7 +324,8 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     layers = m["model"]["facts"]["num_layers"]
     assert m["graph"]["linear_layout"] == "packed" and m["validation"]["status"] == "passed"
     assert m["graph"]["operators"]["PackedLinear"] == 4 * layers + 1
-    assert "MatMul" not in m["graph"]["operators"] and "Conv" not in m["graph"]["operators"]
+    for op in ("MatMul", "Conv", "FastGelu"):  # GELU runs inside the MLP's first PackedLinear
+        assert op not in m["graph"]["operators"]
     assert m["graph"]["opset"]["ai.edgelm"] == 1
     mm = export_model(str(tiny_model_dir[arch]), tmp_path / "mm", progress=False, linear_layout="matmul")
     assert m["graph"]["weight_bytes"] >= mm["graph"]["weight_bytes"]  # panels pad N up to a multiple of 16
@@ -341,6 +342,20 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     packed = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     plain = ort.InferenceSession(str(tmp_path / "mm" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(packed.run(["logits"], feeds)[0], plain.run(["logits"], feeds)[0], rtol=1e-4, atol=1e-5)
+
+    # turned back for the quantizers, it is the MatMul export node for node and weight for weight
+    from edgelm.optimize.onnx_edit import packed_to_matmul
+
+    model = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert packed_to_matmul(model) == 4 * layers + 1
+    reference = onnx.load(str(tmp_path / "mm" / "model.onnx"))
+    assert [(n.op_type, n.name, list(n.input)) for n in model.graph.node] == \
+        [(n.op_type, n.name, list(n.input)) for n in reference.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert weights.keys() == expected.keys()
+    assert all(np.array_equal(weights[k], expected[k]) for k in expected)
+    assert [o.domain for o in model.opset_import] == [o.domain for o in reference.opset_import]
 
 
 def test_packed_layout_with_an_untied_lm_head(tmp_path):

@@ -35,7 +35,16 @@ def test_pack_and_unpack_are_inverse():
     assert np.array_equal(native.unpack_panels(packed, 35), w)
 
 
+def _gelu_tanh(v):
+    v = v.astype(np.float64)
+    return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+
+
 def test_kernel_matches_numpy():
+    v = np.concatenate([np.linspace(-30, 30, 20001), [0.0, -1e-30, 1e-30, 88.0, -88.0, 1e4, -1e4]]).astype(np.float32)
+    y = v.copy()
+    native.kernels().edgelm_gelu_tanh(y.ctypes.data, y.size)
+    np.testing.assert_allclose(y, _gelu_tanh(v), rtol=1e-5, atol=1e-6)  # float32 reach
     rng = np.random.default_rng(1)
     for k, n in SHAPES:
         w = rng.standard_normal((k, n)).astype(np.float32)
@@ -65,7 +74,7 @@ def test_read_sum_reads_every_float():
     assert native.kernel_isa() in ("avx512f", "avx2", "generic")
 
 
-def _session(n, k, bias: bool, packed=None):
+def _session(n, k, bias: bool, packed=None, **attrs):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -77,7 +86,7 @@ def _session(n, k, bias: bool, packed=None):
     if bias:
         inits.append(numpy_helper.from_array(b, "B"))
         inputs.append("B")
-    node = helper.make_node("PackedLinear", inputs, ["y"], domain=native.DOMAIN, n=n)
+    node = helper.make_node("PackedLinear", inputs, ["y"], domain=native.DOMAIN, n=n, **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
@@ -96,6 +105,17 @@ def test_packed_linear_runs_in_onnx_runtime(bias):
             y = sess.run(None, {"x": x})[0]
             assert y.shape == shape[:-1] + (n,)
             np.testing.assert_allclose(y, x @ w + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_applies_gelu():
+    rng = np.random.default_rng(5)
+    for k, n in SHAPES:
+        sess, w, b = _session(n, k, True, activation=1)
+        for shape in [(1, 1, k), (2, 7, k)]:
+            x = rng.standard_normal(shape).astype(np.float32)
+            np.testing.assert_allclose(sess.run(None, {"x": x})[0], _gelu_tanh(x @ w + b), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="activation 7 is not 0"):
+        _session(17, 37, True, activation=7)
 
 
 def test_packed_linear_rejects_mismatched_shapes():

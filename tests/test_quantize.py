@@ -172,6 +172,21 @@ def test_smoothing_alone_preserves_the_model(outlier_artifact):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_a_packed_layout_source_is_quantized_like_the_default(tiny_model_dir, tmp_path, eval_text):
+    from edgelm.export import export_model
+    from edgelm.runtime import native
+
+    if native.library_path() is None:
+        pytest.skip("edgelm's operator library is not built")
+    src = tmp_path / "packed"
+    export_model(str(tiny_model_dir["gpt2"]), src, progress=False, linear_layout="packed")
+    manifest = quantize(src, tmp_path / "q", eval_text, mode="int4-weight")
+    ops = manifest["graph"]["operators"]
+    assert manifest["graph"]["linear_layout"] == "matmul" and "PackedLinear" not in ops
+    assert ops["MatMulNBits"] == 4 * 2 + 1 and ops["GatherBlockQuantized"] == 1
+    assert logits_error(src, tmp_path / "q") < TOLERANCE["int4-weight"]
+
+
 # -- every mode, end to end -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,mode", [("gpt2", m) for m in MODES] + [("gpt_neo", "int8-dynamic"),
                                                                        ("gpt_neo", "int4-weight")])

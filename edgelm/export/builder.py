@@ -8,7 +8,7 @@ a 1x1 Conv in the conv linear layout):
     attn, present_k, present_v = GroupQueryAttention(qkv, past_k, past_v, seqlens_k, total_len,
                                                      attention_bias)   # (B, S, N*H), (B, N, L, H)
     x, resid = SkipLayerNormalization(MatMul(attn, W_o), resid, ln_2, bias=b_o)
-    mlp_out  = MatMul(FastGelu(MatMul(x, W_fc), b_fc), W_proj)
+    mlp_out  = MatMul(FastGelu(MatMul(x, W_fc), b_fc), W_proj)   # packed: PackedLinear(x, W_fc, b_fc, gelu)
 
 N (heads) and the MLP width may differ per layer (structurally pruned models: ``facts.layer_heads``,
 ``facts.layer_inner``); the head size H is the same in every layer.
@@ -59,6 +59,7 @@ DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorPr
 MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
 OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
 LINEAR_LAYOUTS = ("matmul", "conv", "packed")
+PACKED_GELU_TANH = 1  # PackedLinear's activation attribute for FastGelu (edgelm/runtime/native/ops.c)
 
 
 def default_linear_layout(dtype: str) -> str:
@@ -142,13 +143,18 @@ class _Linear:
                                                 name=p, axis=0)
         return self._shapes[key]
 
-    def __call__(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str) -> str:
+    def __call__(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str,
+                 gelu: bool = False) -> str:
+        """``gelu`` (packed layout only): GELU's tanh form on the output, in the same operator."""
         g = self.g
         if self.layout == "packed":
             inputs = [x, g.weight(f"{name}.weight_panels", pack_panels(weight))]
             if bias is not None:
                 inputs.append(g.weight(f"{name}.bias", bias))
-            return g.node("PackedLinear", inputs, name=f"{prefix}/PackedLinear", n=weight.shape[1])
+            extra = {"activation": PACKED_GELU_TANH} if gelu else {}
+            return g.node("PackedLinear", inputs, name=f"{prefix}/PackedLinear", n=weight.shape[1], **extra)
+        if gelu:
+            raise ValueError("a fused activation needs the packed layout")
         if self.layout == "matmul":
             y = g.node("MatMul", [x, g.weight(f"{name}.weight", weight)], name=f"{prefix}/MatMul")
             if bias is not None:
@@ -295,10 +301,13 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             # MLP
             wf, bf = w.linear(spec.fc, i)
             _check_shape(facts, i, "MLP input", wf, (d, m))
-            f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
-            if act_op == "FastGelu":
+            if act_op == "FastGelu" and linear_layout == "packed":  # bias and GELU inside the operator
+                a = linear(x, f"{p}.mlp.fc", wf, bf, f"{p}/mlp/fc", gelu=True)
+            elif act_op == "FastGelu":
+                f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
                 a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
             else:
+                f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
                 f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
                 a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
             wp, bp = w.linear(spec.proj, i)

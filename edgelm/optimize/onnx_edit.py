@@ -153,10 +153,74 @@ def declare_float_outputs(model: onnx.ModelProto) -> int:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    """Load a graph for editing, its projections as MatMul (conv-layout graphs are turned back)."""
+    """Load a graph for editing, its projections as MatMul (conv- and packed-layout graphs are turned back)."""
     model = onnx.load(str(path), load_external_data=True)
     conv_to_matmul(model)
+    packed_to_matmul(model)
     return model
+
+
+def packed_to_matmul(model: onnx.ModelProto) -> int:
+    """Turn the builder's packed layout (``ai.edgelm.PackedLinear``) back into the MatMul graph.
+
+    Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
+    unpacked under the name the MatMul export gives it (".weight_panels" -> ".weight", and the tied
+    table -> "model.embed_tokens.weight_t"); the packed embedding lookup (Div, Gather, Mod, ...,
+    GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
+    The result is node for node the ``linear_layout="matmul"`` export. Returns how many were turned.
+    """
+    from ..runtime.native import unpack_panels
+
+    g = Graph(model)
+    names = {"model.embed_tokens.weight_panels": "model.embed_tokens.weight_t", "lm_head.weight_panels": "lm_head.weight_t"}
+    turned = 0
+    for node in [n for n in g.graph.node if n.op_type == "PackedLinear"]:
+        n = next(a.i for a in node.attribute if a.name == "n")
+        weight = node.input[1]
+        new_name = names.get(weight, weight.removesuffix("_panels"))
+        if g.initializer(new_name) is None:  # the tied table: unpacked once, for the head and the lookup
+            tensor = g.initializer(weight)
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(unpack_panels(g.array(weight), n)), new_name))
+            g._init[new_name] = g._init.pop(weight)
+        base = node.name.removesuffix("/PackedLinear")
+        out = node.output[0]
+        activation = next((a.i for a in node.attribute if a.name == "activation"), 0)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        nodes = [helper.make_node("MatMul", [node.input[0], new_name], [f"{base}/MatMul/output_0"], name=f"{base}/MatMul")]
+        if activation:  # the builder's MLP: FastGelu(MatMul(x, W_fc), b_fc)
+            act = base.rpartition("/")[0] + "/act/FastGelu"
+            nodes.append(helper.make_node("FastGelu", [nodes[-1].output[0], bias], [f"{act}/output_0"], name=act,
+                                          domain="com.microsoft"))
+        elif bias:
+            nodes.append(helper.make_node("Add", [nodes[-1].output[0], bias], [f"{base}/Add/output_0"], name=f"{base}/Add"))
+        if g.is_graph_output(out):
+            nodes[-1].output[0] = out
+        else:
+            for consumer in g.consumers(out):
+                consumer.input[:] = [nodes[-1].output[0] if i == out else i for i in consumer.input]
+        g.replace(node, nodes)
+        turned += 1
+    lookup = "/model/embed_tokens"
+    squeeze = next((n for n in g.graph.node if n.name == f"{lookup}/Squeeze"), None)
+    if squeeze is not None:
+        panel = g.node(f"{lookup}/Panel")
+        table = names.get(g.node(f"{lookup}/Gather").input[0])
+        gathered = helper.make_node("Gather", [table, panel.input[0]], [f"{lookup}/Gather/output_0"],
+                                    name=f"{lookup}/Gather", axis=1)  # (D, B, S)
+        tokens = helper.make_node("Transpose", [gathered.output[0]], [f"{lookup}/Transpose/output_0"],
+                                  name=f"{lookup}/Transpose", perm=[1, 2, 0])  # (B, S, D)
+        for consumer in g.consumers(squeeze.output[0]):
+            consumer.input[:] = [tokens.output[0] if i == squeeze.output[0] else i for i in consumer.input]
+        for old in [n for n in g.graph.node if n.name.startswith(f"{lookup}/") and n is not panel]:
+            g.graph.node.remove(old)
+        g.replace(panel, [gathered, tokens])
+    if turned:
+        _remove_dead_nodes(g)
+        g.remove_unused_initializers()
+        domains = [o for o in model.opset_import if o.domain == "ai.edgelm"]
+        for o in domains:
+            model.opset_import.remove(o)
+    return turned
 
 
 def conv_to_matmul(model: onnx.ModelProto) -> int:

@@ -1,6 +1,8 @@
 /* The packed linear kernel and the read probe, for AVX-512, AVX2 and any other CPU (see kernels.h). */
 #include "kernels.h"
 
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +22,28 @@ static void panels_generic(const float *x, size_t m, size_t k, const float *w, c
     }
 }
 
+/* GELU, tanh form (GPT-2's gelu_new, ONNX Runtime's FastGelu): 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
+ * = v / (1 + exp(-2 sqrt(2/pi) (v + 0.044715 v^3))). exp is 2^t = 2^floor(t) * p(t - floor(t)), p a
+ * degree-6 polynomial for 2^f on [0, 1) (relative error about 2e-7), so the loop vectorizes. */
+static inline float gelu_tanh(float v) {
+    float a = -1.5957691216057308f * (v + 0.044715f * v * v * v);
+    a = a < -87.0f ? -87.0f : (a > 87.0f ? 87.0f : a);
+    float t = a * 1.4426950408889634f, fl = floorf(t), f = t - fl;
+    float p = 1.540353e-4f;
+    p = p * f + 1.333355e-3f;
+    p = p * f + 9.618129e-3f;
+    p = p * f + 5.550411e-2f;
+    p = p * f + 2.402265e-1f;
+    p = p * f + 6.931472e-1f;
+    p = p * f + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)fl + 127) << 23};
+    return v / (1.0f + p * scale.f);
+}
+
+static void gelu_generic(float *y, size_t count) {
+    for (size_t i = 0; i < count; i++) y[i] = gelu_tanh(y[i]);
+}
+
 static double read_generic(const float *x, size_t n) {
     float acc[16] = {0};
     size_t i = 0;
@@ -36,6 +60,40 @@ static double read_generic(const float *x, size_t n) {
 #define HAVE_X86 1
 
 /* ---- AVX-512: one zmm is one panel row ------------------------------------------------------- */
+/* One panel for m > 1 rows: blocks of 8 rows share each weight load (8 accumulators; the panel,
+ * 64 K bytes, stays in L1/L2 from one block to the next, so memory is read once), then 4, then 1. */
+__attribute__((target("avx512f")))
+static void rows_avx512(const float *x, size_t m, size_t k, const float *wp, __m512 bias, __mmask16 mask,
+                        float *y, size_t n) {
+    size_t r = 0;
+    for (; r + 8 <= m; r += 8) {
+        const float *xr = x + r * k;
+        __m512 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
+        for (size_t i = 0; i < k; i++) {
+            __m512 wv = _mm512_loadu_ps(wp + i * 16);
+            for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[j * k + i]), a[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm512_mask_storeu_ps(y + (r + j) * n, mask, _mm512_add_ps(a[j], bias));
+    }
+    for (; r + 4 <= m; r += 4) {
+        const float *xr = x + r * k;
+        __m512 a[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm512_setzero_ps();
+        for (size_t i = 0; i < k; i++) {
+            __m512 wv = _mm512_loadu_ps(wp + i * 16);
+            for (int j = 0; j < 4; j++) a[j] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[j * k + i]), a[j]);
+        }
+        for (int j = 0; j < 4; j++) _mm512_mask_storeu_ps(y + (r + j) * n, mask, _mm512_add_ps(a[j], bias));
+    }
+    for (; r < m; r++) {
+        const float *xr = x + r * k;
+        __m512 a0 = _mm512_setzero_ps();
+        for (size_t i = 0; i < k; i++) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wp + i * 16), _mm512_set1_ps(xr[i]), a0);
+        _mm512_mask_storeu_ps(y + r * n, mask, _mm512_add_ps(a0, bias));
+    }
+}
+
 __attribute__((target("avx512f")))
 static void panels_avx512(const float *x, size_t m, size_t k, const float *w, const float *b,
                           float *y, size_t n, size_t p0, size_t p1) {
@@ -44,7 +102,6 @@ static void panels_avx512(const float *x, size_t m, size_t k, const float *w, co
         size_t col = p * EDGELM_PANEL;
         __mmask16 mask = n - col >= EDGELM_PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - col)) - 1);
         __m512 bias = b ? _mm512_maskz_loadu_ps(mask, b + col) : _mm512_setzero_ps();
-        size_t r = 0;
         if (m == 1) {  /* decode: four independent sums hide the FMA latency; the stream is the limit */
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             size_t i = 0;
@@ -59,28 +116,33 @@ static void panels_avx512(const float *x, size_t m, size_t k, const float *w, co
             _mm512_mask_storeu_ps(y + col, mask, _mm512_add_ps(s, bias));
             continue;
         }
-        /* several rows: four at a time share each weight load (the panel stays in L2 between blocks) */
-        for (; r + 4 <= m; r += 4) {
-            const float *x0 = x + r * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (size_t i = 0; i < k; i++) {
-                __m512 wv = _mm512_loadu_ps(wp + i * 16);
-                a0 = _mm512_fmadd_ps(wv, _mm512_set1_ps(x0[i]), a0);
-                a1 = _mm512_fmadd_ps(wv, _mm512_set1_ps(x1[i]), a1);
-                a2 = _mm512_fmadd_ps(wv, _mm512_set1_ps(x2[i]), a2);
-                a3 = _mm512_fmadd_ps(wv, _mm512_set1_ps(x3[i]), a3);
-            }
-            _mm512_mask_storeu_ps(y + (r + 0) * n + col, mask, _mm512_add_ps(a0, bias));
-            _mm512_mask_storeu_ps(y + (r + 1) * n + col, mask, _mm512_add_ps(a1, bias));
-            _mm512_mask_storeu_ps(y + (r + 2) * n + col, mask, _mm512_add_ps(a2, bias));
-            _mm512_mask_storeu_ps(y + (r + 3) * n + col, mask, _mm512_add_ps(a3, bias));
-        }
-        for (; r < m; r++) {
-            const float *xr = x + r * k;
-            __m512 a0 = _mm512_setzero_ps();
-            for (size_t i = 0; i < k; i++) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wp + i * 16), _mm512_set1_ps(xr[i]), a0);
-            _mm512_mask_storeu_ps(y + r * n + col, mask, _mm512_add_ps(a0, bias));
-        }
+        /* several rows (a prompt, a batch): see rows_avx512 */
+        rows_avx512(x, m, k, wp, bias, mask, y + col, n);
+    }
+}
+
+/* gelu_tanh above, 16 lanes at a time */
+__attribute__((target("avx512f")))
+static void gelu_avx512(float *y, size_t count) {
+    for (size_t i = 0; i < count; i += 16) {
+        __mmask16 mask = count - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(mask, y + i);
+        __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        __m512 a = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f), _mm512_fmadd_ps(cube, _mm512_set1_ps(0.044715f), v));
+        a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+        __m512 t = _mm512_mul_ps(a, _mm512_set1_ps(1.4426950408889634f));
+        __m512 fl = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512 f = _mm512_sub_ps(t, fl);
+        __m512 p = _mm512_set1_ps(1.540353e-4f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fl), _mm512_set1_epi32(127)), 23));
+        __m512 e = _mm512_fmadd_ps(p, scale, _mm512_set1_ps(1.0f));
+        _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(v, e));
     }
 }
 
@@ -159,6 +221,13 @@ void edgelm_linear_panels(const float *x, size_t m, size_t k, const float *w, co
     if (isa() == 1) { panels_avx2(x, m, k, w, b, y, n, p0, p1); return; }
 #endif
     panels_generic(x, m, k, w, b, y, n, p0, p1);
+}
+
+void edgelm_gelu_tanh(float *y, size_t count) {
+#ifdef HAVE_X86
+    if (isa() == 2) { gelu_avx512(y, count); return; }
+#endif
+    gelu_generic(y, count);
 }
 
 double edgelm_read_sum(const float *x, size_t n) {

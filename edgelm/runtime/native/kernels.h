@@ -18,6 +18,9 @@
 EDGELM_EXPORT void edgelm_linear_panels(const float *x, size_t m, size_t k, const float *w, const float *b,
                           float *y, size_t n, size_t p0, size_t p1);
 
+/* y = gelu(y) in place, GELU's tanh form (GPT-2's gelu_new), the PackedLinear activation. */
+EDGELM_EXPORT void edgelm_gelu_tanh(float *y, size_t count);
+
 /* Sum of n floats, read with the widest loads the CPU has: the memory-read probe of
  * edgelm.bench.machine (a read kernel as lean as the linear kernel's own). */
 EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);

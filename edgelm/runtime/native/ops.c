@@ -1,8 +1,9 @@
 /* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear on the CPU provider.
  *
- *   Y = PackedLinear(X, W, B?)   attribute n: the number of output columns
+ *   Y = PackedLinear(X, W, B?)   attributes: n, the number of output columns;
+ *                                activation (optional): 0 none (default), 1 GELU's tanh form (FastGelu)
  *   X: float (..., K)   W: float (ceil(n / 16), K, 16), 16-column panels (kernels.h)   B: float (n)
- *   Y: float (..., n)
+ *   Y: float (..., n) = activation(X W + B)
  *
  * ONNX Runtime loads the library with SessionOptions.register_custom_ops_library (it calls
  * RegisterCustomOps below); the panels of each call are split over ONNX Runtime's own intra-op
@@ -21,15 +22,19 @@
 
 static const OrtApi *g_api;
 
+enum { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
+
 typedef struct {
-    int64_t n;       /* output columns */
-    size_t chunks;   /* contiguous panel ranges handed to the thread pool per call */
+    int64_t n;          /* output columns */
+    int64_t activation; /* ACTIVATION_* */
+    size_t chunks;      /* contiguous panel ranges handed to the thread pool per call */
 } PackedLinearKernel;
 
 typedef struct {
     const float *x, *w, *b;
     float *y;
     size_t m, k, n, panels, chunks;
+    int64_t activation;
 } Job;
 
 static OrtStatus *fail(int code, const char *fmt, ...) {
@@ -45,6 +50,10 @@ static void run_chunk(void *data, size_t chunk) {
     const Job *j = (const Job *)data;
     size_t p0 = j->panels * chunk / j->chunks, p1 = j->panels * (chunk + 1) / j->chunks;
     edgelm_linear_panels(j->x, j->m, j->k, j->w, j->b, j->y, j->n, p0, p1);
+    if (j->activation == ACTIVATION_GELU_TANH) {  /* on the columns just written, still in cache */
+        size_t c0 = p0 * EDGELM_PANEL, c1 = p1 * EDGELM_PANEL < j->n ? p1 * EDGELM_PANEL : j->n;
+        for (size_t r = 0; r < j->m; r++) edgelm_gelu_tanh(j->y + r * j->n + c0, c1 - c0);
+    }
 }
 
 /* Shape of input `index` into dims (at most MAX_RANK); *rank = -1 when the input is absent. */
@@ -93,7 +102,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
         (st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)))
         return st;
 
-    Job job = {x, w, b, y, m, (size_t)k, (size_t)n, (size_t)panels, op->chunks < (size_t)panels ? op->chunks : (size_t)panels};
+    Job job = {x, w, b, y, m, (size_t)k, (size_t)n, (size_t)panels,
+               op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation};
     return ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
 }
 
@@ -103,9 +113,18 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "n", &n);
     if (st) return st;
     if (n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: attribute n is %lld, must be positive", (long long)n);
+    int64_t activation = ACTIVATION_NONE;
+    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "activation", &activation))) {
+        ORT_FN(g_api, ReleaseStatus)(st);  /* absent: none */
+        activation = ACTIVATION_NONE;
+    }
+    if (activation != ACTIVATION_NONE && activation != ACTIVATION_GELU_TANH)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: activation %lld is not 0 (none) or 1 (gelu_tanh)",
+                    (long long)activation);
     PackedLinearKernel *k = (PackedLinearKernel *)malloc(sizeof *k);
     if (!k) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
     k->n = n;
+    k->activation = activation;
     /* Each thread takes whole chunks: a few per thread keeps them balanced while each stays one
      * long run of addresses for the prefetchers. EDGELM_LINEAR_CHUNKS overrides (experiments). */
     const char *env = getenv("EDGELM_LINEAR_CHUNKS");
