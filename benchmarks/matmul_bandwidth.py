@@ -9,9 +9,10 @@ without prepacking, beside the machine's read bandwidth measured the same way as
 benchmark's ceiling (edgelm.bench.machine.measure_bandwidth).
 
 Then the 48 projections of GPT-2 124M (random weights, real shapes, 340 MB) one after another, in
-the two linear layouts edgelm exports: MatMul(x, W[K, N]) and the 1x1 Conv form
-(Reshape -> Transpose -> Conv -> Transpose -> Reshape, which ONNX Runtime runs as NCHWc), in
-interleaved rounds with the bandwidth measured between rounds. Writes results/matmul_bandwidth.json.
+the three linear layouts edgelm exports: MatMul(x, W[K, N]), the 1x1 Conv form
+(Reshape -> Transpose -> Conv -> Transpose -> Reshape, which ONNX Runtime runs as NCHWc) and
+edgelm's PackedLinear over 16-column panels (when its operator library is built), in interleaved
+rounds with the bandwidth measured between rounds. Writes results/matmul_bandwidth.json.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def chain_model(layout: str, layers: int = 12, d: int = 768):
             inits.append(numpy_helper.from_array(w, f"w{i}"))
             nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]))
             continue
+        if layout == "packed":
+            from edgelm.runtime.native import DOMAIN, pack_panels
+
+            inits.append(numpy_helper.from_array(pack_panels(w), f"w{i}"))
+            nodes.append(helper.make_node("PackedLinear", [f"x{i}", f"w{i}"], [f"y{i}"], domain=DOMAIN, n=n))
+            continue
         inits += [numpy_helper.from_array(np.ascontiguousarray(w.T).reshape(n, k, 1, 1), f"w{i}"),
                   numpy_helper.from_array(np.array([1, -1, 1, k], np.int64), f"s{i}"),
                   numpy_helper.from_array(np.array([1, -1, n], np.int64), f"o{i}")]
@@ -104,7 +111,8 @@ def chain_model(layout: str, layers: int = 12, d: int = 768):
                   helper.make_node("Transpose", [f"c{i}"], [f"u{i}"], perm=[0, 2, 3, 1]),
                   helper.make_node("Reshape", [f"u{i}", f"o{i}"], [f"y{i}"])]
     graph = helper.make_graph(nodes, "chain", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sum(k * n * 4 for k, n in shapes)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("ai.edgelm", 1)] if layout == "packed" else [])
+    return helper.make_model(graph, opset_imports=opsets), sum(k * n * 4 for k, n in shapes)
 
 
 def projection_chain(rounds: int = 20, runs: int = 5) -> dict:
@@ -112,11 +120,15 @@ def projection_chain(rounds: int = 20, runs: int = 5) -> dict:
 
     from edgelm.bench.machine import measure_bandwidth
 
+    from edgelm.runtime import native
+
     sessions, nbytes = {}, 0
-    for layout in ("matmul", "conv"):
+    for layout in ("matmul", "conv") + (("packed",) if native.library_path() else ()):
         model, nbytes = chain_model(layout)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if layout == "packed":
+            native.register(opts)
         sessions[layout] = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = {s.name: np.random.default_rng(3).standard_normal(s.shape).astype(np.float32)
          for s in sessions["matmul"].get_inputs()}
@@ -146,6 +158,9 @@ def projection_chain(rounds: int = 20, runs: int = 5) -> dict:
               f"{out[layout]['fraction_of_ceiling_median'] * 100:4.0f}% of the bandwidth around each round")
     out["conv_speedup_median"] = float(np.median(np.array(seconds["matmul"]) / np.array(seconds["conv"])))
     print(f"conv / matmul speed-up, median over rounds: {out['conv_speedup_median']:.3f}x")
+    if "packed" in seconds:
+        out["packed_over_conv_median"] = float(np.median(np.array(seconds["conv"]) / np.array(seconds["packed"])))
+        print(f"packed / conv speed-up, median over rounds: {out['packed_over_conv_median']:.3f}x")
     return out
 
 
