@@ -117,6 +117,20 @@ def test_greedy_matches_transformers_past_the_local_window(pruned, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_packed_layout_on_pruned_widths(pruned, arch, tmp_path):
+    """MLP widths 100 and 37 and 1-2 heads: panels with ragged tails, validated and token-identical."""
+    from edgelm.runtime import native
+
+    if native.library_path() is None:
+        pytest.skip("edgelm's operator library is not built")
+    src = pruned[arch][0]
+    m = export_model(str(src), tmp_path / "packed", progress=False, linear_layout="packed")
+    assert m["validation"]["status"] == "passed" and m["graph"]["operators"]["PackedLinear"] == 4 * 2 + 1
+    ours = Generator.load(tmp_path / "packed").generate(PROMPTS, SamplingConfig(max_new_tokens=24, stop_at_eos=False))
+    assert [r.token_ids for r in ours] == _hf_greedy(src, PROMPTS, 24)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_and_pytorch_perplexity_agree(pruned, arch):
     from edgelm.optimize.evaluate import onnx_perplexity, torch_perplexity
 

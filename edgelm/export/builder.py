@@ -27,10 +27,9 @@ Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
   the graph runs (edgelm's runtime registers it); fp32, CPU.
 - ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
   ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
-  ONNX Runtime's CPU provider turns it into its blocked NCHWc convolution, whose kernel
-  streams GPT-2's projections 1.105x faster than its MatMul at one token (benchmarks/matmul_bandwidth.py;
-  whole decode 1.04-1.08x, benchmarks/layout_ab.py), and takes the QKV bias in the same kernel. fp32 only (the NCHWc kernels
-  are fp32); quantization turns it back into MatMul (``optimize.onnx_edit.conv_to_matmul``).
+  ONNX Runtime's CPU provider turns it into its blocked NCHWc convolution: whole decode 1.04-1.08x
+  the MatMul form (benchmarks/layout_ab.py), and the QKV bias rides in the same kernel. fp32 only
+  (the NCHWc kernels are fp32); quantization turns it back into MatMul (``optimize.onnx_edit.conv_to_matmul``).
 
 Cache contract (written to the manifest, read by the runtime):
 - global layers ("full"): past has any length P, present has P + S rows; or past and present are
