@@ -111,7 +111,9 @@ def chain_model(layout: str, layers: int = 12, d: int = 768):
                   helper.make_node("Transpose", [f"c{i}"], [f"u{i}"], perm=[0, 2, 3, 1]),
                   helper.make_node("Reshape", [f"u{i}", f"o{i}"], [f"y{i}"])]
     graph = helper.make_graph(nodes, "chain", inputs, outputs, inits)
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("ai.edgelm", 1)] if layout == "packed" else [])
+    from edgelm.runtime.native import DOMAIN
+
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(DOMAIN, 1)] if layout == "packed" else [])
     return helper.make_model(graph, opset_imports=opsets), sum(k * n * 4 for k, n in shapes)
 
 

@@ -49,9 +49,9 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import UnsupportedModelError
+from ..runtime.native import PANEL, pack_panels
 from .arch import ACTIVATIONS, LAYER_HEADS, LAYER_INNER, ArchSpec, ModelFacts
 from .checkpoint import Checkpoint
-from ..runtime.native import PANEL, pack_panels
 from .graph import GraphBuilder
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}

@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.native import DOMAIN as EDGELM_DOMAIN  # edgelm's own operators
+
 MS_DOMAIN = "com.microsoft"
-EDGELM_DOMAIN = "ai.edgelm"  # edgelm's own operators (edgelm/runtime/native)
 EDGELM_OPS = {"PackedLinear"}
 OPSET = 17
 ALIGN = 4096

@@ -13,10 +13,10 @@ from .._fs import atomic_output_dir, check_output, file_table
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
 from ..manifest import FORMAT, SCHEMA_VERSION, read_lineage, write_manifest
+from ..runtime import native
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
-from ..runtime import native
 from .builder import LINEAR_LAYOUTS, OPSET_NOTE, build_graph, count_ops, default_linear_layout, io_spec
 from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import native
 from ..errors import ValidationError
+from ..runtime import native
 from .arch import ModelFacts
 from .checkpoint import release_memory
 

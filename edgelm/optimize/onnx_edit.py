@@ -169,7 +169,7 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
     The result is node for node the ``linear_layout="matmul"`` export. Returns how many were turned.
     """
-    from ..runtime.native import unpack_panels
+    from ..runtime.native import DOMAIN, unpack_panels
 
     g = Graph(model)
     names = {"model.embed_tokens.weight_panels": "model.embed_tokens.weight_t", "lm_head.weight_panels": "lm_head.weight_t"}
@@ -217,7 +217,7 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     if turned:
         _remove_dead_nodes(g)
         g.remove_unused_initializers()
-        domains = [o for o in model.opset_import if o.domain == "ai.edgelm"]
+        domains = [o for o in model.opset_import if o.domain == DOMAIN]
         for o in domains:
             model.opset_import.remove(o)
     return turned
