@@ -49,6 +49,12 @@ class Graph:
         old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=numpy_helper.to_array(old).dtype),
                                              name))
 
+    def rename(self, name: str, new_name: str, value: np.ndarray) -> None:
+        """Replace an initializer's contents and name in place (its readers must be re-pointed)."""
+        tensor = self._init.pop(name)
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), new_name))
+        self._init[new_name] = tensor
+
     def remove_unused_initializers(self) -> list[str]:
         used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
         dead = [t for t in self.graph.initializer if t.name not in used]
@@ -60,6 +66,11 @@ class Graph:
     # -- nodes ---------------------------------------------------------------------------------
     def consumers(self, tensor: str) -> list[onnx.NodeProto]:
         return [n for n in self.graph.node if tensor in n.input]
+
+    def rewire(self, tensor: str, new_tensor: str) -> None:
+        """Make every node that reads ``tensor`` read ``new_tensor`` instead."""
+        for consumer in self.consumers(tensor):
+            consumer.input[:] = [new_tensor if i == tensor else i for i in consumer.input]
 
     def producer(self, tensor: str) -> onnx.NodeProto | None:
         return next((n for n in self.graph.node if tensor in n.output), None)
@@ -179,9 +190,7 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         weight = node.input[1]
         new_name = names.get(weight, weight.removesuffix("_panels"))
         if g.initializer(new_name) is None:  # the tied table: unpacked once, for the head and the lookup
-            tensor = g.initializer(weight)
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(unpack_panels(g.array(weight), n)), new_name))
-            g._init[new_name] = g._init.pop(weight)
+            g.rename(weight, new_name, unpack_panels(g.array(weight), n))
         base = node.name.removesuffix("/PackedLinear")
         out = node.output[0]
         activation = next((a.i for a in node.attribute if a.name == "activation"), 0)
@@ -190,14 +199,13 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         if activation:  # the builder's MLP: FastGelu(MatMul(x, W_fc), b_fc)
             act = base.rpartition("/")[0] + "/act/FastGelu"
             nodes.append(helper.make_node("FastGelu", [nodes[-1].output[0], bias], [f"{act}/output_0"], name=act,
-                                          domain="com.microsoft"))
+                                          domain=MS))
         elif bias:
             nodes.append(helper.make_node("Add", [nodes[-1].output[0], bias], [f"{base}/Add/output_0"], name=f"{base}/Add"))
         if g.is_graph_output(out):
             nodes[-1].output[0] = out
         else:
-            for consumer in g.consumers(out):
-                consumer.input[:] = [nodes[-1].output[0] if i == out else i for i in consumer.input]
+            g.rewire(out, nodes[-1].output[0])
         g.replace(node, nodes)
         turned += 1
     lookup = "/model/embed_tokens"
@@ -209,8 +217,7 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
                                     name=f"{lookup}/Gather", axis=1)  # (D, B, S)
         tokens = helper.make_node("Transpose", [gathered.output[0]], [f"{lookup}/Transpose/output_0"],
                                   name=f"{lookup}/Transpose", perm=[1, 2, 0])  # (B, S, D)
-        for consumer in g.consumers(squeeze.output[0]):
-            consumer.input[:] = [tokens.output[0] if i == squeeze.output[0] else i for i in consumer.input]
+        g.rewire(squeeze.output[0], tokens.output[0])
         for old in [n for n in g.graph.node if n.name.startswith(f"{lookup}/") and n is not panel]:
             g.graph.node.remove(old)
         g.replace(panel, [gathered, tokens])
