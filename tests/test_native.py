@@ -127,7 +127,7 @@ def test_packed_linear_rejects_mismatched_shapes():
 
 
 def test_kernel_rounds_no_worse_than_onnx_runtime():
-    """Long sums (K = 2560, GPT-Neo 2.7B) in blocks: a running sum over all of K rounded 3x worse than
+    """Long sums (K = 2560, GPT-Neo 2.7B) in blocks: a running sum over all of K rounded worse than
     ONNX Runtime's MatMul, enough to fail the export's validation of a 32-layer model."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
