@@ -319,7 +319,8 @@ def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_mod
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_dir, tmp_path, arch):
     """--linear-layout packed: every projection and the LM head are edgelm's PackedLinear over one
-    packed copy of each weight (the tied table too), validated against PyTorch like any export."""
+    packed copy of each weight (the tied table too), attention is its CachedAttention, and the graph
+    is validated against PyTorch like any export."""
     import onnxruntime as ort
 
     from edgelm.runtime import native
@@ -330,7 +331,8 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     layers = m["model"]["facts"]["num_layers"]
     assert m["graph"]["linear_layout"] == "packed" and m["validation"]["status"] == "passed"
     assert m["graph"]["operators"]["PackedLinear"] == 4 * layers + 1
-    for op in ("MatMul", "Conv", "FastGelu"):  # GELU runs inside the MLP's first PackedLinear
+    assert m["graph"]["operators"]["CachedAttention"] == layers
+    for op in ("MatMul", "Conv", "FastGelu", "GroupQueryAttention"):  # GELU runs inside the MLP's first PackedLinear
         assert op not in m["graph"]["operators"]
     assert m["graph"]["opset"]["ai.edgelm"] == 1
     mm = export_model(str(tiny_model_dir[arch]), tmp_path / "mm", progress=False, linear_layout="matmul")
@@ -348,7 +350,7 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     from edgelm.optimize.onnx_edit import packed_to_matmul
 
     model = onnx.load(str(tmp_path / "p" / "model.onnx"))
-    assert packed_to_matmul(model) == 4 * layers + 1
+    assert packed_to_matmul(model) == 5 * layers + 1  # the projections, the head and the attention nodes
     reference = onnx.load(str(tmp_path / "mm" / "model.onnx"))
     assert [(n.op_type, n.name, list(n.input)) for n in model.graph.node] == \
         [(n.op_type, n.name, list(n.input)) for n in reference.graph.node]

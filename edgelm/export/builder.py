@@ -23,7 +23,8 @@ Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
 - ``packed``: every projection and the LM head is ``ai.edgelm.PackedLinear(x, W, b)``, edgelm's own
   operator (edgelm/runtime/native), over W stored as panels of 16 output columns, (N/16, K, 16):
   one decode step reads each weight once, front to back. The tied embedding is stored once, packed;
-  the lookup gathers a token's panel and picks its lane. Needs edgelm's operator library wherever
+  the lookup gathers a token's panel and picks its lane. Attention is ``ai.edgelm.CachedAttention``,
+  GroupQueryAttention's inputs (less the unused ones), attributes and cache contract below. Needs edgelm's operator library wherever
   the graph runs (edgelm's runtime registers it); fp32, CPU.
 - ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
   ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
@@ -280,12 +281,13 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             attrs = dict(num_heads=n, kv_num_heads=n, scale=float(facts.attention_scales[i]))
             if kind == "local":
                 attrs.update(local_window_size=int(window), sliding_window_cache=1)
-            attn, _, _ = g.node(
-                "GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
-                 "", "", "", attn_bias],
-                [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
-                name=f"{p}/attn/GroupQueryAttention", **attrs)
+            past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+            if linear_layout == "packed":  # edgelm's own operator: the same contract, read at memory speed
+                op, inputs = "CachedAttention", [qkv, *past, seqlens_k, total, attn_bias]
+            else:
+                op, inputs = "GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total, "", "", "", attn_bias]
+            attn, _, _ = g.node(op, inputs, [f"{p}/attn/{op}/output_0", f"present.{i}.key", f"present.{i}.value"],
+                                name=f"{p}/attn/{op}", **attrs)
             if kv_np != np_dtype:
                 attn = g.node("Cast", [attn], name=f"{p}/attn/DowncastOut", to=elem)
             wo, bo = w.linear(spec.attn_out, i)

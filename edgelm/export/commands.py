@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {size / 1e6:.1f} MB, {manifest['steps'][-1]['seconds']:.1f} s, "
           f"peak RSS {manifest['steps'][-1]['peak_rss_bytes'] / 1e9:.2f} GB")
     print("fused operators: " + ", ".join(f"{k} {v}" for k, v in ops.items()
-                                           if k in ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu",
+                                           if k in ("GroupQueryAttention", "CachedAttention", "SkipLayerNormalization", "FastGelu",
                                                     "Attention", "MultiHeadAttention", "Softmax")))
     if v["status"] == "passed":
         worst = max(v["max_abs_diff"].items(), key=lambda kv: kv[1])

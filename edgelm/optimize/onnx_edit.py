@@ -172,13 +172,14 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 
 def packed_to_matmul(model: onnx.ModelProto) -> int:
-    """Turn the builder's packed layout (``ai.edgelm.PackedLinear``) back into the MatMul graph.
+    """Turn the builder's packed layout (edgelm's operators) back into the MatMul graph.
 
-    Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
+    Each ``ai.edgelm.CachedAttention`` becomes the ``GroupQueryAttention`` it stands for (same
+    attributes and cache contract). Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
     unpacked under the name the MatMul export gives it (".weight_panels" -> ".weight", and the tied
     table -> "model.embed_tokens.weight_t"); the packed embedding lookup (Div, Gather, Mod, ...,
     GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
-    The result is node for node the ``linear_layout="matmul"`` export. Returns how many were turned.
+    The result is node for node the ``linear_layout="matmul"`` export. Returns how many nodes were turned.
     """
     from ..runtime.native import DOMAIN, unpack_panels
 
@@ -207,6 +208,17 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         else:
             g.rewire(out, nodes[-1].output[0])
         g.replace(node, nodes)
+        turned += 1
+    for node in [n for n in g.graph.node if n.op_type == "CachedAttention"]:  # the same contract as GQA's
+        qkv, past_k, past_v, seqlens_k, total, *bias = node.input
+        base = node.name.removesuffix("/CachedAttention")
+        gqa = helper.make_node("GroupQueryAttention",
+                               [qkv, "", "", past_k, past_v, seqlens_k, total, "", "", "", *bias],
+                               [f"{base}/GroupQueryAttention/output_0", *node.output[1:]],
+                               name=f"{base}/GroupQueryAttention", domain=MS)
+        gqa.attribute.extend(node.attribute)
+        g.rewire(node.output[0], gqa.output[0])
+        g.replace(node, [gqa])
         turned += 1
     lookup = "/model/embed_tokens"
     squeeze = next((n for n in g.graph.node if n.name == f"{lookup}/Squeeze"), None)

@@ -56,6 +56,8 @@ def kernels() -> ctypes.CDLL:
     lib.edgelm_read_sum.argtypes = [p, size]
     lib.edgelm_read_sum.restype = ctypes.c_double
     lib.edgelm_kernel_isa.restype = ctypes.c_char_p
+    lib.edgelm_resident_rows.argtypes = [size, size, size]
+    lib.edgelm_resident_rows.restype = size
     return lib
 
 

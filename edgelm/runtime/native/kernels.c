@@ -1,7 +1,6 @@
 /* The packed linear kernel and the read probe, for AVX-512, AVX2 and any other CPU (see kernels.h). */
 #include "kernels.h"
 
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,28 +32,10 @@ static void panels_generic(const float *x, size_t m, size_t k, const float *w, c
 }
 
 /* GELU, tanh form (GPT-2's gelu_new, ONNX Runtime's FastGelu): 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
- * = v / (1 + exp(a)), a = -2 sqrt(2/pi) (v + 0.044715 v^3). exp(a) = 2^j exp(r): j = round(a / ln 2),
- * r = a - j ln 2 in two parts (Cody-Waite, so r keeps its low bits), |r| <= ln 2 / 2, and exp(r) by
- * its Taylor series to r^7 / 7! (truncation below 1e-8). Written lane by lane so it vectorizes. */
-#define LOG2E 1.4426950408889634f
-#define LN2_HI 0.693145751953125f
-#define LN2_LO 1.428606765330187e-06f
+ * = v / (1 + exp(a)), a = -2 sqrt(2/pi) (v + 0.044715 v^3), exp by edgelm_exp (kernels.h). */
 #define GELU_C -1.5957691216057308f
 static inline float gelu_tanh(float v) {
-    float a = GELU_C * (v + 0.044715f * v * v * v);
-    a = a < -87.0f ? -87.0f : (a > 87.0f ? 87.0f : a);
-    float j = nearbyintf(a * LOG2E);
-    float r = (a - j * LN2_HI) - j * LN2_LO;
-    float e = 1.0f / 5040;
-    e = e * r + 1.0f / 720;
-    e = e * r + 1.0f / 120;
-    e = e * r + 1.0f / 24;
-    e = e * r + 1.0f / 6;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)j + 127) << 23};
-    return v / (1.0f + e * scale.f);
+    return v / (1.0f + edgelm_exp(GELU_C * (v + 0.044715f * v * v * v)));
 }
 
 static void gelu_generic(float *y, size_t count) {
@@ -146,9 +127,9 @@ static void gelu_avx512(float *y, size_t count) {
         __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
         __m512 a = _mm512_mul_ps(_mm512_set1_ps(GELU_C), _mm512_fmadd_ps(cube, _mm512_set1_ps(0.044715f), v));
         a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-        __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(LN2_HI), a);
-        r = _mm512_fnmadd_ps(j, _mm512_set1_ps(LN2_LO), r);
+        __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(EDGELM_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(EDGELM_LN2_HI), a);
+        r = _mm512_fnmadd_ps(j, _mm512_set1_ps(EDGELM_LN2_LO), r);
         __m512 p = _mm512_set1_ps(1.0f / 5040);
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
@@ -178,6 +159,50 @@ static double read_avx512(const float *x, size_t n) {
 }
 
 /* ---- AVX2: a panel row is two ymm ------------------------------------------------------------ */
+/* `rows` rows of x (at most 4; a constant at each call) against one panel: each weight load serves
+ * every row, 8 ymm of sums; the block sums are added into totals kept on the stack (L1). */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void block_avx2(const float *xr, size_t k, const float *wp, const float *b, size_t lanes,
+                              float *y, size_t n, int rows) {
+    float total[4][EDGELM_PANEL];
+    for (int j = 0; j < rows; j++)
+        for (int l = 0; l < EDGELM_PANEL; l++) total[j][l] = b && (size_t)l < lanes ? b[l] : 0.0f;
+    for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
+        size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
+        __m256 lo[4], hi[4];
+        for (int j = 0; j < rows; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+        for (size_t i = i0; i < i1; i++) {
+            __m256 wl = _mm256_loadu_ps(wp + i * 16), wh = _mm256_loadu_ps(wp + i * 16 + 8);
+            for (int j = 0; j < rows; j++) {
+                __m256 xv = _mm256_set1_ps(xr[j * k + i]);
+                lo[j] = _mm256_fmadd_ps(wl, xv, lo[j]);
+                hi[j] = _mm256_fmadd_ps(wh, xv, hi[j]);
+            }
+        }
+        for (int j = 0; j < rows; j++) {
+            _mm256_storeu_ps(total[j], _mm256_add_ps(_mm256_loadu_ps(total[j]), lo[j]));
+            _mm256_storeu_ps(total[j] + 8, _mm256_add_ps(_mm256_loadu_ps(total[j] + 8), hi[j]));
+        }
+    }
+    for (int j = 0; j < rows; j++)
+        for (size_t l = 0; l < lanes; l++) y[j * n + l] = total[j][l];
+}
+
+/* One panel for m > 1 rows (a prompt, a batch): blocks of 4 rows, then the rest; the panel stays in
+ * L1/L2 from one block to the next, so memory is read once. */
+__attribute__((target("avx2,fma")))
+static void rows_avx2(const float *x, size_t m, size_t k, const float *wp, const float *b, size_t lanes,
+                      float *y, size_t n) {
+    size_t r = 0;
+    for (; r + 4 <= m; r += 4) block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 4);
+    switch (m - r) {
+        case 3: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 3); break;
+        case 2: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 2); break;
+        case 1: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 1); break;
+        default: break;
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void panels_avx2(const float *x, size_t m, size_t k, const float *w, const float *b,
                         float *y, size_t n, size_t p0, size_t p1) {
@@ -185,7 +210,11 @@ static void panels_avx2(const float *x, size_t m, size_t k, const float *w, cons
         const float *wp = w + p * k * EDGELM_PANEL;
         size_t col = p * EDGELM_PANEL;
         size_t lanes = n - col < EDGELM_PANEL ? n - col : EDGELM_PANEL;
-        for (size_t r = 0; r < m; r++) {
+        if (m > 1) {  /* a prompt or a batch */
+            rows_avx2(x, m, k, wp, b ? b + col : NULL, lanes, y + col, n);
+            continue;
+        }
+        for (size_t r = 0; r < m; r++) {  /* decode: one row, two sums per half hide the FMA latency */
             const float *xr = x + r * k;
             __m256 lo = _mm256_setzero_ps(), hi = lo;
             for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
@@ -220,7 +249,7 @@ typedef double (*read_fn)(const float *, size_t);
 
 /* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic. EDGELM_KERNEL_ISA=avx2|generic picks a lesser kernel
  * (the tests run every kernel on one machine); it never picks one the CPU lacks. */
-static int isa(void) {
+int edgelm_isa(void) {
 #ifdef HAVE_X86
     static int cached = -1;
     if (cached < 0) {
@@ -239,27 +268,27 @@ static int isa(void) {
 void edgelm_linear_panels(const float *x, size_t m, size_t k, const float *w, const float *b,
                           float *y, size_t n, size_t p0, size_t p1) {
 #ifdef HAVE_X86
-    if (isa() == 2) { panels_avx512(x, m, k, w, b, y, n, p0, p1); return; }
-    if (isa() == 1) { panels_avx2(x, m, k, w, b, y, n, p0, p1); return; }
+    if (edgelm_isa() == 2) { panels_avx512(x, m, k, w, b, y, n, p0, p1); return; }
+    if (edgelm_isa() == 1) { panels_avx2(x, m, k, w, b, y, n, p0, p1); return; }
 #endif
     panels_generic(x, m, k, w, b, y, n, p0, p1);
 }
 
 void edgelm_gelu_tanh(float *y, size_t count) {
 #ifdef HAVE_X86
-    if (isa() == 2) { gelu_avx512(y, count); return; }
+    if (edgelm_isa() == 2) { gelu_avx512(y, count); return; }
 #endif
     gelu_generic(y, count);
 }
 
 double edgelm_read_sum(const float *x, size_t n) {
 #ifdef HAVE_X86
-    if (isa() == 2) return read_avx512(x, n);
+    if (edgelm_isa() == 2) return read_avx512(x, n);
 #endif
     return read_generic(x, n);
 }
 
 const char *edgelm_kernel_isa(void) {
     static const char *names[] = {"generic", "avx2", "avx512f"};
-    return names[isa()];
+    return names[edgelm_isa()];
 }

@@ -10,6 +10,7 @@
 #define EDGELM_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define EDGELM_PANEL 16
 #define EDGELM_EXPORT __attribute__((visibility("default")))
@@ -24,6 +25,54 @@ EDGELM_EXPORT void edgelm_gelu_tanh(float *y, size_t count);
 /* Sum of n floats, read with the widest loads the CPU has: the memory-read probe of
  * edgelm.bench.machine (a read kernel as lean as the linear kernel's own). */
 EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
+
+/* exp(a), a clamped to [-87, 87]: exp(a) = 2^j exp(r), j = round(a / ln 2), r = a - j ln 2 in two
+ * parts (Cody-Waite, so r keeps its low bits), |r| <= ln 2 / 2, and exp(r) by its Taylor series to
+ * r^7 / 7! (truncation below 1e-8). Branch-free, so loops over it vectorize. */
+#define EDGELM_LOG2E 1.4426950408889634f
+#define EDGELM_LN2_HI 0.693145751953125f
+#define EDGELM_LN2_LO 1.428606765330187e-06f
+static inline float edgelm_exp(float a) {
+    a = a < -87.0f ? -87.0f : (a > 87.0f ? 87.0f : a);
+    float j = __builtin_nearbyintf(a * EDGELM_LOG2E);
+    float r = (a - j * EDGELM_LN2_HI) - j * EDGELM_LN2_LO;
+    float e = 1.0f / 5040;
+    e = e * r + 1.0f / 720;
+    e = e * r + 1.0f / 120;
+    e = e * r + 1.0f / 24;
+    e = e * r + 1.0f / 6;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)j + 127) << 23};
+    return e * scale.f;
+}
+
+/* Attention over a KV cache that it appends to in place: ai.edgelm.CachedAttention (ops.c has the
+ * contract). One call computes `unit` = b * kv_heads + g: batch row b, KV head g and the query heads
+ * that share it; units touch disjoint parts of the cache and output, so threads take them freely. */
+typedef struct {
+    const float *qkv;                  /* (B, S, (N + 2 Nkv) H): queries, keys, values of the new tokens */
+    const float *past_k, *past_v;      /* (B, Nkv, C, H) */
+    float *present_k, *present_v;      /* (B, Nkv, Cp, H); past's own buffers when bound to both */
+    const float *bias;                 /* (bias_b, bias_n, S, T), bias_b in {1, B}, bias_n in {1, N}; or NULL */
+    float *out;                        /* (B, S, N H) */
+    float *scratch;                    /* B Nkv T floats: one row of scores per unit */
+    size_t batch, seq, heads, kv_heads, head_size, capacity, present_capacity, total, bias_b, bias_n;
+    size_t window;                     /* a query sees keys less than `window` positions back; 0: all */
+    int sliding;                       /* the cache holds the most recent rows only (capacity >= window) */
+    float scale;
+} EdgelmAttention;
+
+/* Rows a sliding cache of `capacity` holds after `total` tokens (the runtime's kv.py and the export's
+ * validation compute the same): total while it fits, else fewer by whole compactions of
+ * capacity - window + 1 rows, each keeping the window - 1 most recent rows. */
+EDGELM_EXPORT size_t edgelm_resident_rows(size_t total, size_t capacity, size_t window);
+
+EDGELM_EXPORT void edgelm_attention_unit(const EdgelmAttention *a, size_t unit);
+
+/* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic: the kernels this CPU runs (inside the library only). */
+int edgelm_isa(void);
 
 /* "avx512f", "avx2" or "generic": the kernel this CPU runs. */
 EDGELM_EXPORT const char *edgelm_kernel_isa(void);

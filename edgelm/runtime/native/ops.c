@@ -1,17 +1,34 @@
-/* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear on the CPU provider.
+/* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear and ai.edgelm.CachedAttention on the
+ * CPU provider.
  *
  *   Y = PackedLinear(X, W, B?)   attributes: n, the number of output columns;
  *                                activation (optional): 0 none (default), 1 GELU's tanh form (FastGelu)
  *   X: float (..., K)   W: float (ceil(n / 16), K, 16), 16-column panels (kernels.h)   B: float (n)
  *   Y: float (..., n) = activation(X W + B)
  *
+ *   Y, present_key, present_value = CachedAttention(QKV, past_key, past_value, seqlens_k, total_sequence_length,
+ *                                                   attention_bias?)
+ *     attributes as com.microsoft.GroupQueryAttention's: num_heads N, kv_num_heads Nkv (default N), scale
+ *     (default 1/sqrt(H)), local_window_size (keys less than this many positions back; -1: all),
+ *     sliding_window_cache (1: a cache of capacity C >= window that keeps the most recent rows)
+ *   QKV: float (B, S, (N + 2 Nkv) H), queries then keys then values of the S new tokens
+ *   past_key, past_value: float (B, Nkv, C, H); seqlens_k: int32 (B), each T - 1; total_sequence_length:
+ *   int32 scalar T; attention_bias: float (B or 1, N or 1, S, T), added to the scores by absolute position
+ *   Y: float (B, S, N H); present_key, present_value: (B, Nkv, C', H), C' = C for a sliding cache, else
+ *   max(C, T). Bound to the same buffers as the pasts (IO binding), the operator appends in place: a full
+ *   cache gets rows [T - S, T); a sliding cache keeps the most recent edgelm_resident_rows(T) positions at
+ *   rows [0, L(T)) (kernels.h). The same contract as GroupQueryAttention's in edgelm's graphs, which
+ *   optimize.onnx_edit.packed_to_matmul turns this operator back into.
+ *
  * ONNX Runtime loads the library with SessionOptions.register_custom_ops_library (it calls
  * RegisterCustomOps below); the panels of each call are split over ONNX Runtime's own intra-op
  * thread pool (KernelContext_ParallelFor), so no thread of ours competes with it.
  */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 #include "ort_abi.h"
@@ -63,7 +80,7 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, const OrtValue **va
     size_t count = 0;
     if ((st = ORT_FN(g_api, GetTensorTypeAndShape)(*value, &info))) return st;
     st = ORT_FN(g_api, GetDimensionsCount)(info, &count);
-    if (!st && count > MAX_RANK) st = fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: rank %zu is above %d", count, MAX_RANK);
+    if (!st && count > MAX_RANK) st = fail(ORT_CODE_INVALID_ARGUMENT, "edgelm operator input %zu: rank %zu is above %d", index, count, MAX_RANK);
     if (!st) st = ORT_FN(g_api, GetDimensions)(info, dims, count);
     ORT_FN(g_api, ReleaseTensorTypeAndShapeInfo)(info);
     *rank = (int)count;
@@ -106,6 +123,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     return ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
 }
 
+/* An optional attribute: *out keeps its default when the node has none. */
+static void optional_int(const OrtKernelInfo *info, const char *name, int64_t *out) {
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, name, out);
+    if (st) ORT_FN(g_api, ReleaseStatus)(st);
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
     (void)op; (void)api;
     int64_t n = 0;
@@ -113,10 +136,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     if (st) return st;
     if (n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: attribute n is %lld, must be positive", (long long)n);
     int64_t activation = ACTIVATION_NONE;
-    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "activation", &activation))) {
-        ORT_FN(g_api, ReleaseStatus)(st);  /* absent: none */
-        activation = ACTIVATION_NONE;
-    }
+    optional_int(info, "activation", &activation);
     if (activation != ACTIVATION_NONE && activation != ACTIVATION_GELU_TANH)
         return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: activation %lld is not 0 (none) or 1 (gelu_tanh)",
                     (long long)activation);
@@ -164,6 +184,139 @@ static const OrtCustomOp packed_linear = {
     .KernelComputeV2 = compute,
 };
 
+/* ---- ai.edgelm.CachedAttention ------------------------------------------------------------------ */
+typedef struct {
+    int64_t heads, kv_heads, window, sliding;
+    float scale;  /* 0: 1 / sqrt(H) */
+} AttentionKernel;
+
+static void run_unit(void *data, size_t unit) { edgelm_attention_unit((const EdgelmAttention *)data, unit); }
+
+static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
+    const AttentionKernel *op = (const AttentionKernel *)kernel;
+    const OrtValue *qv, *pkv, *pvv, *lv, *tv, *bv = NULL;
+    int64_t qd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], ld[MAX_RANK], td[MAX_RANK], bd[MAX_RANK];
+    int qr, kr, vr, lr, tr, br = -1;
+    size_t inputs = 0;
+    OrtStatus *st;
+    if ((st = input(ctx, 0, &qv, qd, &qr)) || (st = input(ctx, 1, &pkv, kd, &kr)) || (st = input(ctx, 2, &pvv, vd, &vr)) ||
+        (st = input(ctx, 3, &lv, ld, &lr)) || (st = input(ctx, 4, &tv, td, &tr)))
+        return st;
+    if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs))) return st;
+    if (inputs > 5 && (st = input(ctx, 5, &bv, bd, &br))) return st;
+    if (qr != 3) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: QKV has rank %d, needs (B, S, (N + 2 Nkv) H)", qr);
+    if (kr != 4 || vr != 4 || memcmp(kd, vd, 4 * sizeof(int64_t)) != 0)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: past_key and past_value must both be (B, Nkv, C, H)");
+    const int64_t B = qd[0], S = qd[1], H = kd[3], C = kd[2], N = op->heads, Nkv = op->kv_heads;
+    if (kd[0] != B || kd[1] != Nkv || qd[2] != (N + 2 * Nkv) * H)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: QKV (%lld, %lld, %lld) and past (%lld, %lld, %lld, %lld) do not fit "
+                    "%lld heads, %lld KV heads", (long long)B, (long long)S, (long long)qd[2], (long long)kd[0], (long long)kd[1],
+                    (long long)C, (long long)H, (long long)N, (long long)Nkv);
+    if (lr != 1 || ld[0] != B) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k must be (B) = (%lld)", (long long)B);
+    if (tr > 1 || (tr == 1 && td[0] != 1)) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length must be one int32");
+    void *qkv, *past_k, *past_v, *lens, *totalp, *bias = NULL;
+    if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)qv, &qkv)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pkv, &past_k)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pvv, &past_v)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)lv, &lens)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)tv, &totalp)) ||
+        (bv && (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)bv, &bias))))
+        return st;
+    const int64_t T = *(const int32_t *)totalp, P = T - S;
+    if (P < 0) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length %lld is below the %lld new tokens", (long long)T, (long long)S);
+    for (int64_t b = 0; b < B; b++)
+        if (((const int32_t *)lens)[b] != T - 1)
+            return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k[%lld] is %d; every row takes total_sequence_length - 1 "
+                        "(left padding goes in attention_bias)", (long long)b, ((const int32_t *)lens)[b]);
+    const int sliding = op->sliding && op->window > 0;
+    if (sliding && C < op->window)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: a sliding cache of %lld rows is below the window of %lld", (long long)C, (long long)op->window);
+    if (!sliding && P > C)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: past holds %lld rows, fewer than the %lld tokens before this step", (long long)C, (long long)P);
+    if (bv && (br != 4 || (bd[0] != 1 && bd[0] != B) || (bd[1] != 1 && bd[1] != N) || bd[2] != S || bd[3] != T))
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: attention_bias must be (B or 1, N or 1, S, T) = (%lld, %lld, %lld, %lld)",
+                    (long long)B, (long long)N, (long long)S, (long long)T);
+
+    const int64_t Cp = sliding ? C : (C > T ? C : T);
+    int64_t yd[3] = {B, S, N * H}, cd[4] = {B, Nkv, Cp, H};
+    OrtValue *yv, *ckv, *cvv;
+    void *y, *present_k, *present_v;
+    if ((st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 0, yd, 3, &yv)) ||
+        (st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 1, cd, 4, &ckv)) ||
+        (st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 2, cd, 4, &cvv)))
+        return st;
+    if (B == 0 || S == 0 || N == 0 || H == 0) return NULL;
+    if ((st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)) || (st = ORT_FN(g_api, GetTensorMutableData)(ckv, &present_k)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)(cvv, &present_v)))
+        return st;
+    float *scratch = (float *)malloc((size_t)(B * Nkv * T) * sizeof(float));
+    if (!scratch) return fail(ORT_CODE_FAIL, "CachedAttention: out of memory");
+    EdgelmAttention job = {
+        .qkv = qkv, .past_k = past_k, .past_v = past_v, .present_k = present_k, .present_v = present_v,
+        .bias = bias, .out = y, .scratch = scratch,
+        .batch = (size_t)B, .seq = (size_t)S, .heads = (size_t)N, .kv_heads = (size_t)Nkv, .head_size = (size_t)H,
+        .capacity = (size_t)C, .present_capacity = (size_t)Cp, .total = (size_t)T,
+        .bias_b = bv ? (size_t)bd[0] : 1, .bias_n = bv ? (size_t)bd[1] : 1,
+        .window = op->window > 0 ? (size_t)op->window : 0, .sliding = sliding,
+        .scale = op->scale != 0.0f ? op->scale : 1.0f / sqrtf((float)H),
+    };
+    size_t units = (size_t)(B * Nkv);
+    st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_unit, units, units, &job);
+    free(scratch);
+    return st;
+}
+
+static OrtStatus *attention_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)api;
+    AttentionKernel k = {0, 0, -1, 0, 0.0f};
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "num_heads", &k.heads);
+    if (st) return st;
+    k.kv_heads = k.heads;
+    optional_int(info, "kv_num_heads", &k.kv_heads);
+    optional_int(info, "local_window_size", &k.window);
+    optional_int(info, "sliding_window_cache", &k.sliding);
+    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_float)(info, "scale", &k.scale))) {
+        ORT_FN(g_api, ReleaseStatus)(st);
+        k.scale = 0.0f;
+    }
+    if (k.heads <= 0 || k.kv_heads <= 0 || k.heads % k.kv_heads)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: num_heads %lld must be a positive multiple of kv_num_heads %lld",
+                    (long long)k.heads, (long long)k.kv_heads);
+    if (k.sliding && k.window <= 0)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: sliding_window_cache needs local_window_size > 0");
+    AttentionKernel *out = (AttentionKernel *)malloc(sizeof *out);
+    if (!out) return fail(ORT_CODE_FAIL, "CachedAttention: out of memory");
+    *out = k;
+    *kernel = out;
+    return NULL;
+}
+
+static const char *attention_name(const OrtCustomOp *op) { (void)op; return "CachedAttention"; }
+static int attention_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 || i == 4 ? ORT_TYPE_INT32 : ORT_TYPE_FLOAT; }
+static size_t attention_inputs(const OrtCustomOp *op) { (void)op; return 6; }
+static size_t op_three_out(const OrtCustomOp *op) { (void)op; return 3; }
+static int attention_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 5 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
+
+static const OrtCustomOp cached_attention = {
+    .version = API_VERSION,
+    .GetName = attention_name,
+    .GetExecutionProviderType = op_provider,
+    .GetInputType = attention_input_type,
+    .GetInputTypeCount = attention_inputs,
+    .GetOutputType = op_float,
+    .GetOutputTypeCount = op_three_out,
+    .KernelDestroy = destroy_kernel,
+    .GetInputCharacteristic = attention_input_kind,
+    .GetOutputCharacteristic = output_kind,
+    .GetInputMemoryType = memory_default,
+    .GetVariadicInputMinArity = arity_one,
+    .GetVariadicInputHomogeneity = homogeneous,
+    .GetVariadicOutputMinArity = arity_one,
+    .GetVariadicOutputHomogeneity = homogeneous,
+    .CreateKernelV2 = attention_create,
+    .KernelComputeV2 = attention_compute,
+};
+
 EDGELM_EXPORT
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(API_VERSION);
@@ -175,6 +328,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtCustomOpDomain *domain = NULL;  /* lives as long as the process: sessions keep using it */
     OrtStatus *st = ORT_FN(api, CreateCustomOpDomain)("ai.edgelm", &domain);
     if (!st) st = ORT_FN(api, CustomOpDomain_Add)(domain, &packed_linear);
+    if (!st) st = ORT_FN(api, CustomOpDomain_Add)(domain, &cached_attention);
     if (!st) st = ORT_FN(api, AddCustomOpDomain)(options, domain);
     return st;
 }

@@ -27,7 +27,7 @@ typedef struct OrtApiBase {
     const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ORT_TYPE_FLOAT = 1, ORT_TYPE_INT64 = 7 };             /* ONNXTensorElementDataType */
+enum { ORT_TYPE_FLOAT = 1, ORT_TYPE_INT32 = 6, ORT_TYPE_INT64 = 7 };             /* ONNXTensorElementDataType */
 enum { ORT_IO_REQUIRED = 0, ORT_IO_OPTIONAL = 1 };           /* OrtCustomOpInputOutputCharacteristic */
 enum { ORT_MEM_DEFAULT = 0 };                                /* OrtMemType */
 enum { ORT_CODE_FAIL = 1, ORT_CODE_INVALID_ARGUMENT = 2 };   /* OrtErrorCode */
@@ -75,6 +75,7 @@ struct OrtCustomOp {
 #define ORT_SLOT_GetDimensionsCount 61
 #define ORT_SLOT_GetDimensions 62
 #define ORT_SLOT_GetTensorTypeAndShape 65
+#define ORT_SLOT_KernelInfoGetAttribute_float 85
 #define ORT_SLOT_KernelInfoGetAttribute_int64 86
 #define ORT_SLOT_KernelContext_GetInputCount 88
 #define ORT_SLOT_KernelContext_GetInput 90
@@ -92,6 +93,7 @@ typedef OrtStatus *(*OrtGetTensorMutableDataFn)(OrtValue *value, void **out);
 typedef OrtStatus *(*OrtGetDimensionsCountFn)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
 typedef OrtStatus *(*OrtGetDimensionsFn)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
 typedef OrtStatus *(*OrtGetTensorTypeAndShapeFn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*OrtKernelInfoGetAttribute_floatFn)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*OrtKernelInfoGetAttribute_int64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
 typedef OrtStatus *(*OrtKernelContext_GetInputCountFn)(const OrtKernelContext *context, size_t *out);
 typedef OrtStatus *(*OrtKernelContext_GetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);

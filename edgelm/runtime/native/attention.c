@@ -1,0 +1,236 @@
+/* Attention over a KV cache appended in place: the kernel of ai.edgelm.CachedAttention (ops.c).
+ *
+ * One unit is one batch row and one KV head with the query heads that share it. For each query it
+ * scores the keys it may see (causal; within `window` positions when there is one), adds the
+ * attention bias, takes the softmax and sums the values. Cache layouts (kernels.h, EdgelmAttention):
+ * - full cache: row j holds position j; the new tokens' keys and values go to rows [P, T) first
+ *   (P = T - S tokens were there before), then every query reads its keys from the cache;
+ * - sliding cache: rows [0, L(P)) hold the most recent positions; the queries read the old rows and
+ *   the new tokens' own keys, and only then is the cache compacted and appended to, so no key a
+ *   query needs is overwritten before it is read.
+ * The code is plain C compiled three times (AVX-512, AVX2 + FMA, generic); the 16-lane loops
+ * vectorize in each.
+ */
+#include <string.h>
+
+#include "kernels.h"
+
+#define LANES 16
+
+size_t edgelm_resident_rows(size_t total, size_t capacity, size_t window) {
+    if (total <= capacity) return total;
+    size_t drop = capacity - window + 1;  /* rows one compaction drops */
+    return total - drop * ((total - capacity + drop - 1) / drop);
+}
+
+/* The three loops of one query, per instruction set:
+ *   scores: s[j] = scale * q . k_j (+ bias[j]) for n keys k_j = keys + j * stride (h floats each)
+ *   expsum: s[j] = exp(s[j] - top) for j < n; returns the sum
+ *   weigh:  o[0, h) += sum_j p[j] v_j for n rows v_j = values + j * stride */
+typedef struct {
+    void (*scores)(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
+                   const float *bias, float *s);
+    float (*expsum)(float *s, size_t n, float top);
+    void (*weigh)(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride);
+} Loops;
+
+static void scores_generic(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
+                           const float *bias, float *s) {
+    for (size_t j = 0; j < n; j++) {
+        const float *k = keys + j * stride;
+        float acc[LANES] = {0}, dot = 0.0f;
+        size_t i = 0;
+        for (; i + LANES <= h; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += q[i + l] * k[i + l];
+        for (; i < h; i++) dot += q[i] * k[i];
+        for (int l = 0; l < LANES; l++) dot += acc[l];
+        s[j] = scale * dot + (bias ? bias[j] : 0.0f);
+    }
+}
+
+static float expsum_generic(float *s, size_t n, float top) {
+    float sum = 0.0f;
+    for (size_t j = 0; j < n; j++) sum += (s[j] = edgelm_exp(s[j] - top));
+    return sum;
+}
+
+static void weigh_generic(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
+    for (size_t j = 0; j < n; j++)
+        for (size_t i = 0; i < h; i++) o[i] += p[j] * values[j * stride + i];
+}
+
+static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generic};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_X86 1
+/* AVX2 + FMA (AVX-512 CPUs run these too: the loops are short and bound by loads). Head sizes that are
+ * a multiple of 8 (every GPT-2 and GPT-Neo); others take the generic loops. */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Scores of 4 keys at a time: 4 dot products in 4 ymm, summed across lanes together (hadd). */
+AVX2 static void scores_avx2(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
+                             const float *bias, float *s) {
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k = keys + j * stride;
+        /* two sums per key (even and odd 8-column chunks) halve the FMA chains */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        size_t i = 0;
+        for (; i + 16 <= h; i += 16) {
+            __m256 qi = _mm256_loadu_ps(q + i), qo = _mm256_loadu_ps(q + i + 8);
+            a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + stride + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * stride + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * stride + i), a3);
+            b0 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + i + 8), b0);
+            b1 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + stride + i + 8), b1);
+            b2 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 2 * stride + i + 8), b2);
+            b3 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 3 * stride + i + 8), b3);
+        }
+        if (i < h) {  /* h = 8 (mod 16) */
+            __m256 qi = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + stride + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * stride + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * stride + i), a3);
+        }
+        a0 = _mm256_add_ps(a0, b0), a1 = _mm256_add_ps(a1, b1), a2 = _mm256_add_ps(a2, b2), a3 = _mm256_add_ps(a3, b3);
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  /* (k0 k1 k2 k3) per 128-bit half */
+        __m128 dots = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        dots = _mm_mul_ps(dots, _mm_set1_ps(scale));
+        if (bias) dots = _mm_add_ps(dots, _mm_loadu_ps(bias + j));
+        _mm_storeu_ps(s + j, dots);
+    }
+    if (j < n) scores_generic(q, keys + j * stride, n - j, h, stride, scale, bias ? bias + j : NULL, s + j);
+}
+
+/* exp(s - top), 8 lanes: edgelm_exp (kernels.h) in vector form */
+AVX2 static float expsum_avx2(float *s, size_t n, float top) {
+    __m256 sum = _mm256_setzero_ps(), t = _mm256_set1_ps(top);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 a = _mm256_sub_ps(_mm256_loadu_ps(s + j), t);
+        a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+        __m256 k = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(EDGELM_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EDGELM_LN2_HI), a);
+        r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EDGELM_LN2_LO), r);
+        __m256 e = _mm256_set1_ps(1.0f / 5040);
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 720));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 120));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 24));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 6));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
+        e = _mm256_mul_ps(e, scale);
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half) + (j < n ? expsum_generic(s + j, n - j, top) : 0.0f);
+}
+
+/* o += sum_j p[j] v_j, 64 columns at a time held in 8 ymm across all n rows */
+AVX2 static void weigh_avx2(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
+    size_t c = 0;
+    for (; c + 64 <= h; c += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_loadu_ps(o + c + 8 * u);
+        for (size_t j = 0; j < n; j++) {
+            const float *v = values + j * stride + c;
+            __m256 pj = _mm256_set1_ps(p[j]);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + c + 8 * u, a[u]);
+    }
+    for (; c < h; c += 8) {
+        __m256 a = _mm256_loadu_ps(o + c);
+        for (size_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * stride + c), a);
+        _mm256_storeu_ps(o + c, a);
+    }
+}
+
+static const Loops loops_avx2 = {scores_avx2, expsum_avx2, weigh_avx2};
+#endif
+
+static const Loops *pick_loops(size_t head_size) {
+#ifdef HAVE_X86
+    if (edgelm_isa() >= 1 && head_size % 8 == 0) return &loops_avx2;
+#endif
+    (void)head_size;
+    return &loops_generic;
+}
+
+void edgelm_attention_unit(const EdgelmAttention *a, size_t unit) {
+    const size_t b = unit / a->kv_heads, g = unit % a->kv_heads, h = a->head_size;
+    const size_t S = a->seq, T = a->total, P = T - S, C = a->capacity;
+    const size_t width = (a->heads + 2 * a->kv_heads) * h, group = a->heads / a->kv_heads;
+    const float *past_k = a->past_k + (b * a->kv_heads + g) * C * h;
+    const float *past_v = a->past_v + (b * a->kv_heads + g) * C * h;
+    float *cache_k = a->present_k + (b * a->kv_heads + g) * a->present_capacity * h;
+    float *cache_v = a->present_v + (b * a->kv_heads + g) * a->present_capacity * h;
+    const float *new_qkv = a->qkv + b * S * width;
+    const size_t k_at = a->heads * h + g * h, v_at = (a->heads + a->kv_heads) * h + g * h;
+    const int aliased = a->present_k == a->past_k;
+    float *s = a->scratch + unit * T;
+
+    size_t old = P, old_pos = 0;  /* rows of the cache before this step, and the position of row 0 */
+    if (a->sliding) {
+        old = edgelm_resident_rows(P, C, a->window);
+        old_pos = P - old;
+    } else {  /* full cache: the new rows go in first, then the queries read everything from it */
+        if (!aliased && P) {
+            memcpy(cache_k, past_k, P * h * sizeof(float));
+            memcpy(cache_v, past_v, P * h * sizeof(float));
+        }
+        for (size_t t = 0; t < S; t++) {
+            memcpy(cache_k + (P + t) * h, new_qkv + t * width + k_at, h * sizeof(float));
+            memcpy(cache_v + (P + t) * h, new_qkv + t * width + v_at, h * sizeof(float));
+        }
+    }
+    const float *old_k = a->sliding ? (aliased ? cache_k : past_k) : cache_k;
+    const float *old_v = a->sliding ? (aliased ? cache_v : past_v) : cache_v;
+
+    const Loops *f = pick_loops(h);
+    for (size_t r = 0; r < group; r++) {
+        const size_t head = g * group + r;
+        for (size_t i = 0; i < S; i++) {
+            const size_t pos = P + i, first = a->window && pos + 1 > a->window ? pos + 1 - a->window : 0;
+            const float *q = new_qkv + i * width + head * h, *bias = NULL;
+            if (a->bias)
+                bias = a->bias + (((a->bias_b > 1 ? b : 0) * a->bias_n + (a->bias_n > 1 ? head : 0)) * S + i) * T;
+            /* keys at positions [first, pos]: rows [from, upto) of the cache (a sliding cache's old rows),
+             * then, for a sliding cache, the new tokens' own keys [new_from, i] */
+            const size_t from = first > old_pos ? first - old_pos : 0, upto = a->sliding ? old : pos + 1;
+            const size_t n_old = from < upto ? upto - from : 0, new_from = first > P ? first - P : 0;
+            const size_t n_new = a->sliding ? i + 1 - new_from : 0;
+            f->scores(q, old_k + from * h, n_old, h, h, a->scale, bias ? bias + old_pos + from : NULL, s);
+            f->scores(q, new_qkv + new_from * width + k_at, n_new, h, width, a->scale, bias ? bias + P + new_from : NULL, s + n_old);
+            float top = s[0];
+            for (size_t j = 1; j < n_old + n_new; j++) top = s[j] > top ? s[j] : top;
+            const float inv = 1.0f / f->expsum(s, n_old + n_new, top);
+            float *o = a->out + ((b * S + i) * a->heads + head) * h;
+            memset(o, 0, h * sizeof(float));
+            f->weigh(o, s, old_v + from * h, n_old, h, h);
+            f->weigh(o, s + n_old, new_qkv + new_from * width + v_at, n_new, h, width);
+            for (size_t e = 0; e < h; e++) o[e] *= inv;
+        }
+    }
+
+    if (a->sliding) {  /* keep the most recent L(T) positions: the tail of the old rows, then the new */
+        size_t rows = edgelm_resident_rows(T, C, a->window);
+        size_t keep = rows > S ? rows - S : 0, skip = rows < S ? S - rows : 0;
+        if (keep && (!aliased || old - keep)) {
+            memmove(cache_k, old_k + (old - keep) * h, keep * h * sizeof(float));
+            memmove(cache_v, old_v + (old - keep) * h, keep * h * sizeof(float));
+        }
+        for (size_t t = skip; t < S; t++) {
+            memcpy(cache_k + (keep + t - skip) * h, new_qkv + t * width + k_at, h * sizeof(float));
+            memcpy(cache_v + (keep + t - skip) * h, new_qkv + t * width + v_at, h * sizeof(float));
+        }
+    }
+}
