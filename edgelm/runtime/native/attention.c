@@ -68,12 +68,16 @@ static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generi
  * a multiple of 8 (every GPT-2 and GPT-Neo); others take the generic loops. */
 #define AVX2 __attribute__((target("avx2,fma")))
 
+#define PREFETCH 16
 /* Scores of 4 keys at a time: 4 dot products in 4 ymm, summed across lanes together (hadd). */
 AVX2 static void scores_avx2(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
                              const float *bias, float *s) {
     size_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const float *k = keys + j * stride;
+        if (j + PREFETCH + 4 <= n)  /* the rows PREFETCH keys ahead, a cache line at a time */
+            for (int r = 0; r < 4; r++)
+                for (size_t i = 0; i < h; i += 16) _mm_prefetch((const char *)(k + (PREFETCH + r) * stride + i), _MM_HINT_T0);
         /* two sums per key (even and odd 8-column chunks) halve the FMA chains */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         size_t i = 0;
@@ -134,23 +138,35 @@ AVX2 static float expsum_avx2(float *s, size_t n, float top) {
     return _mm_cvtss_f32(half) + (j < n ? expsum_generic(s + j, n - j, top) : 0.0f);
 }
 
-/* o += sum_j p[j] v_j, 64 columns at a time held in 8 ymm across all n rows */
+/* o += sum_j p[j] v_j: 64 columns at a time held in 8 ymm, over blocks of 32 rows (a wider head's
+ * column blocks then re-read rows still in L1, not memory) */
+#define ROWBLOCK 32
 AVX2 static void weigh_avx2(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
-    size_t c = 0;
-    for (; c + 64 <= h; c += 64) {
-        __m256 a[8];
-        for (int u = 0; u < 8; u++) a[u] = _mm256_loadu_ps(o + c + 8 * u);
-        for (size_t j = 0; j < n; j++) {
-            const float *v = values + j * stride + c;
-            __m256 pj = _mm256_set1_ps(p[j]);
-            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), a[u]);
+    for (size_t j0 = 0; j0 < n; j0 += ROWBLOCK) {
+        const size_t j1 = j0 + ROWBLOCK < n ? j0 + ROWBLOCK : n;
+        size_t c = 0;
+        for (; c + 64 <= h; c += 64) {
+            __m256 a[8];
+            for (int u = 0; u < 8; u++) a[u] = _mm256_loadu_ps(o + c + 8 * u);
+            for (size_t j = j0; j < j1; j++) {
+                const float *v = values + j * stride + c;
+                if (j + PREFETCH < n) {
+                    _mm_prefetch((const char *)(v + PREFETCH * stride), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + PREFETCH * stride + 16), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + PREFETCH * stride + 32), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + PREFETCH * stride + 48), _MM_HINT_T0);
+                }
+                __m256 pj = _mm256_set1_ps(p[j]);
+                for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), a[u]);
+            }
+            for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + c + 8 * u, a[u]);
         }
-        for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + c + 8 * u, a[u]);
-    }
-    for (; c < h; c += 8) {
-        __m256 a = _mm256_loadu_ps(o + c);
-        for (size_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * stride + c), a);
-        _mm256_storeu_ps(o + c, a);
+        for (; c < h; c += 8) {
+            __m256 a = _mm256_loadu_ps(o + c);
+            for (size_t j = j0; j < j1; j++)
+                a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * stride + c), a);
+            _mm256_storeu_ps(o + c, a);
+        }
     }
 }
 
