@@ -332,6 +332,7 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     assert m["graph"]["linear_layout"] == "packed" and m["validation"]["status"] == "passed"
     assert m["graph"]["operators"]["PackedLinear"] == 4 * layers + 1
     assert m["graph"]["operators"]["CachedAttention"] == layers
+    assert m["graph"]["operators"]["SkipLayerNormalization"] == 1  # the others run inside the projections after them
     for op in ("MatMul", "Conv", "FastGelu", "GroupQueryAttention"):  # GELU runs inside the MLP's first PackedLinear
         assert op not in m["graph"]["operators"]
     assert m["graph"]["opset"]["ai.edgelm"] == 1

@@ -147,3 +147,52 @@ def test_kernel_rounds_no_worse_than_onnx_runtime():
         ours = np.sqrt(np.mean((_linear(x, packed, None, n) - exact) ** 2))
         theirs = np.sqrt(np.mean((sess.run(None, {"x": x})[0] - exact) ** 2))
         assert ours <= 1.25 * theirs, (m, ours, theirs)
+
+
+def _fused_session(k, n, inputs, outputs, eps=1e-5):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    consts = {"W": native.pack_panels(w), "B": rng.standard_normal(n).astype(np.float32),
+              "gamma": rng.standard_normal(k).astype(np.float32), "beta": rng.standard_normal(k).astype(np.float32),
+              "skip_bias": rng.standard_normal(k).astype(np.float32)}
+    inits = [numpy_helper.from_array(v, name) for name, v in consts.items() if name in inputs]
+    node = helper.make_node("PackedLinear", inputs, outputs, domain=native.DOMAIN, n=n, epsilon=eps)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in ("x", "skip")
+                                            if i in inputs],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    native.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), w, consts
+
+
+def _layer_norm(h, gamma, beta, eps):
+    h = h.astype(np.float64)
+    mean = h.mean(-1, keepdims=True)
+    return (h - mean) / np.sqrt(((h - mean) ** 2).mean(-1, keepdims=True) + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("k,n", [(37, 17), (768, 50)])
+def test_packed_linear_applies_the_residual_layer_norm_first(k, n):
+    """With Gamma, PackedLinear is SkipLayerNormalization then the projection: H = X + Skip + SkipBias
+    (second output), Y = LayerNorm(H) W + B; without Skip a plain LayerNorm; with one output, H stays inside."""
+    rng = np.random.default_rng(8)
+    sess, w, c = _fused_session(k, n, ["x", "W", "B", "skip", "gamma", "beta", "skip_bias"], ["y", "h"], eps=1e-5)
+    for shape in [(1, 1, k), (2, 9, k)]:  # decode, a batch of prompts (rows in blocks and alone)
+        x, skip = (rng.standard_normal(shape) * 3).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+        y, h = sess.run(None, {"x": x, "skip": skip})
+        expected_h = x + skip + c["skip_bias"]
+        np.testing.assert_allclose(h, expected_h, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(y, _layer_norm(expected_h, c["gamma"], c["beta"], 1e-5) @ w + c["B"], rtol=1e-4, atol=1e-4)
+    sess, w, c = _fused_session(k, n, ["x", "W", "", "", "gamma", "beta"], ["y"], eps=1e-3)  # LayerNorm alone, no bias
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], _layer_norm(x, c["gamma"], c["beta"], 1e-3) @ w,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="Skip must have X's shape"):
+        _fused_session(k, n, ["x", "W", "B", "skip", "gamma", "beta"], ["y", "h"])[0].run(
+            None, {"x": np.zeros((1, 2, k), np.float32), "skip": np.zeros((1, 3, k), np.float32)})
+    with pytest.raises(Exception, match="a second output needs Gamma"):
+        _fused_session(k, n, ["x", "W", "B"], ["y", "h"])[0].run(None, {"x": np.zeros((1, k), np.float32)})

@@ -143,6 +143,25 @@ def test_stop_strings_and_streaming_agree(embedded_artifact):
     assert streamed == result.text
 
 
+def test_incremental_detokenization_matches_decoding_everything(embedded_artifact):
+    """Rows decode only the ids after the last whole-character boundary; token by token (characters
+    split over several byte-level tokens included) the text is that of decoding every id, and a
+    stream of the deltas adds up to it."""
+    from edgelm.runtime.generator import Row
+
+    gen = Generator.load(embedded_artifact["gpt2"])
+    tok = gen.tokenizer
+    text = "Caf\u00e9 cr\u00e8me \u2014 na\u00efve \u00fcber \U0001F389\U0001F680 \u4e2d\u6587\u5b57 and plain words. " * 4
+    ids = tok.encode(text)
+    assert len(ids) > 40 and any(tok.decode([i]).endswith("\ufffd") for i in ids)  # split characters
+    row = Row(tok, "", [1], SamplingConfig(max_new_tokens=len(ids), stop_at_eos=False), None)
+    streamed = ""
+    for n, i in enumerate(ids, 1):
+        streamed += row.push(i)
+        assert row._decoded() == tok.decode(ids[:n])
+    assert row._clean_at > 0 and streamed == row.text == tok.decode(ids) == text
+
+
 def test_each_row_of_a_batch_stops_on_its_own(embedded_artifact):
     gen = Generator.load(embedded_artifact["gpt2"])
     alone = [gen.generate(p, SamplingConfig(max_new_tokens=25, stop_at_eos=False)).text for p in PROMPTS]

@@ -144,17 +144,27 @@ class _Linear:
         return self._shapes[key]
 
     def __call__(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, prefix: str,
-                 gelu: bool = False) -> str:
-        """``gelu`` (packed layout only): GELU's tanh form on the output, in the same operator."""
+                 gelu: bool = False, norm: tuple | None = None):
+        """Packed layout only: ``gelu``, GELU's tanh form on the output; ``norm``, the residual stream's
+        SkipLayerNormalization before the projection, in the same operator: (skip, gamma, beta,
+        skip_bias or None, epsilon, name of the new residual stream). With ``norm``, ``x`` is the
+        LayerNorm's input and the call returns (output, residual stream)."""
         g = self.g
         if self.layout == "packed":
-            inputs = [x, g.weight(f"{name}.weight_panels", pack_panels(weight))]
-            if bias is not None:
-                inputs.append(g.weight(f"{name}.bias", bias))
+            inputs = [x, g.weight(f"{name}.weight_panels", pack_panels(weight)),
+                      g.weight(f"{name}.bias", bias) if bias is not None else ""]
             extra = {"activation": PACKED_GELU_TANH} if gelu else {}
-            return g.node("PackedLinear", inputs, name=f"{prefix}/PackedLinear", n=weight.shape[1], **extra)
-        if gelu:
-            raise ValueError("a fused activation needs the packed layout")
+            outputs: list[str] | int = 1
+            if norm:
+                skip, gamma, beta, skip_bias, eps, residual = norm
+                inputs += [skip, gamma, beta] + ([skip_bias] if skip_bias else [])
+                extra["epsilon"] = eps
+                outputs = [f"{prefix}/PackedLinear/output_0", residual]
+            elif bias is None:
+                inputs.pop()
+            return g.node("PackedLinear", inputs, outputs, name=f"{prefix}/PackedLinear", n=weight.shape[1], **extra)
+        if gelu or norm:
+            raise ValueError("a fused activation or LayerNorm needs the packed layout")
         if self.layout == "matmul":
             y = g.node("MatMul", [x, g.weight(f"{name}.weight", weight)], name=f"{prefix}/MatMul")
             if bias is not None:
@@ -181,6 +191,15 @@ def _gather_packed_rows(g: GraphBuilder, table: str, ids: str, d: int, p: str) -
     lane = g.node("Expand", [lane, shape], name=f"{p}/LaneExpand")  # (B, S, D, 1)
     picked = g.node("GatherElements", [rows, lane], name=f"{p}/GatherLane", axis=3)
     return g.node("Squeeze", [picked, g.const(f"{p}/lane_axis", [3])], name=f"{p}/Squeeze")  # (B, S, D)
+
+
+def _skip_layer_norm(g: GraphBuilder, x: str, norm: tuple, p: str) -> tuple[str, str]:
+    """SkipLayerNormalization of ``x`` (``norm`` as _Linear takes it) -> (normalized, residual stream)."""
+    skip, gamma, beta, skip_bias, eps, residual = norm
+    inputs = [x, skip, gamma, beta] + ([skip_bias] if skip_bias else [])
+    out, _, _, resid = g.node("SkipLayerNormalization", inputs, [f"{p}/output_0", "", "", residual],
+                              name=f"{p}/SkipLayerNorm", epsilon=eps)
+    return out, resid
 
 
 def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
@@ -266,16 +285,16 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             kind, window = facts.layer_kinds[i]
             n, m = facts.layer_heads[i], facts.layer_inner[i]
             gamma, beta = w.norm(spec.ln_1, i)
-            skip_in = [stream_in, stream_skip, g.weight(f"{p}.ln_1.weight", gamma), g.weight(f"{p}.ln_1.bias", beta)]
-            if stream_bias:
-                skip_in.append(stream_bias)
-            x, _, _, resid = g.node("SkipLayerNormalization", skip_in,
-                                    [f"{p}/ln_1/output_0", "", "", f"{p}/ln_1/output_3"],
-                                    name=f"{p}/ln_1/SkipLayerNorm", epsilon=eps)
+            ln_1 = (stream_skip, g.weight(f"{p}.ln_1.weight", gamma), g.weight(f"{p}.ln_1.bias", beta), stream_bias,
+                    eps, f"{p}/ln_1/output_3")
             # attention
             wq, bq = w.linear(spec.qkv, i)
             _check_shape(facts, i, "attention QKV", wq, (d, 3 * n * h))
-            qkv = linear(x, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj")
+            if linear_layout == "packed":  # the LayerNorm runs inside the projection's operator
+                qkv, resid = linear(stream_in, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj", norm=ln_1)
+            else:
+                x, resid = _skip_layer_norm(g, stream_in, ln_1, f"{p}/ln_1")
+                qkv = linear(x, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj")
             if kv_np != np_dtype:
                 qkv = g.node("Cast", [qkv], name=f"{p}/attn/UpcastQKV", to=kv_elem)
             attrs = dict(num_heads=n, kv_num_heads=n, scale=float(facts.attention_scales[i]))
@@ -294,23 +313,24 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             _check_shape(facts, i, "attention output", wo, (n * h, d))
             o = linear(attn, f"{p}.attn.o_proj", wo, None, f"{p}/attn/o_proj")
             gamma, beta = w.norm(spec.ln_2, i)
-            x, _, _, resid = g.node(
-                "SkipLayerNormalization",
-                [o, resid, g.weight(f"{p}.ln_2.weight", gamma), g.weight(f"{p}.ln_2.bias", beta),
-                 g.weight(f"{p}.attn.o_proj.bias", bo)],
-                [f"{p}/ln_2/output_0", "", "", f"{p}/ln_2/output_3"], name=f"{p}/ln_2/SkipLayerNorm", epsilon=eps)
+            ln_2 = (resid, g.weight(f"{p}.ln_2.weight", gamma), g.weight(f"{p}.ln_2.bias", beta),
+                    g.weight(f"{p}.attn.o_proj.bias", bo), eps, f"{p}/ln_2/output_3")
             # MLP
             wf, bf = w.linear(spec.fc, i)
             _check_shape(facts, i, "MLP input", wf, (d, m))
-            if act_op == "FastGelu" and linear_layout == "packed":  # bias and GELU inside the operator
-                a = linear(x, f"{p}.mlp.fc", wf, bf, f"{p}/mlp/fc", gelu=True)
-            elif act_op == "FastGelu":
-                f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
-                a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
+            if linear_layout == "packed":  # LayerNorm, bias and (GELU's tanh form) inside the operator
+                fused = act_op == "FastGelu"
+                a, resid = linear(o, f"{p}.mlp.fc", wf, bf, f"{p}/mlp/fc", gelu=fused, norm=ln_2)
+                if not fused:
+                    a = g.node(act_op, [a], name=f"{p}/mlp/act/{act_op}")
             else:
+                x, resid = _skip_layer_norm(g, o, ln_2, f"{p}/ln_2")
                 f = linear(x, f"{p}.mlp.fc", wf, None, f"{p}/mlp/fc")
-                f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
-                a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
+                if act_op == "FastGelu":
+                    a = g.node("FastGelu", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/act/FastGelu")
+                else:
+                    f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
+                    a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
             wp, bp = w.linear(spec.proj, i)
             _check_shape(facts, i, "MLP output", wp, (m, d))
             stream_in = linear(a, f"{p}.mlp.proj", wp, None, f"{p}/mlp/proj")

@@ -171,11 +171,15 @@ def load_model(path: Path) -> onnx.ModelProto:
     return model
 
 
+NORM_BEFORE = {"attn/qkv_proj": "ln_1", "mlp/fc": "ln_2"}  # the builder's LayerNorm before each fused projection
+
+
 def packed_to_matmul(model: onnx.ModelProto) -> int:
     """Turn the builder's packed layout (edgelm's operators) back into the MatMul graph.
 
     Each ``ai.edgelm.CachedAttention`` becomes the ``GroupQueryAttention`` it stands for (same
-    attributes and cache contract). Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
+    attributes and cache contract); a PackedLinear with a LayerNorm (Gamma) gives back its
+    ``SkipLayerNormalization`` first. Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
     unpacked under the name the MatMul export gives it (".weight_panels" -> ".weight", and the tied
     table -> "model.embed_tokens.weight_t"); the packed embedding lookup (Div, Gather, Mod, ...,
     GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
@@ -196,7 +200,18 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         out = node.output[0]
         activation = next((a.i for a in node.attribute if a.name == "activation"), 0)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        nodes = [helper.make_node("MatMul", [node.input[0], new_name], [f"{base}/MatMul/output_0"], name=f"{base}/MatMul")]
+        nodes, x = [], node.input[0]
+        if len(node.input) > 4 and node.input[4]:  # the LayerNorm before it: the builder's SkipLayerNormalization
+            layer, *proj = base.rsplit("/", 2)  # "/model/layers.0", "attn", "qkv_proj"
+            norm = f"{layer}/{NORM_BEFORE['/'.join(proj)]}"
+            skip, gamma, beta, *skip_bias = node.input[3:]
+            residual = node.output[1] if len(node.output) > 1 else ""
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            nodes.append(helper.make_node("SkipLayerNormalization", [x, skip, gamma, beta, *[b for b in skip_bias if b]],
+                                          [f"{norm}/output_0", "", "", residual], name=f"{norm}/SkipLayerNorm",
+                                          domain=MS, epsilon=eps))
+            x = nodes[-1].output[0]
+        nodes.append(helper.make_node("MatMul", [x, new_name], [f"{base}/MatMul/output_0"], name=f"{base}/MatMul"))
         if activation:  # the builder's MLP: FastGelu(MatMul(x, W_fc), b_fc)
             act = base.rpartition("/")[0] + "/act/FastGelu"
             nodes.append(helper.make_node("FastGelu", [nodes[-1].output[0], bias], [f"{act}/output_0"], name=act,

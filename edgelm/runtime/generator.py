@@ -59,6 +59,7 @@ class Row:
         self.cancelled = False  # set by a server when the client goes away
         self.timings: dict = {}  # the batch's timings, filled when the batch ends
         self.rng = np.random.default_rng(cfg.seed)
+        self._clean_at, self._clean_text = 0, ""  # ids[:_clean_at] decode to _clean_text, a whole UTF-8 text
 
     def push(self, token: int) -> str:
         """Add a token; return the text that became final; set ``finished`` when the row is done.
@@ -68,9 +69,9 @@ class Row:
         """
         if self.cfg.stop_at_eos and self.eos is not None and token == self.eos:
             self.finished = "eos"
-            return self._emit(self.tokenizer.decode(self.ids))
+            return self._emit(self._decoded())
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
+        full = self._decoded()
         for stop in self.cfg.stop:
             cut = full.find(stop)
             if cut >= 0:
@@ -82,6 +83,19 @@ class Row:
         if full.endswith("\ufffd"):
             return ""
         return self._emit(full[: len(full) - self._held(full)])
+
+    def _decoded(self) -> str:
+        """The text of every id so far, decoding only the ids after the last whole-character boundary.
+
+        Byte-level BPE decodes a concatenation of token runs to the concatenation of their texts
+        when the first run ends on a whole UTF-8 character, so each step decodes a short tail instead
+        of the whole generation.
+        """
+        tail = self.tokenizer.decode(self.ids[self._clean_at:])
+        text = self._clean_text + tail
+        if len(self.ids) - self._clean_at >= 8 and not tail.endswith("\ufffd"):
+            self._clean_at, self._clean_text = len(self.ids), text
+        return text
 
     def _held(self, text: str) -> int:
         """Length of the longest end of ``text`` that begins a stop string."""

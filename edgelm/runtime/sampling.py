@@ -59,6 +59,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None,
                 seen: np.ndarray | None = None) -> np.ndarray:
     """logits (B, V) float32 -> token ids (B,) int64."""
+    if cfg.greedy and seen is None:  # nothing to change in the logits: no copy
+        return np.asarray(logits).argmax(axis=-1).astype(np.int64)
     logits = np.array(logits, dtype=np.float32, copy=True)
     if seen is not None:
         apply_repetition_penalty(logits, seen, cfg.repetition_penalty)

@@ -1,6 +1,7 @@
 /* The packed linear kernel and the read probe, for AVX-512, AVX2 and any other CPU (see kernels.h). */
 #include "kernels.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,24 @@ static void panels_generic(const float *x, size_t m, size_t k, const float *w, c
 #define GELU_C -1.5957691216057308f
 static inline float gelu_tanh(float v) {
     return v / (1.0f + edgelm_exp(GELU_C * (v + 0.044715f * v * v * v)));
+}
+
+void edgelm_skip_layer_norm(const float *x, const float *skip, const float *skip_bias, const float *gamma,
+                            const float *beta, float eps, size_t m, size_t k, float *sum, float *out) {
+    for (size_t r = 0; r < m; r++) {
+        const float *xr = x + r * k, *sr = skip ? skip + r * k : NULL;
+        float *h = sum ? sum + r * k : out + r * k, *o = out + r * k;
+        double total = 0.0;
+        for (size_t i = 0; i < k; i++) {
+            float v = xr[i] + (sr ? sr[i] : 0.0f) + (skip_bias ? skip_bias[i] : 0.0f);
+            h[i] = v;
+            total += v;
+        }
+        double mean = total / (double)k, spread = 0.0;
+        for (size_t i = 0; i < k; i++) spread += ((double)h[i] - mean) * ((double)h[i] - mean);
+        float inv = (float)(1.0 / sqrt(spread / (double)k + (double)eps)), mu = (float)mean;
+        for (size_t i = 0; i < k; i++) o[i] = (h[i] - mu) * inv * gamma[i] + (beta ? beta[i] : 0.0f);
+    }
 }
 
 static void gelu_generic(float *y, size_t count) {

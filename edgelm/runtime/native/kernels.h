@@ -19,6 +19,12 @@
 EDGELM_EXPORT void edgelm_linear_panels(const float *x, size_t m, size_t k, const float *w, const float *b,
                           float *y, size_t n, size_t p0, size_t p1);
 
+/* The residual stream's LayerNorm before a PackedLinear (ONNX Runtime's SkipLayerNormalization):
+ * for each of m rows of k, h = x (+ skip) (+ skip_bias) into `sum` (may be NULL), then
+ * out = (h - mean(h)) / sqrt(var(h) + eps) * gamma (+ beta); mean and variance in double. */
+EDGELM_EXPORT void edgelm_skip_layer_norm(const float *x, const float *skip, const float *skip_bias, const float *gamma,
+                                          const float *beta, float eps, size_t m, size_t k, float *sum, float *out);
+
 /* y = gelu(y) in place, GELU's tanh form (GPT-2's gelu_new), the PackedLinear activation. */
 EDGELM_EXPORT void edgelm_gelu_tanh(float *y, size_t count);
 

@@ -1,10 +1,14 @@
 /* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear and ai.edgelm.CachedAttention on the
  * CPU provider.
  *
- *   Y = PackedLinear(X, W, B?)   attributes: n, the number of output columns;
- *                                activation (optional): 0 none (default), 1 GELU's tanh form (FastGelu)
+ *   Y, H? = PackedLinear(X, W, B?, Skip?, Gamma?, Beta?, SkipBias?)
+ *     attributes: n, the number of output columns; activation (optional): 0 none (default), 1 GELU's
+ *     tanh form (FastGelu); epsilon (the LayerNorm's, default 1e-5)
  *   X: float (..., K)   W: float (ceil(n / 16), K, 16), 16-column panels (kernels.h)   B: float (n)
  *   Y: float (..., n) = activation(X W + B)
+ *   With Gamma (K) the operator first applies the residual stream's LayerNorm, as ONNX Runtime's
+ *   SkipLayerNormalization: H = X + Skip (..., K) + SkipBias (K), X' = LayerNorm(H) * Gamma + Beta, and
+ *   Y = activation(X' W + B); H, the new residual stream, is the optional second output.
  *
  *   Y, present_key, present_value = CachedAttention(QKV, past_key, past_value, seqlens_k, total_sequence_length,
  *                                                   attention_bias?)
@@ -44,6 +48,7 @@ typedef struct {
     int64_t n;          /* output columns */
     int64_t activation; /* ACTIVATION_* */
     size_t chunks;      /* contiguous panel ranges handed to the thread pool per call */
+    float epsilon;      /* the LayerNorm's, with Gamma */
 } PackedLinearKernel;
 
 typedef struct {
@@ -87,17 +92,51 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, const OrtValue **va
     return st;
 }
 
+/* Input `index` when the node has it: its data (NULL when absent) and shape. */
+static OrtStatus *optional_input(OrtKernelContext *ctx, size_t count, size_t index, void **data, int64_t *dims, int *rank) {
+    const OrtValue *value = NULL;
+    OrtStatus *st;
+    *data = NULL;
+    *rank = -1;
+    if (index >= count || (st = input(ctx, index, &value, dims, rank))) return index >= count ? NULL : st;
+    return value ? ORT_FN(g_api, GetTensorMutableData)((OrtValue *)value, data) : NULL;
+}
+
+/* The LayerNorm inputs (Skip, Gamma, Beta, SkipBias at 3-6) against X's shape xd (rank xr, K = xd[xr - 1]). */
+static OrtStatus *norm_inputs(OrtKernelContext *ctx, size_t count, const int64_t *xd, int xr, void **skip, void **gamma,
+                              void **beta, void **skip_bias) {
+    int64_t d[MAX_RANK];
+    int r;
+    OrtStatus *st;
+    const int64_t k = xd[xr - 1];
+    if ((st = optional_input(ctx, count, 4, gamma, d, &r))) return st;
+    if (!*gamma) return NULL;
+    if (r != 1 || d[0] != k) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: Gamma must be (%lld)", (long long)k);
+    if ((st = optional_input(ctx, count, 5, beta, d, &r))) return st;
+    if (*beta && (r != 1 || d[0] != k)) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: Beta must be (%lld)", (long long)k);
+    if ((st = optional_input(ctx, count, 6, skip_bias, d, &r))) return st;
+    if (*skip_bias && (r != 1 || d[0] != k)) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: SkipBias must be (%lld)", (long long)k);
+    if ((st = optional_input(ctx, count, 3, skip, d, &r))) return st;
+    if (*skip && (r != xr || memcmp(d, xd, (size_t)xr * sizeof(int64_t)) != 0))
+        return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: Skip must have X's shape");
+    return NULL;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const PackedLinearKernel *op = (const PackedLinearKernel *)kernel;
     const OrtValue *xv, *wv, *bv = NULL;
     int64_t xd[MAX_RANK], wd[MAX_RANK], bd[MAX_RANK];
     int xr, wr, br = -1;
-    size_t inputs = 0;
+    size_t inputs = 0, outputs = 0;
     OrtStatus *st;
     if ((st = input(ctx, 0, &xv, xd, &xr)) || (st = input(ctx, 1, &wv, wd, &wr))) return st;
     if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs))) return st;
+    if ((st = ORT_FN(g_api, KernelContext_GetOutputCount)(ctx, &outputs))) return st;
     if (inputs > 2 && (st = input(ctx, 2, &bv, bd, &br))) return st;
     if (xr < 1) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: X has rank %d, needs at least 1", xr);
+    void *skip = NULL, *gamma = NULL, *beta = NULL, *skip_bias = NULL;
+    if ((st = norm_inputs(ctx, inputs, xd, xr, &skip, &gamma, &beta, &skip_bias))) return st;
+    if (outputs > 1 && !gamma) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: a second output needs Gamma (the LayerNorm)");
     int64_t k = xd[xr - 1], n = op->n, panels = (n + EDGELM_PANEL - 1) / EDGELM_PANEL;
     if (wr != 3 || wd[0] != panels || wd[2] != EDGELM_PANEL)
         return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: W must be (%lld, K, 16) panels for n = %lld", (long long)panels, (long long)n);
@@ -108,19 +147,30 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     size_t m = 1;
     for (int i = 0; i < xr - 1; i++) { yd[i] = xd[i]; m *= (size_t)xd[i]; }
     yd[xr - 1] = n;
-    OrtValue *yv;
-    void *x, *w, *b = NULL, *y;
+    OrtValue *yv, *hv = NULL;
+    void *x, *w, *b = NULL, *y, *h = NULL;
     if ((st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 0, yd, (size_t)xr, &yv))) return st;
+    if (outputs > 1 && (st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 1, xd, (size_t)xr, &hv))) return st;
     if (m == 0 || n == 0) return NULL;
     if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)xv, &x)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)wv, &w)) ||
         (bv && (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)bv, &b))) ||
+        (hv && (st = ORT_FN(g_api, GetTensorMutableData)(hv, &h))) ||
         (st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)))
         return st;
 
+    float *normed = NULL;
+    if (gamma) {  /* the LayerNorm: H into the second output (when asked for), LayerNorm(H) into a buffer */
+        normed = (float *)malloc(m * (size_t)k * sizeof(float));
+        if (!normed) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
+        edgelm_skip_layer_norm(x, skip, skip_bias, gamma, beta, op->epsilon, m, (size_t)k, h, normed);
+        x = normed;
+    }
     Job job = {x, w, b, y, m, (size_t)k, (size_t)n, (size_t)panels,
                op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation};
-    return ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
+    st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
+    free(normed);
+    return st;
 }
 
 /* An optional attribute: *out keeps its default when the node has none. */
@@ -144,6 +194,11 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     if (!k) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
     k->n = n;
     k->activation = activation;
+    k->epsilon = 1e-5f;
+    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_float)(info, "epsilon", &k->epsilon))) {
+        ORT_FN(g_api, ReleaseStatus)(st);  /* absent: 1e-5 */
+        k->epsilon = 1e-5f;
+    }
     /* Each thread takes whole chunks: a few per thread keeps them balanced while each stays one
      * long run of addresses for the prefetchers. EDGELM_LINEAR_CHUNKS overrides (experiments). */
     const char *env = getenv("EDGELM_LINEAR_CHUNKS");
@@ -156,10 +211,11 @@ static void destroy_kernel(void *kernel) { free(kernel); }
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "PackedLinear"; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_float(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_TYPE_FLOAT; }
-static size_t op_three(const OrtCustomOp *op) { (void)op; return 3; }
-static size_t op_one(const OrtCustomOp *op) { (void)op; return 1; }
-static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 2 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
-static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_IO_REQUIRED; }
+static size_t op_seven(const OrtCustomOp *op) { (void)op; return 7; }
+static size_t op_two(const OrtCustomOp *op) { (void)op; return 2; }
+static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 2 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
+static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 1 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
+static int output_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_IO_REQUIRED; }
 static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_MEM_DEFAULT; }
 static int arity_one(const OrtCustomOp *op) { (void)op; return 1; }
 static int homogeneous(const OrtCustomOp *op) { (void)op; return 1; }
@@ -169,9 +225,9 @@ static const OrtCustomOp packed_linear = {
     .GetName = op_name,
     .GetExecutionProviderType = op_provider,
     .GetInputType = op_float,
-    .GetInputTypeCount = op_three,
+    .GetInputTypeCount = op_seven,
     .GetOutputType = op_float,
-    .GetOutputTypeCount = op_one,
+    .GetOutputTypeCount = op_two,
     .KernelDestroy = destroy_kernel,
     .GetInputCharacteristic = input_kind,
     .GetOutputCharacteristic = output_kind,
@@ -307,7 +363,7 @@ static const OrtCustomOp cached_attention = {
     .GetOutputTypeCount = op_three_out,
     .KernelDestroy = destroy_kernel,
     .GetInputCharacteristic = attention_input_kind,
-    .GetOutputCharacteristic = output_kind,
+    .GetOutputCharacteristic = output_required,
     .GetInputMemoryType = memory_default,
     .GetVariadicInputMinArity = arity_one,
     .GetVariadicInputHomogeneity = homogeneous,

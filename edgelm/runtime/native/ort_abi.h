@@ -78,6 +78,7 @@ struct OrtCustomOp {
 #define ORT_SLOT_KernelInfoGetAttribute_float 85
 #define ORT_SLOT_KernelInfoGetAttribute_int64 86
 #define ORT_SLOT_KernelContext_GetInputCount 88
+#define ORT_SLOT_KernelContext_GetOutputCount 89
 #define ORT_SLOT_KernelContext_GetInput 90
 #define ORT_SLOT_KernelContext_GetOutput 91
 #define ORT_SLOT_ReleaseStatus 93
@@ -96,6 +97,7 @@ typedef OrtStatus *(*OrtGetTensorTypeAndShapeFn)(const OrtValue *value, OrtTenso
 typedef OrtStatus *(*OrtKernelInfoGetAttribute_floatFn)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*OrtKernelInfoGetAttribute_int64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
 typedef OrtStatus *(*OrtKernelContext_GetInputCountFn)(const OrtKernelContext *context, size_t *out);
+typedef OrtStatus *(*OrtKernelContext_GetOutputCountFn)(const OrtKernelContext *context, size_t *out);
 typedef OrtStatus *(*OrtKernelContext_GetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
 typedef OrtStatus *(*OrtKernelContext_GetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims,
                                                    size_t count, OrtValue **out);
