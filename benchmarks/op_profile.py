@@ -4,7 +4,7 @@
 
 Exports (or reuses) the random-weight builder artifact of --model in --layout, generates --runs
 times (32-token prompt, 64 greedy new tokens) with ONNX Runtime's profiler on, and sums kernel time
-per operator type over every run, prompt steps included. Profiling adds its own cost to every
+per operator type, and per node with every layer's nodes together, over every run, prompt steps included. Profiling adds its own cost to every
 node, so read the shares, not the absolute times. Writes results/op_profile-MODEL-LAYOUT.json.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def main(argv=None) -> int:
     os.remove(trace)
 
     per_op, calls, run_us, runs = collections.Counter(), collections.Counter(), 0, 0
+    per_node, node_calls = collections.Counter(), collections.Counter()  # nodes of every layer together
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_op[e["args"]["op_name"]] += e["dur"]
             calls[e["args"]["op_name"]] += 1
+            node = re.sub(r"layers\.\d+", "layers.*", e["name"].removesuffix("_kernel_time"))
+            per_node[node] += e["dur"]
+            node_calls[node] += 1
         elif e.get("cat") == "Session" and e["name"] == "model_run":
             run_us += e["dur"]
             runs += 1
@@ -80,13 +85,18 @@ def main(argv=None) -> int:
               "machine": machine(), "versions": versions(), "commit": commit(),
               "model_run_ms": run_us / 1e3, "kernel_ms": kernels / 1e3, "kernel_share_of_run": kernels / run_us,
               "operators": {op: {"ms": us / 1e3, "share_of_kernels": us / kernels, "calls": calls[op]}
-                            for op, us in per_op.most_common()}}
+                            for op, us in per_op.most_common()},
+              "nodes": {node: {"ms": us / 1e3, "share_of_kernels": us / kernels, "calls": node_calls[node]}
+                        for node, us in per_node.most_common()}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"op_profile-{args.model}-{args.layout}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.model} {args.layout}: {runs} runs, {run_us / 1e3:.0f} ms in model_run, "
           f"{kernels / run_us:.0%} of it in operators")
     for op, us in per_op.most_common(8):
         print(f"  {op:26s} {us / 1e3:8.1f} ms  {us / kernels:6.1%}  {calls[op]} calls")
+    print("nodes (every layer's together):")
+    for node, us in per_node.most_common(8):
+        print(f"  {node:60s} {us / 1e3:8.1f} ms  {us / kernels:6.1%}")
     return 0
 
 
