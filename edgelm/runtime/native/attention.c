@@ -62,7 +62,6 @@ static void weigh_generic(float *o, const float *p, const float *values, size_t 
 static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generic};
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
 #define HAVE_X86 1
 /* AVX2 + FMA (AVX-512 CPUs run these too: the loops are short and bound by loads). Head sizes that are
  * a multiple of 8 (every GPT-2 and GPT-Neo); others take the generic loops. */
@@ -109,26 +108,12 @@ AVX2 static void scores_avx2(const float *q, const float *keys, size_t n, size_t
     if (j < n) scores_generic(q, keys + j * stride, n - j, h, stride, scale, bias ? bias + j : NULL, s + j);
 }
 
-/* exp(s - top), 8 lanes: edgelm_exp (kernels.h) in vector form */
+/* exp(s - top), 8 lanes (edgelm_exp8, kernels.h) */
 AVX2 static float expsum_avx2(float *s, size_t n, float top) {
     __m256 sum = _mm256_setzero_ps(), t = _mm256_set1_ps(top);
     size_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        __m256 a = _mm256_sub_ps(_mm256_loadu_ps(s + j), t);
-        a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
-        __m256 k = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(EDGELM_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EDGELM_LN2_HI), a);
-        r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EDGELM_LN2_LO), r);
-        __m256 e = _mm256_set1_ps(1.0f / 5040);
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 720));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 120));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 24));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 6));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
-        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
-        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
-        e = _mm256_mul_ps(e, scale);
+        __m256 e = edgelm_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
         _mm256_storeu_ps(s + j, e);
         sum = _mm256_add_ps(sum, e);
     }

@@ -28,8 +28,8 @@ EDGELM_EXPORT void edgelm_skip_layer_norm(const float *x, const float *skip, con
 /* y = gelu(y) in place, GELU's tanh form (GPT-2's gelu_new), the PackedLinear activation. */
 EDGELM_EXPORT void edgelm_gelu_tanh(float *y, size_t count);
 
-/* Sum of n floats, read with the widest loads the CPU has: the memory-read probe of
- * edgelm.bench.machine (a read kernel as lean as the linear kernel's own). */
+/* Sum of n floats, read with the widest loads the CPU has, as 4 streams (quarters of x) in lockstep:
+ * the memory-read probe of edgelm.bench.machine (a read kernel as lean as the linear kernel's own). */
 EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
 
 /* exp(a), a clamped to [-87, 87]: exp(a) = 2^j exp(r), j = round(a / ln 2), r = a - j ln 2 in two
@@ -53,6 +53,27 @@ static inline float edgelm_exp(float a) {
     union { int32_t i; float f; } scale = {.i = ((int32_t)j + 127) << 23};
     return e * scale.f;
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+/* edgelm_exp on 8 lanes, for callers compiled for AVX2 + FMA */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 edgelm_exp8(__m256 a) {
+    a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+    __m256 j = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(EDGELM_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(j, _mm256_set1_ps(EDGELM_LN2_HI), a);
+    r = _mm256_fnmadd_ps(j, _mm256_set1_ps(EDGELM_LN2_LO), r);
+    __m256 e = _mm256_set1_ps(1.0f / 5040);
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 720));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 120));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 24));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 6));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(j), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(e, _mm256_castsi256_ps(scale));
+}
+#endif
 
 /* Attention over a KV cache that it appends to in place: ai.edgelm.CachedAttention (ops.c has the
  * contract). One call computes `unit` = b * kv_heads + g: batch row b, KV head g and the query heads
