@@ -229,8 +229,8 @@ static void rows_avx2(const float *x, size_t m, size_t k, const float *wp, const
 
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call): q
  * streams of weights in flight per thread instead of one, which one core needs to draw memory's
- * bandwidth (measured: one panel at a time read 11 GB/s on a core that gave ONNX Runtime's NCHWc
- * convolution 16). 2q sums, one k at a time; block sums go to totals on the stack. */
+ * bandwidth (one panel at a time, a core read less than ONNX Runtime's NCHWc convolution drew from
+ * it). 2q sums, one k at a time; block sums go to totals on the stack. */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void decode_avx2(const float *x, size_t k, const float *wp, const float *b, float *y, size_t n,
                                size_t col, int q) {
