@@ -4,7 +4,8 @@
 
 Exports (or reuses) the random-weight builder artifact of --model in --layout, generates --runs
 times (32-token prompt, 64 greedy new tokens) with ONNX Runtime's profiler on, and sums kernel time
-per operator type, and per node with every layer's nodes together, over every run, prompt steps included. Profiling adds its own cost to every
+per operator type, and per node with every layer's nodes together, over every run, prompt steps
+included. Profiling adds its own cost to every
 node, so read the shares, not the absolute times. Writes results/op_profile-MODEL-LAYOUT.json.
 """
 

@@ -141,7 +141,8 @@ def test_matches_group_query_attention_in_place(heads, kv_heads, h, window, slid
     shape = (batch, kv_heads, capacity, h)
     ours = _run_bound(_session("CachedAttention", heads, kv_heads, h, **attrs), schedule, shape)
     gqa_schedule = [(qkv[:1], mask[:1]) for qkv, mask in schedule] if many else schedule
-    theirs = _run_bound(_session("GroupQueryAttention", heads, kv_heads, h, **attrs), gqa_schedule, (len(gqa_schedule[0][0]),) + shape[1:])
+    theirs = _run_bound(_session("GroupQueryAttention", heads, kv_heads, h, **attrs), gqa_schedule,
+                        (len(gqa_schedule[0][0]),) + shape[1:])
     reference = _reference(schedule, heads, kv_heads, h, 0.3, window)
     total = 0
     for step, ((y, k, v), (gy, gk, gv), ry) in enumerate(zip(ours, theirs, reference)):
@@ -191,7 +192,8 @@ def test_rejects_inputs_that_break_the_contract():
     qkv = np.zeros((1, 1, 96), np.float32)
     feeds = _feeds(qkv, np.ones((1, 5), np.float32))
     with pytest.raises(Exception, match="past holds 2 rows, fewer than the 4 tokens"):
-        sess.run(None, {**feeds, "past_key": np.zeros((1, 2, 2, 16), np.float32), "past_value": np.zeros((1, 2, 2, 16), np.float32)})
+        short = np.zeros((1, 2, 2, 16), np.float32)
+        sess.run(None, {**feeds, "past_key": short, "past_value": short})
     past = np.zeros((1, 2, 4, 16), np.float32)
     with pytest.raises(Exception, match=r"seqlens_k\[0\] is 2"):
         sess.run(None, {**feeds, "seqlens_k": np.array([2], np.int32), "past_key": past, "past_value": past})

@@ -23,9 +23,10 @@ Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
 - ``packed``: every projection and the LM head is ``ai.edgelm.PackedLinear(x, W, b)``, edgelm's own
   operator (edgelm/runtime/native), over W stored as panels of 16 output columns, (N/16, K, 16):
   one decode step reads each weight once, front to back. The tied embedding is stored once, packed;
-  the lookup gathers a token's panel and picks its lane. Attention is ``ai.edgelm.CachedAttention``,
-  GroupQueryAttention's inputs (less the unused ones), attributes and cache contract below. Needs edgelm's operator library wherever
-  the graph runs (edgelm's runtime registers it); fp32, CPU.
+  the lookup gathers a token's panel and picks its lane. The LayerNorm before the QKV and MLP
+  projections runs inside their PackedLinear. Attention is ``ai.edgelm.CachedAttention``, with
+  GroupQueryAttention's inputs (less the unused ones), attributes and the cache contract below.
+  Needs edgelm's operator library wherever the graph runs (edgelm's runtime registers it); fp32, CPU.
 - ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
   ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
   ONNX Runtime's CPU provider turns it into its blocked NCHWc convolution: whole decode 1.04-1.08x

@@ -179,9 +179,10 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
 
     Each ``ai.edgelm.CachedAttention`` becomes the ``GroupQueryAttention`` it stands for (same
     attributes and cache contract); a PackedLinear with a LayerNorm (Gamma) gives back its
-    ``SkipLayerNormalization`` first. Each ``PackedLinear(x, W panels, b)`` becomes ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight
-    unpacked under the name the MatMul export gives it (".weight_panels" -> ".weight", and the tied
-    table -> "model.embed_tokens.weight_t"); the packed embedding lookup (Div, Gather, Mod, ...,
+    ``SkipLayerNormalization`` first. Each ``PackedLinear(x, W panels, b)`` becomes
+    ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight unpacked under the name the MatMul export gives
+    it (".weight_panels" -> ".weight", and the tied table -> "model.embed_tokens.weight_t"); the
+    packed embedding lookup (Div, Gather, Mod, ...,
     GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
     The result is node for node the ``linear_layout="matmul"`` export. Returns how many nodes were turned.
     """
