@@ -95,11 +95,12 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, const OrtValue **va
 /* Input `index` when the node has it: its data (NULL when absent) and shape. */
 static OrtStatus *optional_input(OrtKernelContext *ctx, size_t count, size_t index, void **data, int64_t *dims, int *rank) {
     const OrtValue *value = NULL;
-    OrtStatus *st;
     *data = NULL;
     *rank = -1;
-    if (index >= count || (st = input(ctx, index, &value, dims, rank))) return index >= count ? NULL : st;
-    return value ? ORT_FN(g_api, GetTensorMutableData)((OrtValue *)value, data) : NULL;
+    if (index >= count) return NULL;
+    OrtStatus *st = input(ctx, index, &value, dims, rank);
+    if (st || !value) return st;
+    return ORT_FN(g_api, GetTensorMutableData)((OrtValue *)value, data);
 }
 
 /* The LayerNorm inputs (Skip, Gamma, Beta, SkipBias at 3-6) against X's shape xd (rank xr, K = xd[xr - 1]). */
@@ -124,15 +125,16 @@ static OrtStatus *norm_inputs(OrtKernelContext *ctx, size_t count, const int64_t
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const PackedLinearKernel *op = (const PackedLinearKernel *)kernel;
-    const OrtValue *xv, *wv, *bv = NULL;
+    const OrtValue *xv, *wv;
     int64_t xd[MAX_RANK], wd[MAX_RANK], bd[MAX_RANK];
-    int xr, wr, br = -1;
+    int xr, wr, br;
     size_t inputs = 0, outputs = 0;
+    void *b;
     OrtStatus *st;
     if ((st = input(ctx, 0, &xv, xd, &xr)) || (st = input(ctx, 1, &wv, wd, &wr))) return st;
     if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs))) return st;
     if ((st = ORT_FN(g_api, KernelContext_GetOutputCount)(ctx, &outputs))) return st;
-    if (inputs > 2 && (st = input(ctx, 2, &bv, bd, &br))) return st;
+    if ((st = optional_input(ctx, inputs, 2, &b, bd, &br))) return st;
     if (xr < 1) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: X has rank %d, needs at least 1", xr);
     void *skip = NULL, *gamma = NULL, *beta = NULL, *skip_bias = NULL;
     if ((st = norm_inputs(ctx, inputs, xd, xr, &skip, &gamma, &beta, &skip_bias))) return st;
@@ -141,20 +143,19 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if (wr != 3 || wd[0] != panels || wd[2] != EDGELM_PANEL)
         return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: W must be (%lld, K, 16) panels for n = %lld", (long long)panels, (long long)n);
     if (wd[1] != k) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: X has %lld features, W has %lld", (long long)k, (long long)wd[1]);
-    if (br >= 0 && (br != 1 || bd[0] != n)) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: B must be (%lld), got a tensor of rank %d", (long long)n, br);
+    if (b && (br != 1 || bd[0] != n)) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: B must be (%lld), got a tensor of rank %d", (long long)n, br);
 
     int64_t yd[MAX_RANK];
     size_t m = 1;
     for (int i = 0; i < xr - 1; i++) { yd[i] = xd[i]; m *= (size_t)xd[i]; }
     yd[xr - 1] = n;
     OrtValue *yv, *hv = NULL;
-    void *x, *w, *b = NULL, *y, *h = NULL;
+    void *x, *w, *y, *h = NULL;
     if ((st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 0, yd, (size_t)xr, &yv))) return st;
     if (outputs > 1 && (st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 1, xd, (size_t)xr, &hv))) return st;
     if (m == 0 || n == 0) return NULL;
     if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)xv, &x)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)wv, &w)) ||
-        (bv && (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)bv, &b))) ||
         (hv && (st = ORT_FN(g_api, GetTensorMutableData)(hv, &h))) ||
         (st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)))
         return st;
@@ -173,10 +174,19 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     return st;
 }
 
-/* An optional attribute: *out keeps its default when the node has none. */
+/* Optional attributes: *out keeps its default when the node has none. */
 static void optional_int(const OrtKernelInfo *info, const char *name, int64_t *out) {
-    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, name, out);
+    int64_t value;
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, name, &value);
     if (st) ORT_FN(g_api, ReleaseStatus)(st);
+    else *out = value;
+}
+
+static void optional_float(const OrtKernelInfo *info, const char *name, float *out) {
+    float value;
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_float)(info, name, &value);
+    if (st) ORT_FN(g_api, ReleaseStatus)(st);
+    else *out = value;
 }
 
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
@@ -195,10 +205,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     k->n = n;
     k->activation = activation;
     k->epsilon = 1e-5f;
-    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_float)(info, "epsilon", &k->epsilon))) {
-        ORT_FN(g_api, ReleaseStatus)(st);  /* absent: 1e-5 */
-        k->epsilon = 1e-5f;
-    }
+    optional_float(info, "epsilon", &k->epsilon);
     /* Each thread takes whole chunks: a few per thread keeps them balanced while each stays one
      * long run of addresses for the prefetchers. EDGELM_LINEAR_CHUNKS overrides (experiments). */
     const char *env = getenv("EDGELM_LINEAR_CHUNKS");
@@ -250,16 +257,17 @@ static void run_unit(void *data, size_t unit) { edgelm_attention_unit((const Edg
 
 static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
     const AttentionKernel *op = (const AttentionKernel *)kernel;
-    const OrtValue *qv, *pkv, *pvv, *lv, *tv, *bv = NULL;
+    const OrtValue *qv, *pkv, *pvv, *lv, *tv;
     int64_t qd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], ld[MAX_RANK], td[MAX_RANK], bd[MAX_RANK];
-    int qr, kr, vr, lr, tr, br = -1;
+    int qr, kr, vr, lr, tr, br;
     size_t inputs = 0;
+    void *bias;
     OrtStatus *st;
     if ((st = input(ctx, 0, &qv, qd, &qr)) || (st = input(ctx, 1, &pkv, kd, &kr)) || (st = input(ctx, 2, &pvv, vd, &vr)) ||
         (st = input(ctx, 3, &lv, ld, &lr)) || (st = input(ctx, 4, &tv, td, &tr)))
         return st;
     if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs))) return st;
-    if (inputs > 5 && (st = input(ctx, 5, &bv, bd, &br))) return st;
+    if ((st = optional_input(ctx, inputs, 5, &bias, bd, &br))) return st;
     if (qr != 3) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: QKV has rank %d, needs (B, S, (N + 2 Nkv) H)", qr);
     if (kr != 4 || vr != 4 || memcmp(kd, vd, 4 * sizeof(int64_t)) != 0)
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: past_key and past_value must both be (B, Nkv, C, H)");
@@ -270,13 +278,12 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
                     (long long)C, (long long)H, (long long)N, (long long)Nkv);
     if (lr != 1 || ld[0] != B) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k must be (B) = (%lld)", (long long)B);
     if (tr > 1 || (tr == 1 && td[0] != 1)) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length must be one int32");
-    void *qkv, *past_k, *past_v, *lens, *totalp, *bias = NULL;
+    void *qkv, *past_k, *past_v, *lens, *totalp;
     if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)qv, &qkv)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pkv, &past_k)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pvv, &past_v)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)lv, &lens)) ||
-        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)tv, &totalp)) ||
-        (bv && (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)bv, &bias))))
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)tv, &totalp)))
         return st;
     const int64_t T = *(const int32_t *)totalp, P = T - S;
     if (P < 0) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length %lld is below the %lld new tokens", (long long)T, (long long)S);
@@ -289,7 +296,7 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: a sliding cache of %lld rows is below the window of %lld", (long long)C, (long long)op->window);
     if (!sliding && P > C)
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: past holds %lld rows, fewer than the %lld tokens before this step", (long long)C, (long long)P);
-    if (bv && (br != 4 || (bd[0] != 1 && bd[0] != B) || (bd[1] != 1 && bd[1] != N) || bd[2] != S || bd[3] != T))
+    if (bias && (br != 4 || (bd[0] != 1 && bd[0] != B) || (bd[1] != 1 && bd[1] != N) || bd[2] != S || bd[3] != T))
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: attention_bias must be (B or 1, N or 1, S, T) = (%lld, %lld, %lld, %lld)",
                     (long long)B, (long long)N, (long long)S, (long long)T);
 
@@ -312,7 +319,7 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
         .bias = bias, .out = y, .scratch = scratch,
         .batch = (size_t)B, .seq = (size_t)S, .heads = (size_t)N, .kv_heads = (size_t)Nkv, .head_size = (size_t)H,
         .capacity = (size_t)C, .present_capacity = (size_t)Cp, .total = (size_t)T,
-        .bias_b = bv ? (size_t)bd[0] : 1, .bias_n = bv ? (size_t)bd[1] : 1,
+        .bias_b = bias ? (size_t)bd[0] : 1, .bias_n = bias ? (size_t)bd[1] : 1,
         .window = op->window > 0 ? (size_t)op->window : 0, .sliding = sliding,
         .scale = op->scale != 0.0f ? op->scale : 1.0f / sqrtf((float)H),
     };
@@ -331,10 +338,7 @@ static OrtStatus *attention_create(const OrtCustomOp *op, const OrtApi *api, con
     optional_int(info, "kv_num_heads", &k.kv_heads);
     optional_int(info, "local_window_size", &k.window);
     optional_int(info, "sliding_window_cache", &k.sliding);
-    if ((st = ORT_FN(g_api, KernelInfoGetAttribute_float)(info, "scale", &k.scale))) {
-        ORT_FN(g_api, ReleaseStatus)(st);
-        k.scale = 0.0f;
-    }
+    optional_float(info, "scale", &k.scale);
     if (k.heads <= 0 || k.kv_heads <= 0 || k.heads % k.kv_heads)
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: num_heads %lld must be a positive multiple of kv_num_heads %lld",
                     (long long)k.heads, (long long)k.kv_heads);
