@@ -67,45 +67,44 @@ static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generi
  * a multiple of 8 (every GPT-2 and GPT-Neo); others take the generic loops. */
 #define AVX2 __attribute__((target("avx2,fma")))
 
-#define PREFETCH 16
-/* Scores of 4 keys at a time: 4 dot products in 4 ymm, summed across lanes together (hadd). */
+/* Scores of 4 keys at a time, one from each quarter of the rows: four streams of keys in flight (one
+ * stream at a time, a core drew about half of memory's bandwidth); 4 dot products in 4 ymm, summed
+ * across lanes together (hadd). The rows past the quarters take the generic loop. */
 AVX2 static void scores_avx2(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
                              const float *bias, float *s) {
-    size_t j = 0;
-    for (; j + 4 <= n; j += 4) {
+    const size_t quarter = n / 4, qs = quarter * stride;
+    for (size_t j = 0; j < quarter; j++) {
         const float *k = keys + j * stride;
-        if (j + PREFETCH + 4 <= n)  /* the rows PREFETCH keys ahead, a cache line at a time */
-            for (int r = 0; r < 4; r++)
-                for (size_t i = 0; i < h; i += 16) _mm_prefetch((const char *)(k + (PREFETCH + r) * stride + i), _MM_HINT_T0);
         /* two sums per key (even and odd 8-column chunks) halve the FMA chains */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         size_t i = 0;
         for (; i + 16 <= h; i += 16) {
             __m256 qi = _mm256_loadu_ps(q + i), qo = _mm256_loadu_ps(q + i + 8);
             a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
-            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + stride + i), a1);
-            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * stride + i), a2);
-            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * stride + i), a3);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + qs + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * qs + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * qs + i), a3);
             b0 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + i + 8), b0);
-            b1 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + stride + i + 8), b1);
-            b2 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 2 * stride + i + 8), b2);
-            b3 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 3 * stride + i + 8), b3);
+            b1 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + qs + i + 8), b1);
+            b2 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 2 * qs + i + 8), b2);
+            b3 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(k + 3 * qs + i + 8), b3);
         }
         if (i < h) {  /* h = 8 (mod 16) */
             __m256 qi = _mm256_loadu_ps(q + i);
             a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
-            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + stride + i), a1);
-            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * stride + i), a2);
-            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * stride + i), a3);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + qs + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * qs + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * qs + i), a3);
         }
         a0 = _mm256_add_ps(a0, b0), a1 = _mm256_add_ps(a1, b1), a2 = _mm256_add_ps(a2, b2), a3 = _mm256_add_ps(a3, b3);
         __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  /* (k0 k1 k2 k3) per 128-bit half */
-        __m128 dots = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-        dots = _mm_mul_ps(dots, _mm_set1_ps(scale));
-        if (bias) dots = _mm_add_ps(dots, _mm_loadu_ps(bias + j));
-        _mm_storeu_ps(s + j, dots);
+        float dots[4];
+        _mm_storeu_ps(dots, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), _mm_set1_ps(scale)));
+        for (int r = 0; r < 4; r++) s[j + r * quarter] = dots[r] + (bias ? bias[j + r * quarter] : 0.0f);
     }
-    if (j < n) scores_generic(q, keys + j * stride, n - j, h, stride, scale, bias ? bias + j : NULL, s + j);
+    if (4 * quarter < n)
+        scores_generic(q, keys + 4 * quarter * stride, n - 4 * quarter, h, stride, scale,
+                       bias ? bias + 4 * quarter : NULL, s + 4 * quarter);
 }
 
 /* exp(s - top), 8 lanes (edgelm_exp8, kernels.h) */
@@ -123,36 +122,39 @@ AVX2 static float expsum_avx2(float *s, size_t n, float top) {
     return _mm_cvtss_f32(half) + (j < n ? expsum_generic(s + j, n - j, top) : 0.0f);
 }
 
-/* o += sum_j p[j] v_j: 64 columns at a time held in 8 ymm, over blocks of 32 rows (a wider head's
- * column blocks then re-read rows still in L1, not memory) */
+/* o += sum_j p[j] v_j, one row from each quarter of the rows at a time (four streams in flight, as
+ * in the scores): 64 columns held in 8 ymm, over blocks of 32 rows per quarter (a wider head's
+ * column blocks then re-read rows still in L1, not memory). The rows past the quarters go last. */
 #define ROWBLOCK 32
 AVX2 static void weigh_avx2(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
-    for (size_t j0 = 0; j0 < n; j0 += ROWBLOCK) {
-        const size_t j1 = j0 + ROWBLOCK < n ? j0 + ROWBLOCK : n;
+    const size_t quarter = n / 4, qs = quarter * stride;
+    for (size_t j0 = 0; j0 < quarter; j0 += ROWBLOCK) {
+        const size_t j1 = j0 + ROWBLOCK < quarter ? j0 + ROWBLOCK : quarter;
         size_t c = 0;
         for (; c + 64 <= h; c += 64) {
             __m256 a[8];
             for (int u = 0; u < 8; u++) a[u] = _mm256_loadu_ps(o + c + 8 * u);
             for (size_t j = j0; j < j1; j++) {
                 const float *v = values + j * stride + c;
-                if (j + PREFETCH < n) {
-                    _mm_prefetch((const char *)(v + PREFETCH * stride), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v + PREFETCH * stride + 16), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v + PREFETCH * stride + 32), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v + PREFETCH * stride + 48), _MM_HINT_T0);
+                for (int r = 0; r < 4; r++) {
+                    __m256 pj = _mm256_set1_ps(p[j + r * quarter]);
+                    for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + r * qs + 8 * u), a[u]);
                 }
-                __m256 pj = _mm256_set1_ps(p[j]);
-                for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), a[u]);
             }
             for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + c + 8 * u, a[u]);
         }
         for (; c < h; c += 8) {
             __m256 a = _mm256_loadu_ps(o + c);
             for (size_t j = j0; j < j1; j++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * stride + c), a);
+                for (int r = 0; r < 4; r++)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(p[j + r * quarter]), _mm256_loadu_ps(values + j * stride + r * qs + c), a);
             _mm256_storeu_ps(o + c, a);
         }
     }
+    for (size_t j = 4 * quarter; j < n; j++)
+        for (size_t c = 0; c < h; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * stride + c),
+                                                    _mm256_loadu_ps(o + c)));
 }
 
 static const Loops loops_avx2 = {scores_avx2, expsum_avx2, weigh_avx2};
