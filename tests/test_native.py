@@ -16,7 +16,7 @@ from edgelm.runtime import native
 pytestmark = pytest.mark.skipif(native.library_path() is None, reason="edgelm's operator library is not built")
 
 # odd sizes reach every tail: a last panel of 1-15 columns, K not a multiple of 4, 1-6 rows
-SHAPES = [(37, 17), (64, 16), (768, 50), (5, 3)]
+SHAPES = [(37, 17), (64, 16), (768, 50), (5, 3), (33, 40), (20, 100)]  # 2, 1, 4, 1, 3 and 7 panels
 
 
 def _linear(x, packed, bias, n):
@@ -50,7 +50,7 @@ def test_kernel_matches_numpy():
         w = rng.standard_normal((k, n)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
         packed = native.pack_panels(w)
-        for m in (1, 2, 4, 6):
+        for m in (1, 2, 3, 4, 5, 6, 9):  # 4-row blocks and every remainder
             x = rng.standard_normal((m, k)).astype(np.float32)
             np.testing.assert_allclose(_linear(x, packed, b, n), x @ w + b, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(_linear(x, packed, None, n), x @ w, rtol=1e-4, atol=1e-4)

@@ -11,23 +11,85 @@
  * 32-layer random-weight model to leave the export's validation tolerance. */
 #define KBLOCK 256
 
-/* ---- portable kernel: plain C over the 16 lanes of a panel (the compiler vectorizes it) -------- */
+/* ---- portable kernel: C with GCC/Clang vector types, four 4-lane vectors per panel row (NEON on
+ * ARM, SSE on an x86 without AVX2; the accumulators stay in registers, as they do not in plain arrays) */
+typedef float v4 __attribute__((vector_size(16)));
+#define INLINE __attribute__((always_inline)) static inline
+#define QUADS (EDGELM_PANEL / 4)
+
+INLINE v4 load4(const float *p) {
+    v4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call, so the
+ * loops unroll): q streams of weights in flight, as in the AVX2 kernel. */
+INLINE void decode_generic(const float *x, size_t k, const float *wp, const float *b, float *y, size_t n,
+                           size_t col, int q) {
+    float total[4][EDGELM_PANEL] = {{0}};
+    const size_t stride = k * EDGELM_PANEL;
+    for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
+        size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
+        v4 acc[4][QUADS] = {{{0}}};
+        for (size_t i = i0; i < i1; i++)
+            for (int j = 0; j < q; j++)
+                for (int u = 0; u < QUADS; u++) acc[j][u] += load4(wp + j * stride + i * EDGELM_PANEL + 4 * u) * x[i];
+        for (int j = 0; j < q; j++)
+            for (int u = 0; u < QUADS; u++)
+                for (int l = 0; l < 4; l++) total[j][4 * u + l] += acc[j][u][l];
+    }
+    for (int j = 0; j < q; j++)
+        for (size_t l = 0; l < EDGELM_PANEL && col + j * EDGELM_PANEL + l < n; l++)
+            y[col + j * EDGELM_PANEL + l] = total[j][l] + (b ? b[col + j * EDGELM_PANEL + l] : 0.0f);
+}
+
+/* `rows` rows of x (at most 4; a constant at each call) against one panel: each weight serves every
+ * row, so the panel is read from memory once per 4 rows, not once per row. */
+INLINE void block_generic(const float *xr, size_t k, const float *wp, const float *b, size_t lanes, float *y,
+                          size_t n, int rows) {
+    float total[4][EDGELM_PANEL];
+    for (int j = 0; j < rows; j++)
+        for (int l = 0; l < EDGELM_PANEL; l++) total[j][l] = b && (size_t)l < lanes ? b[l] : 0.0f;
+    for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
+        size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
+        v4 acc[4][QUADS] = {{{0}}};
+        for (size_t i = i0; i < i1; i++) {
+            v4 w[QUADS];
+            for (int u = 0; u < QUADS; u++) w[u] = load4(wp + i * EDGELM_PANEL + 4 * u);
+            for (int j = 0; j < rows; j++)
+                for (int u = 0; u < QUADS; u++) acc[j][u] += w[u] * xr[j * k + i];
+        }
+        for (int j = 0; j < rows; j++)
+            for (int u = 0; u < QUADS; u++)
+                for (int l = 0; l < 4; l++) total[j][4 * u + l] += acc[j][u][l];
+    }
+    for (int j = 0; j < rows; j++)
+        for (size_t l = 0; l < lanes; l++) y[j * n + l] = total[j][l];
+}
+
 static void panels_generic(const float *x, size_t m, size_t k, const float *w, const float *b,
                            float *y, size_t n, size_t p0, size_t p1) {
-    for (size_t p = p0; p < p1; p++) {
-        const float *wp = w + p * k * EDGELM_PANEL;
-        size_t lanes = n - p * EDGELM_PANEL < EDGELM_PANEL ? n - p * EDGELM_PANEL : EDGELM_PANEL;
-        for (size_t r = 0; r < m; r++) {
-            float total[EDGELM_PANEL] = {0};
-            const float *xr = x + r * k;
-            for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
-                size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
-                float acc[EDGELM_PANEL] = {0};
-                for (size_t i = i0; i < i1; i++)
-                    for (int l = 0; l < EDGELM_PANEL; l++) acc[l] += wp[i * EDGELM_PANEL + l] * xr[i];
-                for (int l = 0; l < EDGELM_PANEL; l++) total[l] += acc[l];
-            }
-            for (size_t l = 0; l < lanes; l++) y[r * n + p * EDGELM_PANEL + l] = total[l] + (b ? b[p * EDGELM_PANEL + l] : 0.0f);
+    if (m == 1) {
+        size_t p = p0;
+        for (; p + 4 <= p1; p += 4) decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 4);
+        switch (p1 - p) {
+            case 3: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 3); break;
+            case 2: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 2); break;
+            case 1: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 1); break;
+            default: break;
+        }
+        return;
+    }
+    for (size_t p = p0; p < p1; p++) {  /* a prompt or a batch: blocks of 4 rows, then the rest */
+        const float *wp = w + p * k * EDGELM_PANEL, *bp = b ? b + p * EDGELM_PANEL : NULL;
+        size_t col = p * EDGELM_PANEL, lanes = n - col < EDGELM_PANEL ? n - col : EDGELM_PANEL, r = 0;
+        for (; r + 4 <= m; r += 4) block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 4);
+        switch (m - r) {
+            case 3: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 3); break;
+            case 2: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 2); break;
+            case 1: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 1); break;
+            default: break;
         }
     }
 }
