@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="gpt2,gpt-neo-2.7B")
     p.add_argument("--contexts", default="32,160,512,1024")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--out", default="attention", help="results/OUT.{json,md,png}")
     args = p.parse_args(argv)
 
     from edgelm.bench.machine import measure_bandwidth
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                   f"({row['CachedAttention']['gbps']:.1f} GB/s), GroupQueryAttention "
                   f"{row['GroupQueryAttention']['us_per_layer']:.0f} us/layer: {row['speedup']:.2f}x", flush=True)
     result["bandwidth_gbps"].append(measure_bandwidth())
-    print(write_results(RESULTS / "attention", result, _markdown, _plot))
+    print(write_results(RESULTS / args.out, result, _markdown, _plot))
     return 0
 
 

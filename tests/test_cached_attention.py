@@ -157,6 +157,37 @@ def test_matches_group_query_attention_in_place(heads, kv_heads, h, window, slid
         np.testing.assert_array_equal(v[:n, :, :rows], gv[:, :, :rows], err_msg=f"step {step}")
 
 
+@pytest.mark.parametrize("h", [6, 20])
+def test_head_sizes_off_the_vector_width_match_the_reference(h):
+    """Head size 6 takes the scalar loops, 20 the 4-lane ones (AVX2 wants multiples of 8); against numpy
+    only, as GroupQueryAttention wants multiples of 8."""
+    heads, kv_heads, steps = 2, 1, [9, 1, 1, 2, 1]
+    schedule = _schedule(11, 2, steps, (heads + 2 * kv_heads) * h)
+    ours = _run_bound(_session("CachedAttention", heads, kv_heads, h, scale=0.3), schedule, (2, kv_heads, 20, h))
+    total = 0
+    for step, ((y, _, _), ry) in enumerate(zip(ours, _reference(schedule, heads, kv_heads, h, 0.3, 0))):
+        total += steps[step]
+        live = slice(max(0, 3 - (total - steps[step])), None)
+        np.testing.assert_allclose(y[0], ry[0], rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
+        np.testing.assert_allclose(y[1, live], ry[1, live], rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
+
+
+def test_portable_loops_pass_these_tests():
+    """The portable loops (what ARM CPUs run; EDGELM_KERNEL_ISA=generic picks them here) in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("EDGELM_KERNEL_ISA") == "generic":
+        pytest.skip("already running the portable loops")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env={**os.environ, "EDGELM_KERNEL_ISA": "generic"}, capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
 def test_copied_cache_matches_group_query_attention():
     heads, kv_heads, h = 4, 2, 16
     schedule = _schedule(8, 2, [6, 1, 1, 1], (heads + 2 * kv_heads) * h)

@@ -8,8 +8,9 @@
  * - sliding cache: rows [0, L(P)) hold the most recent positions; the queries read the old rows and
  *   the new tokens' own keys, and only then is the cache compacted and appended to, so no key a
  *   query needs is overwritten before it is read.
- * The code is plain C compiled three times (AVX-512, AVX2 + FMA, generic); the 16-lane loops
- * vectorize in each.
+ * Three versions of the loops: AVX2 + FMA intrinsics (head sizes that are multiples of 8; AVX-512
+ * CPUs run them too), 4-lane GCC/Clang vectors (multiples of 4: NEON on ARM, SSE on an x86 without
+ * AVX2) and plain C for any other head size.
  */
 #include <string.h>
 
@@ -60,6 +61,69 @@ static void weigh_generic(float *o, const float *p, const float *values, size_t 
 }
 
 static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generic};
+
+/* The same loops on 4-lane vectors (kernels.h) for head sizes that are a multiple of 4, as the AVX2
+ * ones: one key (or value row) from each quarter of the rows at a time, four streams in flight. */
+#define ROWBLOCK 32
+static void scores_v4(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
+                      const float *bias, float *s) {
+    const size_t quarter = n / 4, qs = quarter * stride;
+    for (size_t j = 0; j < quarter; j++) {
+        const float *k = keys + j * stride;
+        edgelm_v4 a[4] = {{0}}, b[4] = {{0}};  /* two sums per key (even and odd 4-column chunks) halve the chains */
+        size_t i = 0;
+        for (; i + 8 <= h; i += 8) {
+            edgelm_v4 qe = edgelm_load4(q + i), qo = edgelm_load4(q + i + 4);
+            for (int r = 0; r < 4; r++) {
+                a[r] += qe * edgelm_load4(k + r * qs + i);
+                b[r] += qo * edgelm_load4(k + r * qs + i + 4);
+            }
+        }
+        if (i < h) {  /* h = 4 (mod 8) */
+            edgelm_v4 qe = edgelm_load4(q + i);
+            for (int r = 0; r < 4; r++) a[r] += qe * edgelm_load4(k + r * qs + i);
+        }
+        for (int r = 0; r < 4; r++)
+            s[j + r * quarter] = scale * edgelm_sum4(a[r] + b[r]) + (bias ? bias[j + r * quarter] : 0.0f);
+    }
+    if (4 * quarter < n)
+        scores_generic(q, keys + 4 * quarter * stride, n - 4 * quarter, h, stride, scale,
+                       bias ? bias + 4 * quarter : NULL, s + 4 * quarter);
+}
+
+static float expsum_v4(float *s, size_t n, float top) {
+    edgelm_v4 sum = {0};
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        edgelm_v4 e = edgelm_exp4(edgelm_load4(s + j) - top);
+        edgelm_store4(s + j, e);
+        sum += e;
+    }
+    return edgelm_sum4(sum) + (j < n ? expsum_generic(s + j, n - j, top) : 0.0f);
+}
+
+/* 32 columns of o in 8 vectors at a time, over blocks of rows that fit in 16 K bytes (four quarters'
+ * rows), so a wide head's later column blocks read them from L1 */
+static void weigh_v4(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
+    const size_t quarter = n / 4, qs = quarter * stride, block = h <= 256 ? 1024 / h : 4;
+    for (size_t j0 = 0; j0 < quarter; j0 += block) {
+        const size_t j1 = j0 + block < quarter ? j0 + block : quarter;
+        for (size_t c = 0; c < h; c += 32) {
+            const int vecs = h - c >= 32 ? 8 : (int)((h - c) / 4);
+            edgelm_v4 a[8];
+            for (int u = 0; u < vecs; u++) a[u] = edgelm_load4(o + c + 4 * u);
+            for (size_t j = j0; j < j1; j++)
+                for (int r = 0; r < 4; r++) {
+                    const float pj = p[j + r * quarter], *v = values + (j + r * quarter) * stride + c;
+                    for (int u = 0; u < vecs; u++) a[u] += pj * edgelm_load4(v + 4 * u);
+                }
+            for (int u = 0; u < vecs; u++) edgelm_store4(o + c + 4 * u, a[u]);
+        }
+    }
+    if (4 * quarter < n) weigh_generic(o, p + 4 * quarter, values + 4 * quarter * stride, n - 4 * quarter, h, stride);
+}
+
+static const Loops loops_v4 = {scores_v4, expsum_v4, weigh_v4};
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_X86 1
@@ -125,7 +189,6 @@ AVX2 static float expsum_avx2(float *s, size_t n, float top) {
 /* o += sum_j p[j] v_j, one row from each quarter of the rows at a time (four streams in flight, as
  * in the scores): 64 columns held in 8 ymm, over blocks of 32 rows per quarter (a wider head's
  * column blocks then re-read rows still in L1, not memory). The rows past the quarters go last. */
-#define ROWBLOCK 32
 AVX2 static void weigh_avx2(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
     const size_t quarter = n / 4, qs = quarter * stride;
     for (size_t j0 = 0; j0 < quarter; j0 += ROWBLOCK) {
@@ -164,8 +227,7 @@ static const Loops *pick_loops(size_t head_size) {
 #ifdef HAVE_X86
     if (edgelm_isa() >= 1 && head_size % 8 == 0) return &loops_avx2;
 #endif
-    (void)head_size;
-    return &loops_generic;
+    return head_size % 4 == 0 ? &loops_v4 : &loops_generic;
 }
 
 void edgelm_attention_unit(const EdgelmAttention *a, size_t unit) {

@@ -13,15 +13,10 @@
 
 /* ---- portable kernel: C with GCC/Clang vector types, four 4-lane vectors per panel row (NEON on
  * ARM, SSE on an x86 without AVX2; the accumulators stay in registers, as they do not in plain arrays) */
-typedef float v4 __attribute__((vector_size(16)));
+typedef edgelm_v4 v4;
+#define load4 edgelm_load4
 #define INLINE __attribute__((always_inline)) static inline
 #define QUADS (EDGELM_PANEL / 4)
-
-INLINE v4 load4(const float *p) {
-    v4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call, so the
  * loops unroll): q streams of weights in flight, as in the AVX2 kernel. */
@@ -119,8 +114,13 @@ void edgelm_skip_layer_norm(const float *x, const float *skip, const float *skip
     }
 }
 
-static void gelu_generic(float *y, size_t count) {
-    for (size_t i = 0; i < count; i++) y[i] = gelu_tanh(y[i]);
+static void gelu_generic(float *y, size_t count) {  /* 4 lanes at a time, then one by one */
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        v4 v = load4(y + i);
+        edgelm_store4(y + i, v / (1.0f + edgelm_exp4(GELU_C * (v + 0.044715f * v * v * v))));
+    }
+    for (; i < count; i++) y[i] = gelu_tanh(y[i]);
 }
 
 /* The read probe reads its range as 4 quarters in lockstep: 4 streams in flight per thread, as the

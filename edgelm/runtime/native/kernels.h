@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define EDGELM_PANEL 16
 #define EDGELM_EXPORT __attribute__((visibility("default")))
@@ -34,7 +35,8 @@ EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
 
 /* exp(a), a clamped to [-87, 87]: exp(a) = 2^j exp(r), j = round(a / ln 2), r = a - j ln 2 in two
  * parts (Cody-Waite, so r keeps its low bits), |r| <= ln 2 / 2, and exp(r) by its Taylor series to
- * r^7 / 7! (truncation below 1e-8). Branch-free, so loops over it vectorize. */
+ * r^7 / 7! (truncation below 1e-8). Branch-free; edgelm_exp4 and edgelm_exp8 below are the same on 4
+ * and 8 lanes. */
 #define EDGELM_LOG2E 1.4426950408889634f
 #define EDGELM_LN2_HI 0.693145751953125f
 #define EDGELM_LN2_LO 1.428606765330187e-06f
@@ -52,6 +54,41 @@ static inline float edgelm_exp(float a) {
     e = e * r + 1.0f;
     union { int32_t i; float f; } scale = {.i = ((int32_t)j + 127) << 23};
     return e * scale.f;
+}
+
+/* 4-lane vectors for the portable kernels: GCC and Clang vector types, NEON on ARM, SSE on an x86
+ * without AVX2. Unlike plain float arrays, their sums stay in registers. */
+typedef float edgelm_v4 __attribute__((vector_size(16)));
+typedef int32_t edgelm_v4i __attribute__((vector_size(16)));
+
+static inline edgelm_v4 edgelm_load4(const float *p) {
+    edgelm_v4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void edgelm_store4(float *p, edgelm_v4 v) { memcpy(p, &v, sizeof v); }
+
+static inline float edgelm_sum4(edgelm_v4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+/* edgelm_exp on 4 lanes; it rounds a / ln 2 to the nearest integer by adding and taking away
+ * 1.5 * 2^23 (exact for |a / ln 2| <= 126, which the clamp ensures) */
+static inline edgelm_v4 edgelm_exp4(edgelm_v4 a) {
+    const edgelm_v4 lo = {-87.0f, -87.0f, -87.0f, -87.0f}, hi = {87.0f, 87.0f, 87.0f, 87.0f};
+    edgelm_v4i below = a < lo, above = a > hi;  /* all ones where true */
+    a = (edgelm_v4)(((edgelm_v4i)a & ~below) | ((edgelm_v4i)lo & below));
+    a = (edgelm_v4)(((edgelm_v4i)a & ~above) | ((edgelm_v4i)hi & above));
+    edgelm_v4 j = (a * EDGELM_LOG2E + 12582912.0f) - 12582912.0f;
+    edgelm_v4 r = (a - j * EDGELM_LN2_HI) - j * EDGELM_LN2_LO;
+    edgelm_v4 e = r * (1.0f / 5040) + 1.0f / 720;
+    e = e * r + 1.0f / 120;
+    e = e * r + 1.0f / 24;
+    e = e * r + 1.0f / 6;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    edgelm_v4i scale = (__builtin_convertvector(j, edgelm_v4i) + 127) << 23;
+    return e * (edgelm_v4)scale;
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
