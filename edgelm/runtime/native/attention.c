@@ -64,7 +64,6 @@ static const Loops loops_generic = {scores_generic, expsum_generic, weigh_generi
 
 /* The same loops on 4-lane vectors (kernels.h) for head sizes that are a multiple of 4, as the AVX2
  * ones: one key (or value row) from each quarter of the rows at a time, four streams in flight. */
-#define ROWBLOCK 32
 static void scores_v4(const float *q, const float *keys, size_t n, size_t h, size_t stride, float scale,
                       const float *bias, float *s) {
     const size_t quarter = n / 4, qs = quarter * stride;
@@ -128,7 +127,7 @@ static const Loops loops_v4 = {scores_v4, expsum_v4, weigh_v4};
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_X86 1
 /* AVX2 + FMA (AVX-512 CPUs run these too: the loops are short and bound by loads). Head sizes that are
- * a multiple of 8 (every GPT-2 and GPT-Neo); others take the generic loops. */
+ * a multiple of 8 (every GPT-2 and GPT-Neo); others take the 4-lane or the plain loops above. */
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* Scores of 4 keys at a time, one from each quarter of the rows: four streams of keys in flight (one
@@ -189,6 +188,7 @@ AVX2 static float expsum_avx2(float *s, size_t n, float top) {
 /* o += sum_j p[j] v_j, one row from each quarter of the rows at a time (four streams in flight, as
  * in the scores): 64 columns held in 8 ymm, over blocks of 32 rows per quarter (a wider head's
  * column blocks then re-read rows still in L1, not memory). The rows past the quarters go last. */
+#define ROWBLOCK 32
 AVX2 static void weigh_avx2(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
     const size_t quarter = n / 4, qs = quarter * stride;
     for (size_t j0 = 0; j0 < quarter; j0 += ROWBLOCK) {

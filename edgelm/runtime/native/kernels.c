@@ -13,8 +13,6 @@
 
 /* ---- portable kernel: C with GCC/Clang vector types, four 4-lane vectors per panel row (NEON on
  * ARM, SSE on an x86 without AVX2; the accumulators stay in registers, as they do not in plain arrays) */
-typedef edgelm_v4 v4;
-#define load4 edgelm_load4
 #define INLINE __attribute__((always_inline)) static inline
 #define QUADS (EDGELM_PANEL / 4)
 
@@ -26,10 +24,10 @@ INLINE void decode_generic(const float *x, size_t k, const float *wp, const floa
     const size_t stride = k * EDGELM_PANEL;
     for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
         size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
-        v4 acc[4][QUADS] = {{{0}}};
+        edgelm_v4 acc[4][QUADS] = {{{0}}};
         for (size_t i = i0; i < i1; i++)
             for (int j = 0; j < q; j++)
-                for (int u = 0; u < QUADS; u++) acc[j][u] += load4(wp + j * stride + i * EDGELM_PANEL + 4 * u) * x[i];
+                for (int u = 0; u < QUADS; u++) acc[j][u] += edgelm_load4(wp + j * stride + i * EDGELM_PANEL + 4 * u) * x[i];
         for (int j = 0; j < q; j++)
             for (int u = 0; u < QUADS; u++)
                 for (int l = 0; l < 4; l++) total[j][4 * u + l] += acc[j][u][l];
@@ -48,10 +46,10 @@ INLINE void block_generic(const float *xr, size_t k, const float *wp, const floa
         for (int l = 0; l < EDGELM_PANEL; l++) total[j][l] = b && (size_t)l < lanes ? b[l] : 0.0f;
     for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
         size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
-        v4 acc[4][QUADS] = {{{0}}};
+        edgelm_v4 acc[4][QUADS] = {{{0}}};
         for (size_t i = i0; i < i1; i++) {
-            v4 w[QUADS];
-            for (int u = 0; u < QUADS; u++) w[u] = load4(wp + i * EDGELM_PANEL + 4 * u);
+            edgelm_v4 w[QUADS];
+            for (int u = 0; u < QUADS; u++) w[u] = edgelm_load4(wp + i * EDGELM_PANEL + 4 * u);
             for (int j = 0; j < rows; j++)
                 for (int u = 0; u < QUADS; u++) acc[j][u] += w[u] * xr[j * k + i];
         }
@@ -117,7 +115,7 @@ void edgelm_skip_layer_norm(const float *x, const float *skip, const float *skip
 static void gelu_generic(float *y, size_t count) {  /* 4 lanes at a time, then one by one */
     size_t i = 0;
     for (; i + 4 <= count; i += 4) {
-        v4 v = load4(y + i);
+        edgelm_v4 v = edgelm_load4(y + i);
         edgelm_store4(y + i, v / (1.0f + edgelm_exp4(GELU_C * (v + 0.044715f * v * v * v))));
     }
     for (; i < count; i++) y[i] = gelu_tanh(y[i]);
