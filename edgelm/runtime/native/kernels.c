@@ -16,6 +16,20 @@
 #define INLINE __attribute__((always_inline)) static inline
 #define QUADS (EDGELM_PANEL / 4)
 
+/* A decode's panels [p0, p1) in groups of 4, then the 1 to 3 left: fn(x, k, panels, b, y, n, column, q)
+ * with q a constant at each call, so fn's loops over the group unroll. */
+#define DECODE_PANELS(fn)                                                                              \
+    do {                                                                                               \
+        size_t p = p0;                                                                                 \
+        for (; p + 4 <= p1; p += 4) fn(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 4);  \
+        switch (p1 - p) {                                                                              \
+            case 3: fn(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 3); break;           \
+            case 2: fn(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 2); break;           \
+            case 1: fn(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 1); break;           \
+            default: break;                                                                            \
+        }                                                                                              \
+    } while (0)
+
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call, so the
  * loops unroll): q streams of weights in flight, as in the AVX2 kernel. */
 INLINE void decode_generic(const float *x, size_t k, const float *wp, const float *b, float *y, size_t n,
@@ -64,14 +78,7 @@ INLINE void block_generic(const float *xr, size_t k, const float *wp, const floa
 static void panels_generic(const float *x, size_t m, size_t k, const float *w, const float *b,
                            float *y, size_t n, size_t p0, size_t p1) {
     if (m == 1) {
-        size_t p = p0;
-        for (; p + 4 <= p1; p += 4) decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 4);
-        switch (p1 - p) {
-            case 3: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 3); break;
-            case 2: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 2); break;
-            case 1: decode_generic(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 1); break;
-            default: break;
-        }
+        DECODE_PANELS(decode_generic);
         return;
     }
     for (size_t p = p0; p < p1; p++) {  /* a prompt or a batch: blocks of 4 rows, then the rest */
@@ -322,14 +329,7 @@ __attribute__((target("avx2,fma")))
 static void panels_avx2(const float *x, size_t m, size_t k, const float *w, const float *b,
                         float *y, size_t n, size_t p0, size_t p1) {
     if (m == 1) {
-        size_t p = p0;
-        for (; p + 4 <= p1; p += 4) decode_avx2(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 4);
-        switch (p1 - p) {
-            case 3: decode_avx2(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 3); break;
-            case 2: decode_avx2(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 2); break;
-            case 1: decode_avx2(x, k, w + p * k * EDGELM_PANEL, b, y, n, p * EDGELM_PANEL, 1); break;
-            default: break;
-        }
+        DECODE_PANELS(decode_avx2);
         return;
     }
     for (size_t p = p0; p < p1; p++) {  /* a prompt or a batch */

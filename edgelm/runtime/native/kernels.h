@@ -40,18 +40,14 @@ EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
 #define EDGELM_LOG2E 1.4426950408889634f
 #define EDGELM_LN2_HI 0.693145751953125f
 #define EDGELM_LN2_LO 1.428606765330187e-06f
+/* exp(r) for |r| <= ln 2 / 2, Horner's form; r a float or a GCC/Clang vector of floats */
+#define EDGELM_EXP_SERIES(r) \
+    ((((((((r) * (1.0f / 5040) + 1.0f / 720) * (r) + 1.0f / 120) * (r) + 1.0f / 24) * (r) + 1.0f / 6) * (r) + 0.5f) * (r) + 1.0f) * (r) + 1.0f)
 static inline float edgelm_exp(float a) {
     a = a < -87.0f ? -87.0f : (a > 87.0f ? 87.0f : a);
     float j = __builtin_nearbyintf(a * EDGELM_LOG2E);
     float r = (a - j * EDGELM_LN2_HI) - j * EDGELM_LN2_LO;
-    float e = 1.0f / 5040;
-    e = e * r + 1.0f / 720;
-    e = e * r + 1.0f / 120;
-    e = e * r + 1.0f / 24;
-    e = e * r + 1.0f / 6;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
+    float e = EDGELM_EXP_SERIES(r);
     union { int32_t i; float f; } scale = {.i = ((int32_t)j + 127) << 23};
     return e * scale.f;
 }
@@ -80,13 +76,7 @@ static inline edgelm_v4 edgelm_exp4(edgelm_v4 a) {
     a = (edgelm_v4)(((edgelm_v4i)a & ~above) | ((edgelm_v4i)hi & above));
     edgelm_v4 j = (a * EDGELM_LOG2E + 12582912.0f) - 12582912.0f;
     edgelm_v4 r = (a - j * EDGELM_LN2_HI) - j * EDGELM_LN2_LO;
-    edgelm_v4 e = r * (1.0f / 5040) + 1.0f / 720;
-    e = e * r + 1.0f / 120;
-    e = e * r + 1.0f / 24;
-    e = e * r + 1.0f / 6;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
+    edgelm_v4 e = EDGELM_EXP_SERIES(r);
     edgelm_v4i scale = (__builtin_convertvector(j, edgelm_v4i) + 127) << 23;
     return e * (edgelm_v4)scale;
 }
