@@ -10,7 +10,9 @@ In one process, round after round, four timings of the same weights:
   streamed with nothing else in the step;
 - model run: the artifact's ONNX Runtime run per decode step inside edgelm's generation loop (128
   greedy tokens after a 32-token prompt), mean over the decode steps;
-- step: 1 / decode tokens per second of that generation (adds the Python loop).
+- step: 1 / decode tokens per second of that generation (adds the Python loop);
+- loop alone: the same generation with ONNX Runtime's run replaced by nothing, so the Python loop runs
+  with warm caches (in a real step the weights have just flushed them).
 The differences between them, paired within a round, are the time attention, the graph's small
 operators and ONNX Runtime's per-node work (model run - projections) and the Python loop (step -
 model run) add to the weights' streaming. Writes results/step_breakdown-MODEL.json.
@@ -73,9 +75,12 @@ class _Timed:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    skip = False  # True: the loop alone, no model
+
     def run_with_iobinding(self, binding, *args):
         start = time.perf_counter()
-        self.inner.run_with_iobinding(binding, *args)
+        if not self.skip:
+            self.inner.run_with_iobinding(binding, *args)
         self.times.append(time.perf_counter() - start)
 
 
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
     cfg = SamplingConfig(max_new_tokens=128, greedy=True, stop_at_eos=False)
     gen.generate(prompt, cfg)
     chain.run(None, feeds)
-    names = ("probe", "projections", "model run", "step")
+    names = ("probe", "projections", "model run", "step", "loop alone")
     ms = {k: [] for k in names}
     for r in range(args.rounds):
         ms["probe"].append(nbytes / (measure_bandwidth(passes=3) * 1e9) * 1e3)
@@ -114,6 +119,9 @@ def main(argv=None) -> int:
         tps = gen.generate(prompt, cfg).timings["decode_tokens_per_s"]
         ms["model run"].append(float(np.mean(timed.times[1:])) * 1e3)
         ms["step"].append(1e3 / tps)
+        timed.skip = True
+        ms["loop alone"].append(1e3 / gen.generate(prompt, cfg).timings["decode_tokens_per_s"])
+        timed.skip = False
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {ms[k][-1]:.2f} ms" for k in names), flush=True)
     arr = {k: np.array(v) for k, v in ms.items()}
     result = {
