@@ -30,6 +30,20 @@
         }                                                                                              \
     } while (0)
 
+/* One panel against m rows of x (a prompt, a batch) in blocks of 4 rows, then the 1 to 3 left:
+ * fn(x rows, k, panel, b, lanes, y rows, n, rows) with rows a constant at each call. */
+#define ROW_BLOCKS(fn)                                                                                 \
+    do {                                                                                               \
+        size_t r = 0;                                                                                  \
+        for (; r + 4 <= m; r += 4) fn(x + r * k, k, wp, b, lanes, y + r * n, n, 4);                   \
+        switch (m - r) {                                                                               \
+            case 3: fn(x + r * k, k, wp, b, lanes, y + r * n, n, 3); break;                            \
+            case 2: fn(x + r * k, k, wp, b, lanes, y + r * n, n, 2); break;                            \
+            case 1: fn(x + r * k, k, wp, b, lanes, y + r * n, n, 1); break;                            \
+            default: break;                                                                            \
+        }                                                                                              \
+    } while (0)
+
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call, so the
  * loops unroll): q streams of weights in flight, as in the AVX2 kernel. */
 INLINE void decode_generic(const float *x, size_t k, const float *wp, const float *b, float *y, size_t n,
@@ -75,22 +89,21 @@ INLINE void block_generic(const float *xr, size_t k, const float *wp, const floa
         for (size_t l = 0; l < lanes; l++) y[j * n + l] = total[j][l];
 }
 
+/* One panel for m > 1 rows: blocks of 4 rows (ROW_BLOCKS), the panel read from memory once. */
+static void rows_generic(const float *x, size_t m, size_t k, const float *wp, const float *b, size_t lanes,
+                         float *y, size_t n) {
+    ROW_BLOCKS(block_generic);
+}
+
 static void panels_generic(const float *x, size_t m, size_t k, const float *w, const float *b,
                            float *y, size_t n, size_t p0, size_t p1) {
     if (m == 1) {
         DECODE_PANELS(decode_generic);
         return;
     }
-    for (size_t p = p0; p < p1; p++) {  /* a prompt or a batch: blocks of 4 rows, then the rest */
-        const float *wp = w + p * k * EDGELM_PANEL, *bp = b ? b + p * EDGELM_PANEL : NULL;
-        size_t col = p * EDGELM_PANEL, lanes = n - col < EDGELM_PANEL ? n - col : EDGELM_PANEL, r = 0;
-        for (; r + 4 <= m; r += 4) block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 4);
-        switch (m - r) {
-            case 3: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 3); break;
-            case 2: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 2); break;
-            case 1: block_generic(x + r * k, k, wp, bp, lanes, y + r * n + col, n, 1); break;
-            default: break;
-        }
+    for (size_t p = p0; p < p1; p++) {  /* a prompt or a batch */
+        size_t col = p * EDGELM_PANEL, lanes = n - col < EDGELM_PANEL ? n - col : EDGELM_PANEL;
+        rows_generic(x, m, k, w + p * k * EDGELM_PANEL, b ? b + col : NULL, lanes, y + col, n);
     }
 }
 
@@ -284,14 +297,7 @@ static inline void block_avx2(const float *xr, size_t k, const float *wp, const 
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const float *x, size_t m, size_t k, const float *wp, const float *b, size_t lanes,
                       float *y, size_t n) {
-    size_t r = 0;
-    for (; r + 4 <= m; r += 4) block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 4);
-    switch (m - r) {
-        case 3: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 3); break;
-        case 2: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 2); break;
-        case 1: block_avx2(x + r * k, k, wp, b, lanes, y + r * n, n, 1); break;
-        default: break;
-    }
+    ROW_BLOCKS(block_avx2);
 }
 
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call): q
