@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     from edgelm.bench.machine import measure_bandwidth
     from edgelm.runtime import native
 
+    if args.library and not Path(args.library).is_file():
+        p.error(f"--library {args.library}: no such file; build the other library first (see this script's docstring)")
     here = str(native.require())
     libraries = {"this": here} | ({args.label: str(Path(args.library).resolve())} if args.library else {})
     isas = ["generic", "avx2", "avx512f"]
