@@ -14,25 +14,34 @@ pytestmark = pytest.mark.skipif(native.library_path() is None, reason="edgelm's 
 MASK = -1.0e9
 
 
-def _session(op: str, heads: int, kv_heads: int, head_size: int, **attrs):
+def _session(op: str, heads: int, kv_heads: int, head_size: int, mask_input: bool = False, **attrs):
+    """One attention node; ``mask_input``: CachedAttention takes the int64 attention mask in place of
+    seqlens_k, total and the bias (the packed graphs' form)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs = ["qkv", "past_key", "past_value", "seqlens_k", "total", "bias"]
-    if op == "GroupQueryAttention":
+    if mask_input:
+        node = helper.make_node(op, ["qkv", "past_key", "past_value", "", "", "", "mask"],
+                                ["y", "present_key", "present_value"], domain=native.DOMAIN,
+                                num_heads=heads, kv_num_heads=kv_heads, **attrs)
+    elif op == "GroupQueryAttention":
         node = helper.make_node(op, ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "", "", "", "bias"],
                                 ["y", "present_key", "present_value"], domain="com.microsoft",
                                 num_heads=heads, kv_num_heads=kv_heads, **attrs)
     else:
         node = helper.make_node(op, inputs, ["y", "present_key", "present_value"], domain=native.DOMAIN,
                                 num_heads=heads, kv_num_heads=kv_heads, **attrs)
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("qkv", f, None), helper.make_tensor_value_info("past_key", f, None),
-         helper.make_tensor_value_info("past_value", f, None), helper.make_tensor_value_info("seqlens_k", i32, None),
-         helper.make_tensor_value_info("total", i32, []), helper.make_tensor_value_info("bias", f, None)],
-        [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_key", "present_value")])
+    values = [helper.make_tensor_value_info("qkv", f, None), helper.make_tensor_value_info("past_key", f, None),
+              helper.make_tensor_value_info("past_value", f, None)]
+    if mask_input:
+        values.append(helper.make_tensor_value_info("mask", TensorProto.INT64, None))
+    else:
+        values += [helper.make_tensor_value_info("seqlens_k", i32, None), helper.make_tensor_value_info("total", i32, []),
+                   helper.make_tensor_value_info("bias", f, None)]
+    graph = helper.make_graph([node], "g", values,
+                              [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_key", "present_value")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
@@ -53,8 +62,11 @@ def _schedule(seed: int, batch: int, steps: list[int], width: int):
     return out
 
 
-def _feeds(qkv, mask):
+def _feeds(sess, qkv, mask):
+    """The step's inputs in the session's form: seqlens_k, total and the bias, or the int64 mask."""
     batch, s, _ = qkv.shape
+    if "mask" in {i.name for i in sess.get_inputs()}:
+        return {"qkv": qkv, "mask": mask.astype(np.int64)}
     total = mask.shape[1]
     bias = np.broadcast_to(((1 - mask) * MASK)[:, None, None, :], (batch, 1, s, total)).copy()
     return {"qkv": qkv, "seqlens_k": np.full(batch, total - 1, np.int32), "total": np.array(total, np.int32), "bias": bias}
@@ -69,7 +81,7 @@ def _run_bound(sess, schedule, shape):
     for qkv, mask in schedule:
         binding = sess.io_binding()
         binding.bind_output("y", "cpu")  # bound first: output 0
-        for name, value in _feeds(qkv, mask).items():
+        for name, value in _feeds(sess, qkv, mask).items():
             binding.bind_cpu_input(name, value)
         binding.bind_ortvalue_input("past_key", kv)
         binding.bind_ortvalue_input("past_value", vv)
@@ -84,7 +96,7 @@ def _run_copied(sess, schedule, shape):
     keys = np.zeros(shape[:2] + (0,) + shape[3:], np.float32)
     values = keys
     for qkv, mask in schedule:
-        y, keys, values = sess.run(None, {**_feeds(qkv, mask), "past_key": keys, "past_value": values})
+        y, keys, values = sess.run(None, {**_feeds(sess, qkv, mask), "past_key": keys, "past_value": values})
         yield y, keys, values
 
 
@@ -126,8 +138,9 @@ CASES = [  # heads, kv heads, head size, window, sliding, capacity, steps
 ]
 
 
+@pytest.mark.parametrize("mask_input", [False, True], ids=["bias", "mask"])
 @pytest.mark.parametrize("heads,kv_heads,h,window,sliding,capacity,steps", CASES)
-def test_matches_group_query_attention_in_place(heads, kv_heads, h, window, sliding, capacity, steps):
+def test_matches_group_query_attention_in_place(heads, kv_heads, h, window, sliding, capacity, steps, mask_input):
     attrs = dict(scale=0.3)
     if window:
         attrs["local_window_size"] = window
@@ -139,7 +152,7 @@ def test_matches_group_query_attention_in_place(heads, kv_heads, h, window, slid
     batch = 2
     schedule = _schedule(7, batch, steps, (heads + 2 * kv_heads) * h)
     shape = (batch, kv_heads, capacity, h)
-    ours = _run_bound(_session("CachedAttention", heads, kv_heads, h, **attrs), schedule, shape)
+    ours = _run_bound(_session("CachedAttention", heads, kv_heads, h, mask_input, **attrs), schedule, shape)
     gqa_schedule = [(qkv[:1], mask[:1]) for qkv, mask in schedule] if many else schedule
     theirs = _run_bound(_session("GroupQueryAttention", heads, kv_heads, h, **attrs), gqa_schedule,
                         (len(gqa_schedule[0][0]),) + shape[1:])
@@ -211,7 +224,7 @@ def test_sliding_cache_copied_equals_in_place():
     total = 0
     for (qkv, mask), (y, k, v) in zip(schedule, bound):
         total += qkv.shape[1]
-        cy, keys, values = sess.run(None, {**_feeds(qkv, mask), "past_key": keys, "past_value": values})
+        cy, keys, values = sess.run(None, {**_feeds(sess, qkv, mask), "past_key": keys, "past_value": values})
         rows = _resident(total, capacity, window)
         np.testing.assert_array_equal(cy, y)
         np.testing.assert_array_equal(keys[:, :, :rows], k[:, :, :rows])
@@ -221,7 +234,7 @@ def test_sliding_cache_copied_equals_in_place():
 def test_rejects_inputs_that_break_the_contract():
     sess = _session("CachedAttention", 2, 2, 16)
     qkv = np.zeros((1, 1, 96), np.float32)
-    feeds = _feeds(qkv, np.ones((1, 5), np.float32))
+    feeds = _feeds(sess, qkv, np.ones((1, 5), np.float32))
     with pytest.raises(Exception, match="past holds 2 rows, fewer than the 4 tokens"):
         short = np.zeros((1, 2, 2, 16), np.float32)
         sess.run(None, {**feeds, "past_key": short, "past_value": short})
@@ -232,3 +245,36 @@ def test_rejects_inputs_that_break_the_contract():
         sess.run(None, {**feeds, "qkv": np.zeros((1, 1, 95), np.float32), "past_key": past, "past_value": past})
     with pytest.raises(Exception, match="sliding_window_cache needs local_window_size"):
         _session("CachedAttention", 2, 2, 16, sliding_window_cache=1)
+
+
+def test_the_mask_form_rejects_what_does_not_fit():
+    sess = _session("CachedAttention", 2, 2, 16, mask_input=True)
+    past = np.zeros((2, 2, 8, 16), np.float32)
+    qkv = np.zeros((2, 1, 96), np.float32)
+    with pytest.raises(Exception, match=r"attention_mask must be \(B, T\) with B = 2"):
+        sess.run(None, {"qkv": qkv, "mask": np.ones((1, 4), np.int64), "past_key": past, "past_value": past})
+    with pytest.raises(Exception, match="3 tokens in total are below the 4 new tokens"):
+        sess.run(None, {"qkv": np.zeros((2, 4, 96), np.float32), "mask": np.ones((2, 3), np.int64),
+                        "past_key": past, "past_value": past})
+
+
+def test_packed_embedding_gathers_the_table_rows():
+    """ai.edgelm.PackedEmbedding: row v of a (V, D) table from its packed transpose, the tied LM head's panels."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vocab, d = 37, 12  # 3 panels, the last one padded
+    table = np.random.default_rng(3).standard_normal((vocab, d)).astype(np.float32)
+    node = helper.make_node("PackedEmbedding", ["ids", "w"], ["y"], domain=native.DOMAIN, n=vocab)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("w", TensorProto.FLOAT, (3, d, 16), native.pack_panels(table.T).ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    native.register(opts)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 15, 16, 36], [35, 1, 17, 31]], np.int64)
+    np.testing.assert_array_equal(sess.run(None, {"ids": ids})[0], table[ids])
+    assert sess.run(None, {"ids": np.zeros((1, 0), np.int64)})[0].shape == (1, 0, d)
+    with pytest.raises(Exception, match=r"token id 37 is outside \[0, 37\)"):
+        sess.run(None, {"ids": np.array([[2, 37]], np.int64)})

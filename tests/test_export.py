@@ -332,6 +332,9 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     assert m["graph"]["linear_layout"] == "packed" and m["validation"]["status"] == "passed"
     assert m["graph"]["operators"]["PackedLinear"] == 4 * layers + 1
     assert m["graph"]["operators"]["CachedAttention"] == layers
+    assert m["graph"]["operators"]["PackedEmbedding"] == 1
+    # attention takes the mask itself, the lookup is one node: what is left of the graph's small operators
+    assert sum(m["graph"]["operators"].values()) == 5 * layers + 7
     assert m["graph"]["operators"]["SkipLayerNormalization"] == 1  # the others run inside the projections after them
     for op in ("MatMul", "Conv", "FastGelu", "GroupQueryAttention"):  # GELU runs inside the MLP's first PackedLinear
         assert op not in m["graph"]["operators"]
@@ -351,7 +354,7 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     from edgelm.optimize.onnx_edit import packed_to_matmul
 
     model = onnx.load(str(tmp_path / "p" / "model.onnx"))
-    assert packed_to_matmul(model) == 5 * layers + 1  # the projections, the head and the attention nodes
+    assert packed_to_matmul(model) == 5 * layers + 2  # the projections, the head, the attention nodes, the lookup
     reference = onnx.load(str(tmp_path / "mm" / "model.onnx"))
     assert [(n.op_type, n.name, list(n.input)) for n in model.graph.node] == \
         [(n.op_type, n.name, list(n.input)) for n in reference.graph.node]

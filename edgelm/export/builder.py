@@ -23,9 +23,10 @@ Linear layout (``linear_layout``; the manifest's ``graph.linear_layout``):
 - ``packed``: every projection and the LM head is ``ai.edgelm.PackedLinear(x, W, b)``, edgelm's own
   operator (edgelm/runtime/native), over W stored as panels of 16 output columns, (N/16, K, 16):
   one decode step reads each weight once, front to back. The tied embedding is stored once, packed;
-  the lookup gathers a token's panel and picks its lane. The LayerNorm before the QKV and MLP
-  projections runs inside their PackedLinear. Attention is ``ai.edgelm.CachedAttention``, with
-  GroupQueryAttention's inputs (less the unused ones), attributes and the cache contract below.
+  the lookup is ``ai.edgelm.PackedEmbedding`` over the same panels. The LayerNorm before the QKV and
+  MLP projections runs inside their PackedLinear. Attention is ``ai.edgelm.CachedAttention``, with
+  GroupQueryAttention's attributes and the cache contract below; it takes attention_mask itself, so
+  the packed graph has none of the 15 nodes that turn the mask into GroupQueryAttention's inputs.
   Needs edgelm's operator library wherever the graph runs (edgelm's runtime registers it); fp32, CPU.
 - ``conv``: every projection inside the layers is a 1x1 convolution over the tokens,
   ``Reshape(x, [1, T, 1, K]) -> Transpose -> Conv(W[N, K, 1, 1], b) -> Transpose -> Reshape``.
@@ -51,7 +52,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import UnsupportedModelError
-from ..runtime.native import PANEL, pack_panels
+from ..runtime.native import pack_panels
 from .arch import ACTIVATIONS, LAYER_HEADS, LAYER_INNER, ArchSpec, ModelFacts
 from .checkpoint import Checkpoint
 from .graph import GraphBuilder
@@ -181,19 +182,6 @@ class _Linear:
         return g.node("Reshape", [t, self._shape("out", n)], name=f"{prefix}/FromTokens")
 
 
-def _gather_packed_rows(g: GraphBuilder, table: str, ids: str, d: int, p: str) -> str:
-    """Embedding rows from a packed table (V/16, D, 16): token t is lane t % 16 of panel t // 16."""
-    panel = g.node("Div", [ids, g.const(f"{p}/panel", PANEL)], name=f"{p}/Panel")
-    rows = g.node("Gather", [table, panel], name=f"{p}/Gather", axis=0)  # (B, S, D, 16)
-    lane = g.node("Mod", [ids, g.const(f"{p}/lanes", PANEL)], name=f"{p}/Lane")
-    lane = g.node("Unsqueeze", [lane, g.const(f"{p}/lane_axes", [2, 3])], name=f"{p}/LaneUnsqueeze")  # (B, S, 1, 1)
-    shape = g.node("Concat", [g.node("Shape", [ids], name=f"{p}/Shape"), g.const(f"{p}/rest", [d, 1])],
-                   name=f"{p}/LaneShape", axis=0)
-    lane = g.node("Expand", [lane, shape], name=f"{p}/LaneExpand")  # (B, S, D, 1)
-    picked = g.node("GatherElements", [rows, lane], name=f"{p}/GatherLane", axis=3)
-    return g.node("Squeeze", [picked, g.const(f"{p}/lane_axis", [3])], name=f"{p}/Squeeze")  # (B, S, D)
-
-
 def _skip_layer_norm(g: GraphBuilder, x: str, norm: tuple, p: str) -> tuple[str, str]:
     """SkipLayerNormalization of ``x`` (``norm`` as _Linear takes it) -> (normalized, residual stream)."""
     skip, gamma, beta, skip_bias, eps, residual = norm
@@ -211,6 +199,33 @@ def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expec
             f"{list(expected)} ({facts.layer_heads[i]} heads of {facts.head_size}, MLP width {facts.layer_inner[i]}); "
             f"a pruned model's config.json needs {LAYER_HEADS} and {LAYER_INNER} that match its weights"
         )
+
+
+def attention_metadata(g: GraphBuilder, ids: str, mask: str, dtype: str, bias_elem: int | None = None):
+    """GroupQueryAttention's inputs from input_ids and attention_mask, shared by every layer: the batch
+    size (1-d), seqlens_k (B,), total_sequence_length (int32 scalar) and the attention bias (B, 1, S, T),
+    0 where the mask is 1 and MASK_VALUE where it is 0; ``bias_elem``: a dtype to cast the bias to.
+    optimize.onnx_edit.packed_to_matmul writes the same nodes when it turns CachedAttention back."""
+    np_dtype, elem = DTYPES[dtype]
+    p = "/model/attn_mask"
+    mask_shape = g.node("Shape", [mask], name=f"{p}/Shape")
+    ids_shape = g.node("Shape", [ids], name=f"{p}/ShapeIds")
+    total64 = g.node("Gather", [mask_shape, g.const(f"{p}/one", 1)], name=f"{p}/Total", axis=0)
+    batch = g.node("Slice", [ids_shape, g.const(f"{p}/s0", [0]), g.const(f"{p}/s1", [1])], name=f"{p}/Batch")
+    seq = g.node("Slice", [ids_shape, g.const(f"{p}/s1b", [1]), g.const(f"{p}/s2", [2])], name=f"{p}/Seq")
+    total = g.node("Cast", [total64], name=f"{p}/TotalInt32", to=TensorProto.INT32)
+    last = g.node("Sub", [total, g.const(f"{p}/one32", 1, np.int32)], name=f"{p}/Last")
+    seqlens_k = g.node("Expand", [last, batch], name=f"{p}/SeqlensK")
+    mask_f = g.node("Cast", [mask], name=f"{p}/MaskFloat", to=elem)
+    neg = g.node("Sub", [mask_f, g.const(f"{p}/onef", 1.0, np_dtype)], name=f"{p}/MaskMinusOne")
+    bias2d = g.node("Mul", [neg, g.const(f"{p}/big", -MASK_VALUE[dtype], np_dtype)], name=f"{p}/Bias2d")
+    bias4d = g.node("Unsqueeze", [bias2d, g.const(f"{p}/axes", [1, 2])], name=f"{p}/Bias4d")
+    total_1d = g.node("Unsqueeze", [total64, g.const(f"{p}/axis0", [0])], name=f"{p}/Total1d")
+    bias_shape = g.node("Concat", [batch, g.const(f"{p}/one1d", [1]), seq, total_1d], name=f"{p}/BiasShape", axis=0)
+    attn_bias = g.node("Expand", [bias4d, bias_shape], name=f"{p}/AttentionBias")
+    if bias_elem is not None:
+        attn_bias = g.node("Cast", [attn_bias], name=f"{p}/AttentionBiasCast", to=bias_elem)
+    return batch, seqlens_k, total, attn_bias
 
 
 def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str, onnx_path: Path,
@@ -236,24 +251,10 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 g.input(f"past_key_values.{i}.{part}", kv_elem, ["batch", facts.layer_heads[i], length, h])
 
         # -- attention metadata, shared by every layer: (B,), scalar, (B, 1, S, T) ---------
-        p = "/model/attn_mask"
-        mask_shape = g.node("Shape", [mask], name=f"{p}/Shape")
-        ids_shape = g.node("Shape", [ids], name=f"{p}/ShapeIds")
-        total64 = g.node("Gather", [mask_shape, g.const(f"{p}/one", 1)], name=f"{p}/Total", axis=0)
-        batch = g.node("Slice", [ids_shape, g.const(f"{p}/s0", [0]), g.const(f"{p}/s1", [1])], name=f"{p}/Batch")
-        seq = g.node("Slice", [ids_shape, g.const(f"{p}/s1b", [1]), g.const(f"{p}/s2", [2])], name=f"{p}/Seq")
-        total = g.node("Cast", [total64], name=f"{p}/TotalInt32", to=TensorProto.INT32)
-        last = g.node("Sub", [total, g.const(f"{p}/one32", 1, np.int32)], name=f"{p}/Last")
-        seqlens_k = g.node("Expand", [last, batch], name=f"{p}/SeqlensK")
-        mask_f = g.node("Cast", [mask], name=f"{p}/MaskFloat", to=elem)
-        neg = g.node("Sub", [mask_f, g.const(f"{p}/onef", 1.0, np_dtype)], name=f"{p}/MaskMinusOne")
-        bias2d = g.node("Mul", [neg, g.const(f"{p}/big", -MASK_VALUE[dtype], np_dtype)], name=f"{p}/Bias2d")
-        bias4d = g.node("Unsqueeze", [bias2d, g.const(f"{p}/axes", [1, 2])], name=f"{p}/Bias4d")
-        total_1d = g.node("Unsqueeze", [total64, g.const(f"{p}/axis0", [0])], name=f"{p}/Total1d")
-        bias_shape = g.node("Concat", [batch, g.const(f"{p}/one1d", [1]), seq, total_1d], name=f"{p}/BiasShape", axis=0)
-        attn_bias = g.node("Expand", [bias4d, bias_shape], name=f"{p}/AttentionBias")
-        if kv_np != np_dtype:
-            attn_bias = g.node("Cast", [attn_bias], name=f"{p}/AttentionBiasCast", to=kv_elem)
+        # (edgelm's CachedAttention derives them from the mask itself)
+        batch = seqlens_k = total = attn_bias = None
+        if linear_layout != "packed":
+            batch, seqlens_k, total, attn_bias = attention_metadata(g, ids, mask, dtype, kv_elem if kv_np != np_dtype else None)
         linear = _Linear(g, linear_layout, batch)
 
         # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
@@ -261,7 +262,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         wte = ckpt.read(spec.wte).astype(np_dtype)  # (V, D)
         if facts.tied_embeddings and linear_layout == "packed":
             emb_table = g.weight("model.embed_tokens.weight_panels", pack_panels(wte.T))  # (V/16, D, 16)
-            tok = _gather_packed_rows(g, emb_table, ids, d, p)
+            tok = g.node("PackedEmbedding", [ids, emb_table], name=f"{p}/PackedEmbedding", n=facts.vocab_size)
             lm_head = emb_table
         elif facts.tied_embeddings:
             emb_table = g.weight("model.embed_tokens.weight_t", wte.T)  # (D, V), shared with lm_head
@@ -303,7 +304,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                 attrs.update(local_window_size=int(window), sliding_window_cache=1)
             past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
             if linear_layout == "packed":  # edgelm's own operator: the same contract, read at memory speed
-                op, inputs = "CachedAttention", [qkv, *past, seqlens_k, total, attn_bias]
+                op, inputs = "CachedAttention", [qkv, *past, "", "", "", mask]
             else:
                 op, inputs = "GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total, "", "", "", attn_bias]
             attn, _, _ = g.node(op, inputs, [f"{p}/attn/{op}/output_0", f"present.{i}.key", f"present.{i}.value"],

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..runtime.native import DOMAIN as EDGELM_DOMAIN  # edgelm's own operators
 
 MS_DOMAIN = "com.microsoft"
-EDGELM_OPS = {"PackedLinear", "CachedAttention"}
+EDGELM_OPS = {"PackedLinear", "PackedEmbedding", "CachedAttention"}
 OPSET = 17
 ALIGN = 4096
 # Weights above 64 MiB go to one external data file, which ONNX Runtime maps instead of copying:

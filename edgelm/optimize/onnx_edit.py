@@ -15,8 +15,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import UnsupportedModelError
 from ..export.graph import EXTERNAL_DATA_BYTES  # noqa: E402  (one threshold, the exporter's)
+
 MS = "com.microsoft"
+
+
+def _contiguous(value, dtype=None) -> np.ndarray:
+    """A C-contiguous array of ``value`` that keeps a scalar 0-d (np.ascontiguousarray makes it 1-d)."""
+    value = np.asarray(value, dtype=dtype)
+    return value if value.flags.c_contiguous else value.copy(order="C")
 
 
 class Graph:
@@ -38,7 +46,7 @@ class Graph:
     def add(self, name: str, value: np.ndarray) -> str:
         if name in self._init:
             raise ValueError(f"initializer {name} exists")
-        t = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        t = numpy_helper.from_array(_contiguous(value), name)
         self.graph.initializer.append(t)
         self._init[name] = self.graph.initializer[-1]
         return name
@@ -46,13 +54,13 @@ class Graph:
     def set(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents (same name, any shape)."""
         old = self._init[name]
-        old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=numpy_helper.to_array(old).dtype),
+        old.CopyFrom(numpy_helper.from_array(_contiguous(value, numpy_helper.to_array(old).dtype),
                                              name))
 
     def rename(self, name: str, new_name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents and name in place (its readers must be re-pointed)."""
         tensor = self._init.pop(name)
-        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), new_name))
+        tensor.CopyFrom(numpy_helper.from_array(_contiguous(value), new_name))
         self._init[new_name] = tensor
 
     def remove_unused_initializers(self) -> list[str]:
@@ -182,13 +190,16 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     ``SkipLayerNormalization`` first. Each ``PackedLinear(x, W panels, b)`` becomes
     ``MatMul(x, W[K, N])`` (+ ``Add(b)``), its weight unpacked under the name the MatMul export gives
     it (".weight_panels" -> ".weight", and the tied table -> "model.embed_tokens.weight_t"); the
-    packed embedding lookup (Div, Gather, Mod, ...,
-    GatherElements, Squeeze under /model/embed_tokens) becomes ``Transpose(Gather(table, ids, axis=1))``.
+    ``ai.edgelm.PackedEmbedding`` lookup becomes ``Transpose(Gather(table, ids, axis=1))``. Where
+    CachedAttention takes attention_mask, the builder's attention preamble is written first.
     The result is node for node the ``linear_layout="matmul"`` export. Returns how many nodes were turned.
     """
     from ..runtime.native import DOMAIN, unpack_panels
 
     g = Graph(model)
+    if any(n.name == "/model/embed_tokens/GatherLane" for n in g.graph.node):
+        raise UnsupportedModelError("this packed artifact was exported by an older edgelm (its embedding lookup is "
+                                    "nine nodes, not PackedEmbedding): export it again to optimize it")
     names = {"model.embed_tokens.weight_panels": "model.embed_tokens.weight_t", "lm_head.weight_panels": "lm_head.weight_t"}
     turned = 0
     for node in [n for n in g.graph.node if n.op_type == "PackedLinear"]:
@@ -225,8 +236,13 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
             g.rewire(out, nodes[-1].output[0])
         g.replace(node, nodes)
         turned += 1
+    metadata = None  # GroupQueryAttention's inputs, when CachedAttention took the mask itself
     for node in [n for n in g.graph.node if n.op_type == "CachedAttention"]:  # the same contract as GQA's
         qkv, past_k, past_v, seqlens_k, total, *bias = node.input
+        if len(bias) > 1 and bias[1]:  # attention_mask: the builder's preamble gives the other three
+            if metadata is None:
+                metadata = _attention_metadata(g)
+            seqlens_k, total, bias = metadata[1], metadata[2], [metadata[3]]
         base = node.name.removesuffix("/CachedAttention")
         gqa = helper.make_node("GroupQueryAttention",
                                [qkv, "", "", past_k, past_v, seqlens_k, total, "", "", "", *bias],
@@ -236,19 +252,16 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         g.rewire(node.output[0], gqa.output[0])
         g.replace(node, [gqa])
         turned += 1
-    lookup = "/model/embed_tokens"
-    squeeze = next((n for n in g.graph.node if n.name == f"{lookup}/Squeeze"), None)
-    if squeeze is not None:
-        panel = g.node(f"{lookup}/Panel")
-        table = names.get(g.node(f"{lookup}/Gather").input[0])
-        gathered = helper.make_node("Gather", [table, panel.input[0]], [f"{lookup}/Gather/output_0"],
+    for node in [n for n in g.graph.node if n.op_type == "PackedEmbedding"]:  # the tied table's lookup
+        lookup = node.name.removesuffix("/PackedEmbedding")
+        ids, table = node.input
+        gathered = helper.make_node("Gather", [names.get(table, table), ids], [f"{lookup}/Gather/output_0"],
                                     name=f"{lookup}/Gather", axis=1)  # (D, B, S)
         tokens = helper.make_node("Transpose", [gathered.output[0]], [f"{lookup}/Transpose/output_0"],
                                   name=f"{lookup}/Transpose", perm=[1, 2, 0])  # (B, S, D)
-        g.rewire(squeeze.output[0], tokens.output[0])
-        for old in [n for n in g.graph.node if n.name.startswith(f"{lookup}/") and n is not panel]:
-            g.graph.node.remove(old)
-        g.replace(panel, [gathered, tokens])
+        g.rewire(node.output[0], tokens.output[0])
+        g.replace(node, [gathered, tokens])
+        turned += 1
     if turned:
         _remove_dead_nodes(g)
         g.remove_unused_initializers()
@@ -256,6 +269,21 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
         for o in domains:
             model.opset_import.remove(o)
     return turned
+
+
+def _attention_metadata(g: Graph) -> tuple[str, str, str, str]:
+    """The builder's attention preamble (export.builder.attention_metadata, fp32), put first in the
+    graph: its nodes and constants, the same names. Returns (batch, seqlens_k, total, attention_bias)."""
+    from ..export.builder import attention_metadata
+    from ..export.graph import GraphBuilder
+
+    pre = GraphBuilder("preamble", None)
+    outputs = attention_metadata(pre, "input_ids", "attention_mask", "fp32")
+    for tensor in pre.initializers:
+        g.add(tensor.name, numpy_helper.to_array(tensor))
+    for k, node in enumerate(pre.nodes):
+        g.graph.node.insert(k, node)
+    return outputs
 
 
 def conv_to_matmul(model: onnx.ModelProto) -> int:

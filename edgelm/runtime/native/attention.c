@@ -104,7 +104,7 @@ static float expsum_v4(float *s, size_t n, float top) {
 /* 32 columns of o in 8 vectors at a time, over blocks of rows that fit in 16 K bytes (four quarters'
  * rows), so a wide head's later column blocks read them from L1 */
 static void weigh_v4(float *o, const float *p, const float *values, size_t n, size_t h, size_t stride) {
-    const size_t quarter = n / 4, qs = quarter * stride, block = h <= 256 ? 1024 / h : 4;
+    const size_t quarter = n / 4, block = h <= 256 ? 1024 / h : 4;
     for (size_t j0 = 0; j0 < quarter; j0 += block) {
         const size_t j1 = j0 + block < quarter ? j0 + block : quarter;
         for (size_t c = 0; c < h; c += 32) {
@@ -267,7 +267,8 @@ void edgelm_attention_unit(const EdgelmAttention *a, size_t unit) {
             const size_t pos = P + i, first = a->window && pos + 1 > a->window ? pos + 1 - a->window : 0;
             const float *q = new_qkv + i * width + head * h, *bias = NULL;
             if (a->bias)
-                bias = a->bias + (((a->bias_b > 1 ? b : 0) * a->bias_n + (a->bias_n > 1 ? head : 0)) * S + i) * T;
+                bias = a->bias + (((a->bias_b > 1 ? b : 0) * a->bias_n + (a->bias_n > 1 ? head : 0)) * a->bias_rows
+                                  + (a->bias_rows > 1 ? i : 0)) * T;
             /* keys at positions [first, pos]: rows [from, upto) of the cache (a sliding cache's old rows),
              * then, for a sliding cache, the new tokens' own keys [new_from, i] */
             const size_t from = first > old_pos ? first - old_pos : 0, upto = a->sliding ? old : pos + 1;

@@ -109,10 +109,11 @@ typedef struct {
     const float *qkv;                  /* (B, S, (N + 2 Nkv) H): queries, keys, values of the new tokens */
     const float *past_k, *past_v;      /* (B, Nkv, C, H) */
     float *present_k, *present_v;      /* (B, Nkv, Cp, H); past's own buffers when bound to both */
-    const float *bias;                 /* (bias_b, bias_n, S, T), bias_b in {1, B}, bias_n in {1, N}; or NULL */
+    const float *bias;                 /* (bias_b, bias_n, bias_rows, T), bias_b in {1, B}, bias_n in {1, N},
+                                          bias_rows in {1, S} (1: every new token takes the same row); or NULL */
     float *out;                        /* (B, S, N H) */
     float *scratch;                    /* B Nkv T floats: one row of scores per unit */
-    size_t batch, seq, heads, kv_heads, head_size, capacity, present_capacity, total, bias_b, bias_n;
+    size_t batch, seq, heads, kv_heads, head_size, capacity, present_capacity, total, bias_b, bias_n, bias_rows;
     size_t window;                     /* a query sees keys less than `window` positions back; 0: all */
     int sliding;                       /* the cache holds the most recent rows only (capacity >= window) */
     float scale;

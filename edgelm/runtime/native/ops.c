@@ -1,5 +1,5 @@
-/* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear and ai.edgelm.CachedAttention on the
- * CPU provider.
+/* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear, ai.edgelm.PackedEmbedding and
+ * ai.edgelm.CachedAttention on the CPU provider.
  *
  *   Y, H? = PackedLinear(X, W, B?, Skip?, Gamma?, Beta?, SkipBias?)
  *     attributes: n, the number of output columns; activation (optional): 0 none (default), 1 GELU's
@@ -10,14 +10,21 @@
  *   SkipLayerNormalization: H = X + Skip (..., K) + SkipBias (K), X' = LayerNorm(H) * Gamma + Beta, and
  *   Y = activation(X' W + B); H, the new residual stream, is the optional second output.
  *
- *   Y, present_key, present_value = CachedAttention(QKV, past_key, past_value, seqlens_k, total_sequence_length,
- *                                                   attention_bias?)
+ *   Y = PackedEmbedding(ids, W)
+ *     attribute: n, the rows of the table (the vocabulary)
+ *   ids: int64 (...), each in [0, n)   W: float (ceil(n / 16), D, 16), the table's transpose (D, n) packed as
+ *   PackedLinear's W (a tied LM head and the lookup share it)   Y: float (..., D), row ids[i] of the table
+ *
+ *   Y, present_key, present_value = CachedAttention(QKV, past_key, past_value, seqlens_k?, total_sequence_length?,
+ *                                                   attention_bias?, attention_mask?)
  *     attributes as com.microsoft.GroupQueryAttention's: num_heads N, kv_num_heads Nkv (default N), scale
  *     (default 1/sqrt(H)), local_window_size (keys less than this many positions back; -1: all),
  *     sliding_window_cache (1: a cache of capacity C >= window that keeps the most recent rows)
  *   QKV: float (B, S, (N + 2 Nkv) H), queries then keys then values of the S new tokens
  *   past_key, past_value: float (B, Nkv, C, H); seqlens_k: int32 (B), each T - 1; total_sequence_length:
- *   int32 scalar T; attention_bias: float (B or 1, N or 1, S, T), added to the scores by absolute position
+ *   int32 scalar T; attention_bias: float (B or 1, N or 1, S, T), added to the scores by absolute position.
+ *   Or, in place of all three, attention_mask: int64 (B, T), 0 for a padded position: T is its width, and
+ *   a padded key's score gets MASKED_SCORE (what the matmul graph's bias adds: -1e9 in fp32).
  *   Y: float (B, S, N H); present_key, present_value: (B, Nkv, C', H), C' = C for a sliding cache, else
  *   max(C, T). Bound to the same buffers as the pasts (IO binding), the operator appends in place: a full
  *   cache gets rows [T - S, T); a sliding cache keeps the most recent edgelm_resident_rows(T) positions at
@@ -43,6 +50,7 @@
 static const OrtApi *g_api;
 
 enum { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
+#define MASKED_SCORE (-1.0e9f) /* edgelm.export.builder.MASK_VALUE["fp32"] */
 
 typedef struct {
     int64_t n;          /* output columns */
@@ -222,7 +230,7 @@ static size_t op_seven(const OrtCustomOp *op) { (void)op; return 7; }
 static size_t op_two(const OrtCustomOp *op) { (void)op; return 2; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 2 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 1 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
-static int output_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_IO_REQUIRED; }
+static int all_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_IO_REQUIRED; }
 static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_MEM_DEFAULT; }
 static int arity_one(const OrtCustomOp *op) { (void)op; return 1; }
 static int homogeneous(const OrtCustomOp *op) { (void)op; return 1; }
@@ -247,6 +255,78 @@ static const OrtCustomOp packed_linear = {
     .KernelComputeV2 = compute,
 };
 
+/* ---- ai.edgelm.PackedEmbedding ------------------------------------------------------------------ */
+static OrtStatus *embedding_compute(void *kernel, OrtKernelContext *ctx) {
+    const int64_t n = *(const int64_t *)kernel;
+    const OrtValue *iv, *wv;
+    int64_t id[MAX_RANK + 1], wd[MAX_RANK];
+    int ir, wr;
+    OrtStatus *st;
+    if ((st = input(ctx, 0, &iv, id, &ir)) || (st = input(ctx, 1, &wv, wd, &wr))) return st;
+    const int64_t panels = (n + EDGELM_PANEL - 1) / EDGELM_PANEL;
+    if (wr != 3 || wd[0] != panels || wd[2] != EDGELM_PANEL)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "PackedEmbedding: W must be (%lld, D, 16) panels for n = %lld", (long long)panels, (long long)n);
+    if (ir >= MAX_RANK) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedEmbedding: ids of rank %d, at most %d", ir, MAX_RANK - 1);
+    const int64_t D = wd[1];
+    size_t count = 1;
+    for (int i = 0; i < ir; i++) count *= (size_t)id[i];
+    id[ir] = D;
+    OrtValue *yv;
+    void *ids, *w, *y;
+    if ((st = ORT_FN(g_api, KernelContext_GetOutput)(ctx, 0, id, (size_t)ir + 1, &yv))) return st;
+    if (count == 0 || D == 0) return NULL;
+    if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)iv, &ids)) || (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)wv, &w)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)))
+        return st;
+    for (size_t t = 0; t < count; t++) {  /* token v is lane v % 16 of panel v / 16: D floats 16 apart */
+        const int64_t v = ((const int64_t *)ids)[t];
+        if (v < 0 || v >= n)
+            return fail(ORT_CODE_INVALID_ARGUMENT, "PackedEmbedding: token id %lld is outside [0, %lld)", (long long)v, (long long)n);
+        const float *src = (const float *)w + (size_t)(v / EDGELM_PANEL) * (size_t)D * EDGELM_PANEL + (size_t)(v % EDGELM_PANEL);
+        float *dst = (float *)y + t * (size_t)D;
+        for (int64_t k = 0; k < D; k++) dst[k] = src[k * EDGELM_PANEL];
+    }
+    return NULL;
+}
+
+static OrtStatus *embedding_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)api;
+    int64_t n = 0;
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "n", &n);
+    if (st) return st;
+    if (n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedEmbedding: attribute n is %lld, must be positive", (long long)n);
+    int64_t *k = (int64_t *)malloc(sizeof *k);
+    if (!k) return fail(ORT_CODE_FAIL, "PackedEmbedding: out of memory");
+    *k = n;
+    *kernel = k;
+    return NULL;
+}
+
+static const char *embedding_name(const OrtCustomOp *op) { (void)op; return "PackedEmbedding"; }
+static int embedding_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ORT_TYPE_INT64 : ORT_TYPE_FLOAT; }
+static size_t op_two_in(const OrtCustomOp *op) { (void)op; return 2; }
+static size_t op_one(const OrtCustomOp *op) { (void)op; return 1; }
+
+static const OrtCustomOp packed_embedding = {
+    .version = API_VERSION,
+    .GetName = embedding_name,
+    .GetExecutionProviderType = op_provider,
+    .GetInputType = embedding_input_type,
+    .GetInputTypeCount = op_two_in,
+    .GetOutputType = op_float,
+    .GetOutputTypeCount = op_one,
+    .KernelDestroy = destroy_kernel,
+    .GetInputCharacteristic = all_required,
+    .GetOutputCharacteristic = all_required,
+    .GetInputMemoryType = memory_default,
+    .GetVariadicInputMinArity = arity_one,
+    .GetVariadicInputHomogeneity = homogeneous,
+    .GetVariadicOutputMinArity = arity_one,
+    .GetVariadicOutputHomogeneity = homogeneous,
+    .CreateKernelV2 = embedding_create,
+    .KernelComputeV2 = embedding_compute,
+};
+
 /* ---- ai.edgelm.CachedAttention ------------------------------------------------------------------ */
 typedef struct {
     int64_t heads, kv_heads, window, sliding;
@@ -257,17 +337,18 @@ static void run_unit(void *data, size_t unit) { edgelm_attention_unit((const Edg
 
 static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
     const AttentionKernel *op = (const AttentionKernel *)kernel;
-    const OrtValue *qv, *pkv, *pvv, *lv, *tv;
-    int64_t qd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], ld[MAX_RANK], td[MAX_RANK], bd[MAX_RANK];
-    int qr, kr, vr, lr, tr, br;
+    const OrtValue *qv, *pkv, *pvv;
+    int64_t qd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], ld[MAX_RANK], td[MAX_RANK], bd[MAX_RANK], md[MAX_RANK];
+    int qr, kr, vr, lr, tr, br, mr;
     size_t inputs = 0;
-    void *bias;
+    void *lens, *totalp, *bias, *mask;
     OrtStatus *st;
-    if ((st = input(ctx, 0, &qv, qd, &qr)) || (st = input(ctx, 1, &pkv, kd, &kr)) || (st = input(ctx, 2, &pvv, vd, &vr)) ||
-        (st = input(ctx, 3, &lv, ld, &lr)) || (st = input(ctx, 4, &tv, td, &tr)))
+    if ((st = input(ctx, 0, &qv, qd, &qr)) || (st = input(ctx, 1, &pkv, kd, &kr)) || (st = input(ctx, 2, &pvv, vd, &vr)))
         return st;
-    if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs))) return st;
-    if ((st = optional_input(ctx, inputs, 5, &bias, bd, &br))) return st;
+    if ((st = ORT_FN(g_api, KernelContext_GetInputCount)(ctx, &inputs)) ||
+        (st = optional_input(ctx, inputs, 3, &lens, ld, &lr)) || (st = optional_input(ctx, inputs, 4, &totalp, td, &tr)) ||
+        (st = optional_input(ctx, inputs, 5, &bias, bd, &br)) || (st = optional_input(ctx, inputs, 6, &mask, md, &mr)))
+        return st;
     if (qr != 3) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: QKV has rank %d, needs (B, S, (N + 2 Nkv) H)", qr);
     if (kr != 4 || vr != 4 || memcmp(kd, vd, 4 * sizeof(int64_t)) != 0)
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: past_key and past_value must both be (B, Nkv, C, H)");
@@ -276,21 +357,28 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: QKV (%lld, %lld, %lld) and past (%lld, %lld, %lld, %lld) do not fit "
                     "%lld heads, %lld KV heads", (long long)B, (long long)S, (long long)qd[2], (long long)kd[0], (long long)kd[1],
                     (long long)C, (long long)H, (long long)N, (long long)Nkv);
-    if (lr != 1 || ld[0] != B) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k must be (B) = (%lld)", (long long)B);
-    if (tr > 1 || (tr == 1 && td[0] != 1)) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length must be one int32");
-    void *qkv, *past_k, *past_v, *lens, *totalp;
-    if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)qv, &qkv)) ||
-        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pkv, &past_k)) ||
-        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pvv, &past_v)) ||
-        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)lv, &lens)) ||
-        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)tv, &totalp)))
-        return st;
-    const int64_t T = *(const int32_t *)totalp, P = T - S;
-    if (P < 0) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length %lld is below the %lld new tokens", (long long)T, (long long)S);
-    for (int64_t b = 0; b < B; b++)
+    if (lens && (lr != 1 || ld[0] != B)) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k must be (B) = (%lld)", (long long)B);
+    if (totalp && (tr > 1 || (tr == 1 && td[0] != 1)))
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length must be one int32");
+    if (mask && (mr != 2 || md[0] != B))
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: attention_mask must be (B, T) with B = %lld", (long long)B);
+    if (mask && bias) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: give attention_bias or attention_mask, not both");
+    if (!mask && !totalp)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: needs attention_mask, or seqlens_k and total_sequence_length");
+    const int64_t T = mask ? md[1] : *(const int32_t *)totalp, P = T - S;
+    if (mask && totalp && *(const int32_t *)totalp != T)
+        return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: total_sequence_length %d is not attention_mask's width %lld",
+                    *(const int32_t *)totalp, (long long)T);
+    if (P < 0) return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: %lld tokens in total are below the %lld new tokens", (long long)T, (long long)S);
+    for (int64_t b = 0; lens && b < B; b++)
         if (((const int32_t *)lens)[b] != T - 1)
             return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: seqlens_k[%lld] is %d; every row takes total_sequence_length - 1 "
                         "(left padding goes in attention_bias)", (long long)b, ((const int32_t *)lens)[b]);
+    void *qkv, *past_k, *past_v;
+    if ((st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)qv, &qkv)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pkv, &past_k)) ||
+        (st = ORT_FN(g_api, GetTensorMutableData)((OrtValue *)pvv, &past_v)))
+        return st;
     const int sliding = op->sliding && op->window > 0;
     if (sliding && C < op->window)
         return fail(ORT_CODE_INVALID_ARGUMENT, "CachedAttention: a sliding cache of %lld rows is below the window of %lld", (long long)C, (long long)op->window);
@@ -312,14 +400,21 @@ static OrtStatus *attention_compute(void *kernel, OrtKernelContext *ctx) {
     if ((st = ORT_FN(g_api, GetTensorMutableData)(yv, &y)) || (st = ORT_FN(g_api, GetTensorMutableData)(ckv, &present_k)) ||
         (st = ORT_FN(g_api, GetTensorMutableData)(cvv, &present_v)))
         return st;
-    float *scratch = (float *)malloc((size_t)(B * Nkv * T) * sizeof(float));
+    /* one row of scores per unit, then (with attention_mask) the bias each row's mask gives */
+    float *scratch = (float *)malloc((size_t)(B * Nkv * T + (mask ? B * T : 0)) * sizeof(float));
     if (!scratch) return fail(ORT_CODE_FAIL, "CachedAttention: out of memory");
+    if (mask) {
+        float *row_bias = scratch + B * Nkv * T;
+        for (int64_t i = 0; i < B * T; i++) row_bias[i] = ((const int64_t *)mask)[i] ? 0.0f : MASKED_SCORE;
+        bias = row_bias;
+        bd[0] = B, bd[1] = 1, bd[2] = 1;
+    }
     EdgelmAttention job = {
         .qkv = qkv, .past_k = past_k, .past_v = past_v, .present_k = present_k, .present_v = present_v,
         .bias = bias, .out = y, .scratch = scratch,
         .batch = (size_t)B, .seq = (size_t)S, .heads = (size_t)N, .kv_heads = (size_t)Nkv, .head_size = (size_t)H,
         .capacity = (size_t)C, .present_capacity = (size_t)Cp, .total = (size_t)T,
-        .bias_b = bias ? (size_t)bd[0] : 1, .bias_n = bias ? (size_t)bd[1] : 1,
+        .bias_b = bias ? (size_t)bd[0] : 1, .bias_n = bias ? (size_t)bd[1] : 1, .bias_rows = bias ? (size_t)bd[2] : 1,
         .window = op->window > 0 ? (size_t)op->window : 0, .sliding = sliding,
         .scale = op->scale != 0.0f ? op->scale : 1.0f / sqrtf((float)H),
     };
@@ -352,10 +447,13 @@ static OrtStatus *attention_create(const OrtCustomOp *op, const OrtApi *api, con
 }
 
 static const char *attention_name(const OrtCustomOp *op) { (void)op; return "CachedAttention"; }
-static int attention_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 || i == 4 ? ORT_TYPE_INT32 : ORT_TYPE_FLOAT; }
-static size_t attention_inputs(const OrtCustomOp *op) { (void)op; return 6; }
+static int attention_input_type(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    return i == 3 || i == 4 ? ORT_TYPE_INT32 : i == 6 ? ORT_TYPE_INT64 : ORT_TYPE_FLOAT;
+}
+static size_t attention_inputs(const OrtCustomOp *op) { (void)op; return 7; }
 static size_t op_three_out(const OrtCustomOp *op) { (void)op; return 3; }
-static int attention_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 5 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
+static int attention_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 3 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
 
 static const OrtCustomOp cached_attention = {
     .version = API_VERSION,
@@ -367,7 +465,7 @@ static const OrtCustomOp cached_attention = {
     .GetOutputTypeCount = op_three_out,
     .KernelDestroy = destroy_kernel,
     .GetInputCharacteristic = attention_input_kind,
-    .GetOutputCharacteristic = output_required,
+    .GetOutputCharacteristic = all_required,
     .GetInputMemoryType = memory_default,
     .GetVariadicInputMinArity = arity_one,
     .GetVariadicInputHomogeneity = homogeneous,
@@ -388,6 +486,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtCustomOpDomain *domain = NULL;  /* lives as long as the process: sessions keep using it */
     OrtStatus *st = ORT_FN(api, CreateCustomOpDomain)("ai.edgelm", &domain);
     if (!st) st = ORT_FN(api, CustomOpDomain_Add)(domain, &packed_linear);
+    if (!st) st = ORT_FN(api, CustomOpDomain_Add)(domain, &packed_embedding);
     if (!st) st = ORT_FN(api, CustomOpDomain_Add)(domain, &cached_attention);
     if (!st) st = ORT_FN(api, AddCustomOpDomain)(options, domain);
     return st;
