@@ -9,9 +9,10 @@ of the same model, say), named ``--label`` in the results.
 
 ONNX Runtime maps each artifact's model.onnx.data, so a session reads its weights from the page
 cache's pages of that file, and two files are two placements in memory: two byte-identical copies
-of one artifact decoded 2.7% apart, the first loaded the slower (one 30-round run here). When A's
-and B's data files hold the same bytes (graph-only changes), B runs from a folder of links to its
-files whose data file is a hard link to A's, so both sessions read the same pages.
+of one artifact can decode a few percent apart (``--separate-pages`` with a copy as ``--baseline``
+shows it). When A's and B's data files hold the same bytes (graph-only changes), B runs from a
+folder of links to its files whose data file is a hard link to A's, so both sessions read the
+same pages.
 
 The same random-weight model exported twice (`edgelm export --linear-layout A` and `B`), both
 loaded in one process; each round generates 32 greedy tokens with each, in shuffled order.
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="A,B: the baseline and the layout compared with it")
     p.add_argument("--baseline", type=Path, help="an artifact folder to run as A (in place of A's fresh export)")
     p.add_argument("--label", default="baseline", help="A's name in the results, with --baseline")
+    p.add_argument("--separate-pages", action="store_true",
+                   help="B reads its own data file even when it holds A's bytes (shows what placement alone does)")
     args = p.parse_args(argv)
     layouts = args.layouts.split(",")
     if args.baseline:
@@ -93,7 +96,9 @@ def main(argv=None) -> int:
     ensure_model_folder(MODELS[args.model][1], model_dir)
     folders = {layout: args.baseline if args.baseline and layout == base else cached_artifact(model_dir, args.model, layout)
                for layout in layouts}
-    folders[other], shared = _sharing_pages(folders[base], folders[other])
+    shared = False
+    if not args.separate_pages:
+        folders[other], shared = _sharing_pages(folders[base], folders[other])
     gens = {layout: Generator.load(folders[layout]) for layout in layouts}
     prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)

@@ -31,6 +31,15 @@ def wide_models(tmp_path_factory):
     return {arch: make_tiny_model(arch, root / arch, seed=1, initializer_range=0.2, **WIDE[arch]) for arch in WIDE}
 
 
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory):
+    """The first 12,000 characters of the held-out text (about 2,700 tokens): the commands score
+    perplexity several times per run, and the whole text would make each score take seconds."""
+    path = tmp_path_factory.mktemp("eval") / "heldout-start.txt"
+    path.write_text((TEXT / "heldout.txt").read_text()[:12000])
+    return path
+
+
 def _tokens(n: int = 4000) -> np.ndarray:
     from edgelm.optimize.models import tokenizer_for, model_dir_of
 
@@ -119,14 +128,14 @@ def test_importance_finds_the_units_that_matter_least_and_loses_less_than_random
     assert by_gradient < 0.1 * min(at_random), (by_gradient, at_random)
 
 
-def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide_models, tmp_path, capsys):
+def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide_models, eval_text, tmp_path, capsys):
     from edgelm.cli import main
     from edgelm.export import export_model
 
     out = tmp_path / "pruned"
     rc = main(["optimize", "prune", str(wide_models["gpt_neo"]), "--heads", "0.25", "--mlp", "0.30",
                "--train-text", str(TRAIN), "-o", str(out), "--recover-steps", "3", "--batch-size", "2",
-               "--seq-len", "32", "--score-batches", "2", "--quiet", "--json"])
+               "--seq-len", "32", "--score-batches", "2", "--eval-text", str(eval_text), "--quiet", "--json"])
     assert rc == 0
     record = json.loads(capsys.readouterr().out)
     assert record["layer_heads"]["after"] == [3, 3, 3, 3] and record["weight_bytes"]["after"] < record["weight_bytes"]["before"]
@@ -197,7 +206,7 @@ def test_distillation_loss_terms(temperature):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
-def test_interrupted_and_resumed_distillation_ends_with_the_same_weights(wide_models, tmp_path, arch):
+def test_interrupted_and_resumed_distillation_ends_with_the_same_weights(wide_models, eval_text, tmp_path, arch):
     from safetensors.torch import load_file
 
     from edgelm.optimize.train import Interrupted
@@ -205,7 +214,7 @@ def test_interrupted_and_resumed_distillation_ends_with_the_same_weights(wide_mo
     def run(out: Path, stop_after=None, resume=False):
         cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, checkpoint_every=2, precision="fp32", warmup_steps=2)
         return distill_model(str(wide_models[arch]), out, TRAIN, cfg, student_layers="2", progress=False,
-                             resume=resume, stop_after=stop_after)
+                             eval_text=eval_text, resume=resume, stop_after=stop_after)
 
     straight = run(tmp_path / "straight")
     with pytest.raises(Interrupted, match="--resume|checkpoint"):
@@ -222,14 +231,14 @@ def test_interrupted_and_resumed_distillation_ends_with_the_same_weights(wide_mo
     assert straight["student_layer_kinds"] == (["global", "global"] if arch == "gpt2" else ["global", "local"])
 
 
-def test_distill_command_output_loads_exports_and_records_perplexity(wide_models, tmp_path, capsys):
+def test_distill_command_output_loads_exports_and_records_perplexity(wide_models, eval_text, tmp_path, capsys):
     from edgelm.cli import main
     from edgelm.export import export_model
 
     out = tmp_path / "student"
     rc = main(["optimize", "distill", "--teacher", str(wide_models["gpt_neo"]), "--student-layers", "2",
                "--train-text", str(TRAIN), "-o", str(out), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-               "--quiet", "--json"])
+               "--eval-text", str(eval_text), "--quiet", "--json"])
     assert rc == 0
     record = json.loads(capsys.readouterr().out)
     assert record["student_layer_kinds"] == ["global", "local"]
@@ -250,13 +259,14 @@ def test_distill_needs_a_length_and_a_student(tmp_path, capsys):
 
 
 # -- recipes -----------------------------------------------------------------------------------------
-def test_recipe_runs_end_to_end_with_report_and_lineage(wide_models, tmp_path):
+def test_recipe_runs_end_to_end_with_report_and_lineage(wide_models, eval_text, tmp_path):
     from edgelm.optimize.recipe import run_recipe
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f"""
 model = "{wide_models['gpt2']}"
 train_text = "{TRAIN}"
+eval_text = "{eval_text}"
 eval_length = 64
 new_tokens = 8
 repeats = 1

@@ -74,13 +74,14 @@ def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return picked - np.log(x.sum(axis=-1, dtype=np.float64))
 
 
-def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32) -> dict:
-    """Inputs for one forward pass over ``chunk`` (1, S) with empty caches, logits at every position."""
+def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32, keep: int | None = None) -> dict:
+    """Inputs for one forward pass over ``chunk`` (1, S) with empty caches, logits at the last ``keep``
+    positions (all S by default; graphs without num_logits_to_keep give all S anyway)."""
     facts = manifest["model"]["facts"]
     names = {i["name"] for i in manifest["io"]["inputs"]}
     s = chunk.shape[1]
     feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-            "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s, np.int64)}
+            "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s if keep is None else keep, np.int64)}
     feed = {k: v for k, v in feed.items() if k in names}
     for e in manifest["io"]["kv_cache"]:
         length = (e.get("window") or 0) if e["kind"] == "window" else 0
@@ -105,10 +106,10 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
     for begin, end, first in wins:
-        feed = prompt_feed(art.manifest, ids[begin:end][None], art.kv_dtype)
-        logits = art.session.run(["logits"], feed)[0][0]  # (S, V)
-        scored = slice(first - begin - 1, end - begin - 1)  # logits at t predict token t + 1
-        logp = _log_softmax_pick(logits[scored], ids[first:end])
+        keep = end - first + 1  # logits at t predict token t + 1: the scored tokens' are the last keep but one
+        feed = prompt_feed(art.manifest, ids[begin:end][None], art.kv_dtype, keep)
+        logits = art.session.run(["logits"], feed)[0][0][-keep:-1]  # (end - first, V)
+        logp = _log_softmax_pick(logits, ids[first:end])
         total -= float(logp.sum())
         count += end - first
     nll = total / count
@@ -134,6 +135,20 @@ def torch_perplexity(model_dir: str | Path, text: str, stride: int | None = None
     return model_perplexity(model, ids, max_length, stride, f"pytorch:{model_dir}")
 
 
+LOGITS_BYTES = 64 << 20  # a PyTorch forward pass takes as many windows as keep its logits within this
+
+
+def _same_length_runs(wins: list, most: int) -> list[list]:
+    """Consecutive windows of one length, at most ``most`` at a time: one forward pass each, no padding."""
+    runs: list[list] = []
+    for w in wins:
+        if runs and len(runs[-1]) < most and runs[-1][0][1] - runs[-1][0][0] == w[1] - w[0]:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
 def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, source: str = "pytorch") -> Perplexity:
     """Perplexity of a PyTorch model already in memory (the training steps score their students with it)."""
     import torch
@@ -143,13 +158,20 @@ def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, sourc
     model.eval()
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 50257)
+    rows = max(1, LOGITS_BYTES // (stride * vocab * 4))  # windows per forward pass (a window scores <= stride tokens)
     with torch.inference_mode():
-        for begin, end, first in wins:
-            chunk = torch.from_numpy(np.ascontiguousarray(ids[begin:end][None]))
-            logits = model(input_ids=chunk).logits[0].float().numpy()
-            logp = _log_softmax_pick(logits[first - begin - 1:end - begin - 1], ids[first:end])
-            total -= float(logp.sum())
-            count += end - first
+        for group in _same_length_runs(wins, rows):
+            chunk = torch.from_numpy(np.stack([ids[begin:end] for begin, end, _ in group]))
+            n, scored = chunk.shape[1], max(end - first for _, end, first in group)
+            # the LM head (GPT-2's and GPT-Neo's lm_head) on the scored positions only: position t
+            # predicts token t + 1, so the scored tokens' logits are rows [n - scored - 1, n - 1)
+            hidden = model.transformer(input_ids=chunk)[0]
+            logits = model.lm_head(hidden[:, n - scored - 1:n - 1]).float().numpy()
+            for (begin, end, first), row in zip(group, logits):
+                logp = _log_softmax_pick(row[scored - (end - first):], ids[first:end])
+                total -= float(logp.sum())
+                count += end - first
     model.train(was_training)
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
