@@ -181,6 +181,18 @@ def test_cli_error_is_one_line(pruned, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_optimum_backend_refuses_a_pruned_model_in_one_sentence(pruned, tmp_path, capsys):
+    """Optimum's exporter builds every layer from config.json's one head count: it cannot load a pruned model."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from edgelm.cli import main
+
+    rc = main(["export", str(pruned["gpt2"][0]), "-o", str(tmp_path / "o"), "--backend", "optimum"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "pruned (heads per layer [2, 1]" in err and "--backend builder" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_runtime_reads_manifests_without_per_layer_heads(pruned):
     """Artifacts written before kv_cache entries had "heads": one count (facts num_heads) for every layer."""
     from edgelm.optimize.evaluate import prompt_feed

@@ -26,6 +26,11 @@ _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 def export_with_optimum(model_dir: Path, facts: ModelFacts, dtype: str, out_dir: Path) -> tuple[dict, dict]:
     """Export with optimum-onnx into ``out_dir``; return the manifest's ``graph`` and ``io`` entries."""
+    if set(facts.layer_heads) != {facts.num_heads} or set(facts.layer_inner) != {facts.inner_size}:
+        raise UnsupportedModelError(
+            f"optimum's exporter builds every layer with {facts.num_heads} heads and an MLP width of "
+            f"{facts.inner_size}, but this model is pruned (heads per layer {list(facts.layer_heads)}, MLP widths "
+            f"{list(facts.layer_inner)}); export it with --backend builder (the default)")
     require("optimum.exporters.onnx", "optimum")
     import torch
 
