@@ -130,6 +130,58 @@ def test_packed_layout_on_pruned_widths(pruned, arch, tmp_path):
     assert [r.token_ids for r in ours] == _hf_greedy(src, PROMPTS, 24)
 
 
+def _int4_weight(graph, node) -> np.ndarray:
+    """The [K, N] float weight a 4-bit MatMulNBits node computes with, unpacked from its initializers."""
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    attrs = {a.name: a.i for a in node.attribute}
+    k, block = attrs["K"], attrs["block_size"]
+    packed, scales, zeros = (init[name] for name in node.input[1:4])
+    n, blocks = scales.reshape(attrs["N"], -1).shape
+    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block)  # low nibble first
+    zero = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    w = (codes.astype(np.float32) - zero[..., None]) * scales.reshape(n, blocks)[..., None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int4_on_pruned_widths(pruned, arch, tmp_path, capsys):
+    """Blocks of 16 over MLP widths 100 and 37 and heads of 16: each MatMulNBits of the int4 artifact,
+    ragged last blocks included, computes x @ its own dequantized weight, and the model generates."""
+    pytest.importorskip("onnxruntime.quantization")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgelm.cli import main
+
+    _, art, _ = pruned[arch]
+    out = tmp_path / "q4"
+    rc = main(["optimize", "quantize", str(art), "-o", str(out), "--mode", "int4-weight", "--block-size", "16",
+               "--max-length", "48", "--stride", "24", "--max-ppl-increase", "25%", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    model = onnx.load(str(out / "model.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 4 * 2 + 1
+    ks = set()
+    for node in nodes:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs["bits"] == 4 and attrs["block_size"] == 16
+        ks.add(attrs["K"])
+        single = helper.make_graph(
+            [helper.make_node("MatMulNBits", ["x", *node.input[1:]], ["y"], domain="com.microsoft",
+                              **{k: v for k, v in attrs.items() if k != "accuracy_level"})], "one",  # fp32 compute
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [t for t in model.graph.initializer if t.name in node.input[1:]])
+        sess = ort.InferenceSession(helper.make_model(single, opset_imports=[helper.make_opsetid("", 17),
+                                    helper.make_opsetid("com.microsoft", 1)]).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(attrs["K"]).standard_normal((3, attrs["K"])).astype(np.float32)
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ _int4_weight(model.graph, node), rtol=1e-4, atol=1e-4)
+    assert {100, 37} <= ks  # the MLP's second projections read the pruned widths
+    result = Generator.load(out).generate(PROMPTS[0], SamplingConfig(max_new_tokens=8, stop_at_eos=False))
+    assert len(result.token_ids) == 8
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_and_pytorch_perplexity_agree(pruned, arch):
     from edgelm.optimize.evaluate import onnx_perplexity, torch_perplexity
