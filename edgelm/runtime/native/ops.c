@@ -235,25 +235,18 @@ static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; 
 static int arity_one(const OrtCustomOp *op) { (void)op; return 1; }
 static int homogeneous(const OrtCustomOp *op) { (void)op; return 1; }
 
-static const OrtCustomOp packed_linear = {
-    .version = API_VERSION,
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = op_float,
-    .GetInputTypeCount = op_seven,
-    .GetOutputType = op_float,
-    .GetOutputTypeCount = op_two,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = input_kind,
-    .GetOutputCharacteristic = output_kind,
-    .GetInputMemoryType = memory_default,
-    .GetVariadicInputMinArity = arity_one,
-    .GetVariadicInputHomogeneity = homogeneous,
-    .GetVariadicOutputMinArity = arity_one,
-    .GetVariadicOutputHomogeneity = homogeneous,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+/* One OrtCustomOp: what differs between edgelm's operators; every other field is the same for all. */
+#define CUSTOM_OP(name, input_type, inputs, outputs, input_kind_fn, output_kind_fn, create, run) {              \
+    .version = API_VERSION, .GetName = name, .GetExecutionProviderType = op_provider,                          \
+    .GetInputType = input_type, .GetInputTypeCount = inputs, .GetOutputType = op_float,                         \
+    .GetOutputTypeCount = outputs, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_kind_fn,    \
+    .GetOutputCharacteristic = output_kind_fn, .GetInputMemoryType = memory_default,                            \
+    .GetVariadicInputMinArity = arity_one, .GetVariadicInputHomogeneity = homogeneous,                          \
+    .GetVariadicOutputMinArity = arity_one, .GetVariadicOutputHomogeneity = homogeneous,                        \
+    .CreateKernelV2 = create, .KernelComputeV2 = run }
+
+static const OrtCustomOp packed_linear =
+    CUSTOM_OP(op_name, op_float, op_seven, op_two, input_kind, output_kind, create_kernel, compute);
 
 /* ---- ai.edgelm.PackedEmbedding ------------------------------------------------------------------ */
 static OrtStatus *embedding_compute(void *kernel, OrtKernelContext *ctx) {
@@ -307,25 +300,8 @@ static int embedding_input_type(const OrtCustomOp *op, size_t i) { (void)op; ret
 static size_t op_two_in(const OrtCustomOp *op) { (void)op; return 2; }
 static size_t op_one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static const OrtCustomOp packed_embedding = {
-    .version = API_VERSION,
-    .GetName = embedding_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = embedding_input_type,
-    .GetInputTypeCount = op_two_in,
-    .GetOutputType = op_float,
-    .GetOutputTypeCount = op_one,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = all_required,
-    .GetOutputCharacteristic = all_required,
-    .GetInputMemoryType = memory_default,
-    .GetVariadicInputMinArity = arity_one,
-    .GetVariadicInputHomogeneity = homogeneous,
-    .GetVariadicOutputMinArity = arity_one,
-    .GetVariadicOutputHomogeneity = homogeneous,
-    .CreateKernelV2 = embedding_create,
-    .KernelComputeV2 = embedding_compute,
-};
+static const OrtCustomOp packed_embedding = CUSTOM_OP(embedding_name, embedding_input_type, op_two_in, op_one,
+                                                     all_required, all_required, embedding_create, embedding_compute);
 
 /* ---- ai.edgelm.CachedAttention ------------------------------------------------------------------ */
 typedef struct {
@@ -455,25 +431,8 @@ static size_t attention_inputs(const OrtCustomOp *op) { (void)op; return 7; }
 static size_t op_three_out(const OrtCustomOp *op) { (void)op; return 3; }
 static int attention_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 3 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
 
-static const OrtCustomOp cached_attention = {
-    .version = API_VERSION,
-    .GetName = attention_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = attention_input_type,
-    .GetInputTypeCount = attention_inputs,
-    .GetOutputType = op_float,
-    .GetOutputTypeCount = op_three_out,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = attention_input_kind,
-    .GetOutputCharacteristic = all_required,
-    .GetInputMemoryType = memory_default,
-    .GetVariadicInputMinArity = arity_one,
-    .GetVariadicInputHomogeneity = homogeneous,
-    .GetVariadicOutputMinArity = arity_one,
-    .GetVariadicOutputHomogeneity = homogeneous,
-    .CreateKernelV2 = attention_create,
-    .KernelComputeV2 = attention_compute,
-};
+static const OrtCustomOp cached_attention = CUSTOM_OP(attention_name, attention_input_type, attention_inputs, op_three_out,
+                                                     attention_input_kind, all_required, attention_create, attention_compute);
 
 EDGELM_EXPORT
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
