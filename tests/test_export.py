@@ -363,6 +363,13 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     assert weights.keys() == expected.keys()
     assert all(np.array_equal(weights[k], expected[k]) for k in expected)
     assert [o.domain for o in model.opset_import] == [o.domain for o in reference.opset_import]
+    # a packed export from before PackedEmbedding (its lookup was nine nodes) is refused, not half turned
+    from edgelm.errors import UnsupportedModelError
+
+    older = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    older.graph.node[0].name = "/model/embed_tokens/GatherLane"
+    with pytest.raises(UnsupportedModelError, match="older edgelm .* export it again"):
+        packed_to_matmul(older)
 
 
 def test_packed_layout_with_an_untied_lm_head(tmp_path):
