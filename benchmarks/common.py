@@ -55,3 +55,33 @@ def commit(*paths: str) -> str:
     except OSError:
         return "unknown"
     return head + ("+modified" if dirty else "")
+
+
+def interleaved_decode_rounds(gens: dict, rounds: int, new_tokens: int = 33, warmup_tokens: int = 4) -> dict:
+    """Decode tokens per second of each edgelm Generator in ``gens`` ({name: generator}), ``rounds``
+    times, the generators in a fresh shuffled order each round: the same 32 random prompt tokens,
+    greedy, EOS ignored, after one warm-up generation each. Returns {name: [tok/s per round]}."""
+    import numpy as np
+
+    from edgelm.runtime import SamplingConfig
+
+    names = list(gens)
+    prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
+    cfg = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    for g in gens.values():
+        g.generate(prompt, SamplingConfig(max_new_tokens=warmup_tokens, stop_at_eos=False))
+    rng = np.random.default_rng(1)
+    rates: dict = {name: [] for name in names}
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)):
+            rates[names[i]].append(gens[names[i]].generate(prompt, cfg).timings["decode_tokens_per_s"])
+    return rates
+
+
+def per_round_ratio(rates: dict, base: str, other: str) -> dict:
+    """rates[other] / rates[base] round by round: median, quartiles and the rounds ``other`` won."""
+    import numpy as np
+
+    ratio = np.array(rates[other]) / np.array(rates[base])
+    return {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
+            "q75": float(np.quantile(ratio, 0.75)), f"rounds_{other}_faster": int((ratio > 1).sum())}

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, commit, machine, versions  # noqa: E402
+from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import cached_artifact  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         p.error(f"--layouts takes two different layouts, as A,B (with --baseline, a --label other than B); got {args.layouts!r}")
     base, other = layouts
 
-    from edgelm.runtime import Generator, SamplingConfig
+    from edgelm.runtime import Generator
 
     model_dir = CACHE / args.model
     ensure_model_folder(MODELS[args.model][1], model_dir)
@@ -100,26 +100,15 @@ def main(argv=None) -> int:
     if not args.separate_pages:
         folders[other], shared = _sharing_pages(folders[base], folders[other])
     gens = {layout: Generator.load(folders[layout]) for layout in layouts}
-    prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
-    for g in gens.values():
-        g.generate(prompt, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
-    rng = np.random.default_rng(1)
-    rates = {k: [] for k in layouts}
     started = time.time()
-    for r in range(args.rounds):
-        for i in rng.permutation(len(layouts)):
-            layout = layouts[i]
-            rates[layout].append(gens[layout].generate(prompt, cfg).timings["decode_tokens_per_s"])
-    ratio = np.array(rates[other]) / np.array(rates[base])
+    rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
     result = {
         "model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "seconds": round(time.time() - started),
         "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
         "baseline_artifact": str(args.baseline) if args.baseline else None, "weights_share_pages": shared,
         "decode_tokens_per_s": rates,
         "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
-        f"{other}_over_{base}": {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
-                                 "q75": float(np.quantile(ratio, 0.75)), f"rounds_{other}_faster": int((ratio > 1).sum())},
+        f"{other}_over_{base}": per_round_ratio(rates, base, other),
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if args.layouts == DEFAULT_LAYOUTS and not args.baseline else f"-{other}-{base}"

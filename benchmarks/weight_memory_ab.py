@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, commit, machine, versions  # noqa: E402
+from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import CACHE, cached_artifact  # noqa: E402
@@ -76,7 +76,7 @@ def anon_huge_kb() -> int:
 
 
 def rounds_once(art: Path, order: list[str], rounds: int, hugepages: bool) -> dict:
-    from edgelm.runtime import Generator, SamplingConfig
+    from edgelm.runtime import Generator
 
     gens, keep = {}, []
     for kind in order:
@@ -85,20 +85,10 @@ def rounds_once(art: Path, order: list[str], rounds: int, hugepages: bool) -> di
             g.art.session, held = copied_session(art, hugepages)
             keep.append(held)
         gens[kind] = g
-    prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
-    cfg = SamplingConfig(max_new_tokens=33, stop_at_eos=False)
-    for g in gens.values():
-        g.generate(prompt, cfg)
-    huge_kb = anon_huge_kb()
-    rng = np.random.default_rng(1)
-    rates = {k: [] for k in order}
-    for _ in range(rounds):
-        for i in rng.permutation(len(order)):
-            rates[order[i]].append(gens[order[i]].generate(prompt, cfg).timings["decode_tokens_per_s"])
-    ratio = np.array(rates["copied"]) / np.array(rates["mapped"])
+    huge_kb = anon_huge_kb()  # the read into the copied buffer has faulted all of it in
+    rates = interleaved_decode_rounds(gens, rounds, warmup_tokens=33)
     return {"load_order": order, "anon_huge_pages_kb": huge_kb, "decode_tokens_per_s": rates,
-            "copied_over_mapped": {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
-                                   "q75": float(np.quantile(ratio, 0.75)), "rounds_copied_faster": int((ratio > 1).sum())}}
+            "copied_over_mapped": per_round_ratio(rates, "mapped", "copied")}
 
 
 def main(argv=None) -> int:
