@@ -158,7 +158,7 @@ def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, sourc
     model.eval()
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
-    vocab = int(getattr(model.config, "vocab_size", 0) or 50257)
+    vocab = int(model.config.vocab_size)
     rows = max(1, LOGITS_BYTES // (stride * vocab * 4))  # windows per forward pass (a window scores <= stride tokens)
     with torch.inference_mode():
         for group in _same_length_runs(wins, rows):
