@@ -1,16 +1,17 @@
-"""Decode speed with the weights where ONNX Runtime puts them (its mapping of model.onnx.data) against
-the same bytes copied into the process's own anonymous memory, in interleaved rounds.
+"""Decode speed of a packed artifact with its weights in ONNX Runtime's mapping of model.onnx.data
+against the same bytes in the process's own memory, in interleaved rounds.
 
     .venv/bin/python benchmarks/weight_memory_ab.py --model gpt2 --rounds 30 [--hugepages]
 
-A lead for the memory-bandwidth ceiling, not a runtime feature yet: ONNX Runtime maps each external
-initializer from the page cache (4 KB pages of a file), and where those pages lie moves decode speed
-by a few percent (benchmarks/layout_ab.py --separate-pages). Here the "copied" session gets every
-external initializer through SessionOptions.add_external_initializers, as numpy views of one
-anonymous buffer read from the same file (2 MB aligned; --hugepages asks for transparent huge pages
-with madvise, and the result records how many the kernel gave). Both sessions run the same packed
-artifact; the script runs the rounds twice, loading "mapped" first and then "copied" first, since the
-first loaded session can differ. Writes results/weight_memory_ab-MODEL.json.
+The runtime's `--weights` option (edgelm.runtime.artifact.WEIGHT_PLACEMENTS): "mapped" (the default)
+lets ONNX Runtime map each external initializer from the page cache (4 KB pages of a file); "memory"
+hands it the file's bytes, which it copies into its own memory while it builds the session.
+With --hugepages a third session, "huge", gets every external initializer through
+SessionOptions.add_external_initializers as numpy views of one private anonymous buffer, 2 MB
+aligned, with transparent huge pages asked for by madvise (the result records how many the kernel
+gave): whether huge pages add to the copy. Every session runs the same artifact; the script runs the
+rounds twice, the sessions loaded in opposite orders, since the first loaded session can differ.
+Writes results/weight_memory_ab-MODEL.json.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from runtime_bench import CACHE, cached_artifact  # noqa: E402
 ALIGN = 2 << 20
 
 
-def copied_session(art: Path, hugepages: bool):
-    """An ONNX Runtime session of ``art`` whose external weights live in one anonymous buffer; the buffer
-    and its OrtValues (which must outlive the session) come back with it."""
+def huge_session(art: Path):
+    """An ONNX Runtime session of ``art`` whose external weights live in one private anonymous buffer
+    of transparent huge pages (a MAP_SHARED one would be shmem, which madvise does not give huge
+    pages); the buffer and its OrtValues (which must outlive the session) come back with it."""
     import onnx
     import onnxruntime as ort
 
@@ -47,9 +49,8 @@ def copied_session(art: Path, hugepages: bool):
 
     data = art / "model.onnx.data"
     size = data.stat().st_size
-    buf = mmap.mmap(-1, size + ALIGN)
-    if hugepages:
-        buf.madvise(mmap.MADV_HUGEPAGE)
+    buf = mmap.mmap(-1, size + ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(buf, dtype=np.uint8)
     base = (-raw.ctypes.data) % ALIGN
     with open(data, "rb") as f:
@@ -75,43 +76,46 @@ def anon_huge_kb() -> int:
     return 0
 
 
-def rounds_once(art: Path, order: list[str], rounds: int, hugepages: bool) -> dict:
+def rounds_once(art: Path, order: list[str], rounds: int) -> dict:
     from edgelm.runtime import Generator
 
     gens, keep = {}, []
     for kind in order:
-        g = Generator.load(art)
-        if kind == "copied":
-            g.art.session, held = copied_session(art, hugepages)
+        g = Generator.load(art, weights="memory" if kind == "memory" else "mapped")  # "huge" replaces its session
+        if kind == "huge":
+            g.art.session, held = huge_session(art)
             keep.append(held)
         gens[kind] = g
-    huge_kb = anon_huge_kb()  # the read into the copied buffer has faulted all of it in
+    huge_kb = anon_huge_kb()  # the read into the huge buffer has faulted all of it in
     rates = interleaved_decode_rounds(gens, rounds, warmup_tokens=33)
     return {"load_order": order, "anon_huge_pages_kb": huge_kb, "decode_tokens_per_s": rates,
-            "copied_over_mapped": per_round_ratio(rates, "mapped", "copied")}
+            **{f"{kind}_over_mapped": per_round_ratio(rates, "mapped", kind) for kind in order if kind != "mapped"}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2", choices=sorted(MODELS))
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--hugepages", action="store_true", help="madvise(MADV_HUGEPAGE) on the copied weights")
+    p.add_argument("--hugepages", action="store_true",
+                   help="a third session: the weights in a buffer of transparent huge pages (madvise)")
     args = p.parse_args(argv)
     model_dir = CACHE / args.model
     ensure_model_folder(MODELS[args.model][1], model_dir)
     art = cached_artifact(model_dir, args.model, "packed")
     started = time.time()
-    runs = [rounds_once(art, order, args.rounds, args.hugepages) for order in (["mapped", "copied"], ["copied", "mapped"])]
+    kinds = ["mapped", "memory"] + (["huge"] if args.hugepages else [])
+    runs = [rounds_once(art, order, args.rounds) for order in (kinds, kinds[::-1])]
     result = {"model": args.model, "rounds": args.rounds, "hugepages": args.hugepages, "seconds": round(time.time() - started),
               "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
               "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"weight_memory_ab-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
     for run in runs:
-        c = run["copied_over_mapped"]
-        print(f"{args.model}, loaded {' then '.join(run['load_order'])}: copied/mapped per round median {c['median']:.3f} "
-              f"(quartiles {c['q25']:.3f}-{c['q75']:.3f}), copied faster in {c['rounds_copied_faster']} of {args.rounds}; "
-              f"anonymous huge pages {run['anon_huge_pages_kb']} kB")
+        for kind in kinds[1:]:
+            c = run[f"{kind}_over_mapped"]
+            print(f"{args.model}, loaded {' then '.join(run['load_order'])}: {kind}/mapped per round median {c['median']:.3f} "
+                  f"(quartiles {c['q25']:.3f}-{c['q75']:.3f}), {kind} faster in {c[f'rounds_{kind}_faster']} of {args.rounds}")
+        print(f"  anonymous huge pages: {run['anon_huge_pages_kb']} kB")
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,14 +54,15 @@ def test_left_padded_batch_matches_transformers(embedded_artifact, name):
 
 @pytest.fixture(scope="module")
 def packed_artifact(tmp_path_factory):
-    """{name: artifact} of the embedded models in the packed linear layout (edgelm's own operator)."""
+    """{name: artifact} of the embedded models in the packed linear layout (edgelm's own operator), their
+    weights in an external data file as a large model's are."""
     from edgelm.export import export_model
     from edgelm.runtime import native
 
     if native.library_path() is None:
         pytest.skip("edgelm's operator library is not built")
     root = tmp_path_factory.mktemp("packed")
-    return {name: export_model(str(d), root / name, progress=False, linear_layout="packed") and root / name
+    return {name: export_model(str(d), root / name, progress=False, linear_layout="packed", external_data=True) and root / name
             for name, d in EMBEDDED_MODELS.items()}
 
 
@@ -77,6 +79,32 @@ def test_packed_layout_matches_transformers(packed_artifact, name):
 def test_packed_layout_runs_on_the_cpu_only(packed_artifact):
     with pytest.raises(InputError, match="packed linear layout, whose operator runs on the CPU only"):
         Generator.load(packed_artifact["gpt2"], provider="cuda")
+
+
+def _maps_file(path) -> bool:
+    """Whether this process has ``path`` mapped (Linux)."""
+    target = str(Path(path).resolve())
+    return any(line.rstrip("\n").endswith(target) for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_packed_weights_in_memory_or_mapped(packed_artifact):
+    """By default a packed artifact's weights stay in ONNX Runtime's mapping of its data file; with
+    weights="memory" they are copied at load and the file is not mapped once the session exists. Same tokens."""
+    art = packed_artifact["gpt2"]
+    data = art / "model.onnx.data"
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    in_memory = Generator.load(art, weights="memory")
+    assert not _maps_file(data)
+    mapped = Generator.load(art)
+    assert _maps_file(data)
+    expected = mapped.generate(PROMPTS[0], cfg).token_ids
+    assert in_memory.generate(PROMPTS[0], cfg).token_ids == expected
+    r = _cli("generate", str(art), PROMPTS[0], "-n", "12", "--ignore-eos", "--json", "--weights", "memory")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == expected
+    with pytest.raises(InputError, match="weights 'disk' is unknown; choose one of mapped, memory"):
+        Generator.load(art, weights="disk")
 
 
 def test_tiny_models_match_transformers(tiny_artifact, tiny_model_dir):

@@ -6,6 +6,7 @@ Imports only onnxruntime, numpy and tokenizers (a test pins that torch and trans
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from ..manifest import read_manifest
 from . import native
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Where a packed artifact's weights live while it runs (other layouts: ONNX Runtime copies them into
+# its own prepacked buffers whichever is chosen):
+# - mapped: ONNX Runtime maps the data file; the load reads nothing (gpt2-xl opens in 0.2 s) and
+#   processes share the page cache
+# - memory: the file's bytes handed to ONNX Runtime, which copies them into its own memory at load;
+#   for long-running processes: decode 0.996x-1.045x the mapping per round here
+#   (benchmarks/weight_memory_ab.py, results/weight_memory_ab-gpt2.json)
+WEIGHT_PLACEMENTS = ("mapped", "memory")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -93,7 +102,11 @@ class Artifact:
         return self.manifest["tokenizer"].get("eos_token_id")
 
 
-def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None) -> Artifact:
+def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None,
+                  weights: str = "mapped") -> Artifact:
+    """``weights``: where a packed artifact's weights live, "mapped" or "memory" (WEIGHT_PLACEMENTS)."""
+    if weights not in WEIGHT_PLACEMENTS:
+        raise InputError(f"weights '{weights}' is unknown; choose one of {', '.join(WEIGHT_PLACEMENTS)}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     packed = manifest["graph"].get("linear_layout") == "packed"
@@ -109,8 +122,11 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
         opts.intra_op_num_threads = threads
     if packed:
         native.register(opts)
+    data_name = manifest["graph"].get("external_data")
+    in_memory = packed and weights == "memory" and data_name and (folder / data_name).is_file()
     try:
-        session = ort.InferenceSession(str(folder / manifest["graph"]["file"]), opts, providers=[provider_name])
+        session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
+                           folder / data_name if in_memory else None)
     except Exception as exc:
         raise ArtifactError(f"ONNX Runtime cannot load {folder / manifest['graph']['file']}: "
                             f"{str(exc).splitlines()[0][:300]}") from None
@@ -120,6 +136,18 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
         raise ArtifactError(f"{folder}: the graph's inputs differ from its manifest ({sorted(graph_inputs ^ listed)[:4]}); "
                             "export the model again")
     return Artifact(folder, manifest, session, provider, Tokenizer(folder))
+
+
+def _session(ort, graph: Path, opts, provider_name: str, data: Path | None):
+    """An ONNX Runtime session of ``graph``; with ``data`` (its external data file), the weights are
+    handed over from a read-only mapping of that file, which ONNX Runtime copies into its own
+    memory while it builds the session, and the mapping is closed again."""
+    if data is None:
+        return ort.InferenceSession(str(graph), opts, providers=[provider_name])
+    with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with memoryview(mapped) as view:
+            opts.add_external_initializers_from_files_in_memory([data.name], [view], [len(view)])
+            return ort.InferenceSession(str(graph), opts, providers=[provider_name])
 
 
 def read_generation_defaults(folder: Path) -> dict:

@@ -25,6 +25,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--context-policy", choices=["error", "truncate"], default="error",
                    help="when prompt + new tokens exceed the context: fail (default) or drop the prompt's start")
+    p.add_argument("--weights", choices=["mapped", "memory"], default="mapped",
+                   help="a packed artifact's weights: mapped from its file (default: instant load, pages shared "
+                        "between processes) or copied into memory at load (for long-running processes)")
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
 
     cfg = sampling_from_args(args)
-    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy)
+    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights)
     meter = None
     if args.energy:
         from ..bench.energy import Meter

@@ -132,8 +132,9 @@ class Generator:
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-             context_policy: str = "error") -> "Generator":
-        return cls(load_artifact(folder, provider, threads), context_policy)
+             context_policy: str = "error", weights: str = "mapped") -> "Generator":
+        """``weights``: "mapped" or "memory", where a packed artifact's weights live (artifact.WEIGHT_PLACEMENTS)."""
+        return cls(load_artifact(folder, provider, threads, weights), context_policy)
 
     @property
     def tokenizer(self):

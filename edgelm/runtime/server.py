@@ -365,7 +365,7 @@ class _HTTPServer(ThreadingHTTPServer):
 def serve(args) -> int:
     from pathlib import Path
 
-    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy)
+    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights)
     model_name = args.model_name or Path(args.artifact).resolve().name
     metrics = Metrics()
     from ..bench.energy import RunningEnergy
