@@ -13,7 +13,7 @@ import pytest
 from edgelm.errors import OutputExistsError, UnsupportedModelError, ValidationError
 from edgelm.export import ARCHITECTURES, export_model
 from edgelm.manifest import read_manifest
-from fixtures import TINY_CONFIGS, make_tiny_model
+from fixtures import TINY_CONFIGS, make_tiny_model, prompt_feeds
 
 ARCHS = sorted(TINY_CONFIGS)
 
@@ -274,17 +274,6 @@ def test_untied_lm_head_exports(tmp_path):
 
 
 # -- linear layout: 1x1 Conv (default fp32) and MatMul ---------------------------------------------
-def _prompt_feeds(manifest: dict, ids: np.ndarray) -> dict:
-    """A prompt of ids (B, S) with empty caches (window caches of capacity 8), logits at every position."""
-    b, t = ids.shape
-    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
-             "attention_mask": np.ones((b, t), dtype=np.int64), "num_logits_to_keep": np.array(t, dtype=np.int64)}
-    for e in manifest["io"]["kv_cache"]:
-        for name in (e["past_key"], e["past_value"]):
-            feeds[name] = np.zeros((b, e["heads"], 0 if e["kind"] == "full" else 8, e["head_size"]), np.float32)
-    return feeds
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_model_dir, tmp_path, arch):
     """The default fp32 graph has its projections as 1x1 Conv; turned back, it is the MatMul export."""
@@ -310,7 +299,7 @@ def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_mod
     assert all(np.array_equal(weights[k], expected[k]) for k in expected)
 
     # and the two graphs compute the same logits (prompt of 5 tokens, batch 2, no cache yet)
-    feeds = _prompt_feeds(conv, np.arange(10, dtype=np.int64).reshape(2, 5) + 3)
+    feeds = prompt_feeds(conv, np.arange(10, dtype=np.int64).reshape(2, 5) + 3)
     outs = [ort.InferenceSession(str(a / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
             for a in (tiny_artifact[arch], tmp_path / "mm")]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
@@ -343,7 +332,7 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     assert m["graph"]["weight_bytes"] >= mm["graph"]["weight_bytes"]  # panels pad N up to a multiple of 16
     assert m["graph"]["weight_bytes"] < mm["graph"]["weight_bytes"] * 1.05  # and the table is stored once
 
-    feeds = _prompt_feeds(m, np.array([[3, 17, 40, 2, 9], [1, 1, 5, 6, 7]], np.int64))
+    feeds = prompt_feeds(m, np.array([[3, 17, 40, 2, 9], [1, 1, 5, 6, 7]], np.int64))
     opts = ort.SessionOptions()
     native.register(opts)
     packed = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), opts, providers=["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ from edgelm.export import export_model, resolve
 from edgelm.export.embedded import ASSETS
 from edgelm.export.torch_model import apply_layer_shapes, load_torch_model
 from edgelm.runtime import Generator, SamplingConfig
-from fixtures import TINY_CONFIGS, make_pruned_tiny_model
+from fixtures import TINY_CONFIGS, make_pruned_tiny_model, prompt_feeds
 
 ARCHS = sorted(TINY_CONFIGS)
 # Three heads of 16 in the unpruned config, so that the two layers really differ: 2 heads and 1.
@@ -178,6 +178,40 @@ def test_int4_on_pruned_widths(pruned, arch, tmp_path, capsys):
         x = np.random.default_rng(attrs["K"]).standard_normal((3, attrs["K"])).astype(np.float32)
         np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ _int4_weight(model.graph, node), rtol=1e-4, atol=1e-4)
     assert {100, 37} <= ks  # the MLP's second projections read the pruned widths
+    result = Generator.load(out).generate(PROMPTS[0], SamplingConfig(max_new_tokens=8, stop_at_eos=False))
+    assert len(result.token_ids) == 8
+
+
+INT8_OPS = {"int8-weight": "MatMulNBits", "int8-dynamic": "MatMulInteger", "int8-static": "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("mode", sorted(INT8_OPS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_modes_on_pruned_widths(pruned, arch, mode, tmp_path, capsys):
+    """Each int8 mode on MLP widths 100 and 37 and 1-2 heads: every projection and the head quantized
+    (one quantized operator each), logits within int8's error of the fp32 artifact's, and it generates."""
+    pytest.importorskip("onnxruntime.quantization")
+    import onnxruntime as ort
+
+    from edgelm.cli import main
+
+    _, art, manifest = pruned[arch]
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / mode
+    rc = main(["optimize", "quantize", str(art), "-o", str(out), "--mode", mode, "--block-size", "16",
+               "--eval-text", str(text), "--calib-text", str(text), "--calib-windows", "4", "--calib-length", "48",
+               "--max-length", "48", "--stride", "24", "--max-ppl-increase", "25%", "--new-tokens", "8",
+               "--repeats", "1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count(INT8_OPS[mode]) == 4 * 2 + 1
+    feeds = prompt_feeds(manifest, np.array([[464, 3290, 286, 262, 1748, 373]], np.int64))
+    ref, got = (ort.InferenceSession(str(a / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+                for a in (art, out))
+    cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cosine.min() > 0.99, cosine  # a wrong width or scale would leave nothing of the logits
+    assert np.abs(got - ref).max() > 0  # and they are quantized, not the fp32 weights
     result = Generator.load(out).generate(PROMPTS[0], SamplingConfig(max_new_tokens=8, stop_at_eos=False))
     assert len(result.token_ids) == 8
 
