@@ -154,9 +154,47 @@ def test_top_k_top_p_and_repetition_penalty_semantics():
     assert draws == {0, 1}
     draws = {int(next_tokens(logits, SamplingConfig(greedy=False, top_p=0.7), rng)[0]) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    # draws follow the renormalised probabilities of what is kept (4000 draws: 3 sigma < 0.025)
+    batch = np.repeat(logits, 4000, axis=0)
+    for cfg, expected in ((SamplingConfig(greedy=False), [0.5, 0.3, 0.15, 0.05]),
+                          (SamplingConfig(greedy=False, top_k=3), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+                          (SamplingConfig(greedy=False, top_p=0.9), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])):
+        freq = np.bincount(next_tokens(batch, cfg, rng), minlength=4) / len(batch)
+        np.testing.assert_allclose(freq, expected, atol=0.025)
     seen = np.array([[True, False, False, False]])
     pos = np.array([[2.0, 1.5, 0.0, -1.0]], dtype=np.float32)
     assert next_tokens(pos, SamplingConfig(repetition_penalty=2.0), None, seen)[0] == 1  # 2.0 / 2 < 1.5
+
+
+def _nucleus_by_full_sort(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The top-p set of one row from a stable sort of the whole vocabulary (the definition)."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits[order] - logits[order[0]])
+    probs /= probs.sum()
+    cumulative = np.cumsum(probs)
+    return np.sort(order[~(cumulative - probs >= top_p)])
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99, 0.999999])
+def test_top_p_sorts_only_the_candidates_it_needs(top_p):
+    """nucleus_only keeps exactly the set a sort of all 50257 logits keeps: peaked and flat rows
+    (a flat row needs more than the first 256 candidates), ties at the cut, -inf from top-k."""
+    from edgelm.runtime.sampling import NUCLEUS_CANDIDATES, nucleus_only
+
+    rng = np.random.default_rng(3)
+    peaked = rng.standard_normal(50257).astype(np.float32) * 4
+    flat = rng.standard_normal(50257).astype(np.float32) * 0.1
+    tied = np.round(rng.standard_normal(50257) * 2).astype(np.float32)  # a few values, each many times
+    topk = peaked.copy()
+    topk[topk < np.partition(topk, -40)[-40]] = -np.inf
+    for row in (peaked, flat, tied, topk, np.zeros(7, np.float32)):
+        got = row.copy()
+        nucleus_only(got, top_p)
+        assert np.array_equal(np.flatnonzero(np.isfinite(got)), _nucleus_by_full_sort(row, top_p))
+        assert np.array_equal(got[np.isfinite(got)], row[np.isfinite(got)])
+    got = flat.copy()
+    nucleus_only(got, 0.9)
+    assert np.isfinite(got).sum() > NUCLEUS_CANDIDATES  # the flat row did need more
 
 
 def test_stop_strings_and_streaming_agree(embedded_artifact):

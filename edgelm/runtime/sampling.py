@@ -68,21 +68,62 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
         return logits.argmax(axis=-1).astype(np.int64)
     logits /= cfg.temperature
     vocab = logits.shape[-1]
-    if 0 < cfg.top_k < vocab:
-        kth = np.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
-        logits[logits < kth] = -np.inf
-    if cfg.top_p < 1.0:
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        probs = _softmax(sorted_logits)
-        cumulative = np.cumsum(probs, axis=-1)
-        remove = cumulative - probs >= cfg.top_p  # keep the smallest prefix reaching top_p (at least one)
-        sorted_logits[remove] = -np.inf
-        np.put_along_axis(logits, order, sorted_logits, axis=-1)
-    probs = _softmax(logits)
     rng = rng or np.random.default_rng()
-    u = rng.random((probs.shape[0], 1))
-    return (probs.cumsum(axis=-1) < u).sum(axis=-1).clip(max=vocab - 1).astype(np.int64)
+    u = rng.random(logits.shape[0])
+    tokens = np.empty(logits.shape[0], dtype=np.int64)
+    for b, row in enumerate(logits):
+        ids = None  # the tokens still drawable, ascending (None: every token)
+        if 0 < cfg.top_k < vocab:  # the k most likely and every token tied with the k-th
+            ids = np.flatnonzero(row >= np.partition(row, vocab - cfg.top_k)[vocab - cfg.top_k])
+            row = row[ids]
+        if cfg.top_p < 1.0:
+            nucleus_only(row, cfg.top_p)  # in place: row is this step's copy or the top-k subset
+            finite = np.flatnonzero(row > -np.inf)
+            ids, row = (finite if ids is None else ids[finite]), row[finite]
+        # the draw: the first token whose cumulative probability passes u (ids ascending, so the
+        # same token a draw over the whole vocabulary with the others at probability 0 picks)
+        cumulative = np.cumsum(_softmax(row))
+        pick = min(int(np.count_nonzero(cumulative < u[b])), len(row) - 1)
+        tokens[b] = pick if ids is None else ids[pick]
+    return tokens
+
+
+NUCLEUS_CANDIDATES = 256  # the fewest most likely tokens sorted when looking for the top-p set
+
+
+def nucleus_only(logits: np.ndarray, top_p: float) -> None:
+    """In place, one row (V,): -inf outside the smallest set of most likely tokens whose probabilities
+    reach ``top_p`` (at least one token), tokens ordered by logit and then by index.
+
+    Sorting the whole vocabulary every step (50257 logits) cost more than the rest of a step's
+    sampling (benchmarks/sampling_speed.py). Instead one partition finds the logits of rank 256, 512,
+    1024, ... and only the tokens down to the first of them whose tokens hold ``top_p`` of the
+    probability are sorted (every token tied with that logit included).
+    """
+    vocab = logits.shape[0]
+    live = int(np.count_nonzero(logits > -np.inf))  # top-k may have left only a few
+    if live == 0:
+        return
+    probs = _softmax(logits)
+    ranks = []
+    while not ranks or ranks[-1] < live:
+        ranks.append(min(NUCLEUS_CANDIDATES << len(ranks), live))
+    ranked = np.partition(logits, [vocab - r for r in ranks])  # the rank-r logit at vocab - r
+    for r in ranks:
+        threshold = ranked[vocab - r]
+        within = logits >= threshold
+        if r < live and probs[within].sum() < top_p:
+            continue
+        candidates = np.flatnonzero(within)  # ascending ids: ties keep id order below
+        order = candidates[np.argsort(-logits[candidates], kind="stable")]
+        kept = probs[order]
+        cumulative = np.cumsum(kept)
+        if cumulative[-1] >= top_p or r == live:  # (the sum in sorted order decides)
+            break
+    keep = order[~(cumulative - kept >= top_p)]  # the prefix before the sum reaches top_p, and that token
+    mask = np.ones(vocab, dtype=bool)
+    mask[keep] = False
+    logits[mask] = -np.inf
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
