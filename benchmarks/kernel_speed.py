@@ -1,6 +1,6 @@
 """Speed of edgelm's linear kernel per instruction set: decode (1 row), a batch (8) and a prompt (32).
 
-    .venv/bin/python benchmarks/kernel_speed.py [--library OTHER.so --label NAME] [--rounds 7]
+    .venv/bin/python benchmarks/kernel_speed.py [--library OTHER.so --label NAME] [--rounds 7] [--out STEM]
 
 Times edgelm_linear on GPT-2's MLP shape (K 768, N 3072, 9.4 MB of panels) over enough copies of the
 weights to pass 1 GB per timing, so every weight comes from memory as in a decode step; all cores,
@@ -11,8 +11,9 @@ commit's) runs in the same processes, the two alternating timing by timing, so a
 is measured against the code before it in the same seconds. A previous commit's library:
     mkdir /tmp/prev && for f in ops.c kernels.c attention.c kernels.h ort_abi.h; do
       git show REV:edgelm/runtime/native/$f > /tmp/prev/$f; done
-    gcc -O3 -fvisibility=hidden -std=c11 -shared -fPIC -o /tmp/prev/prev.so /tmp/prev/*.c -lm The read bandwidth is measured
-between rounds (edgelm.bench.machine.measure_bandwidth). Writes results/kernel_speed.json and .md.
+    gcc -O3 -fvisibility=hidden -std=c11 -shared -fPIC -o /tmp/prev/prev.so /tmp/prev/*.c -lm
+The read bandwidth is measured between rounds (edgelm.bench.machine.measure_bandwidth). Writes results/STEM.json and .md (default
+kernel_speed; name a run that a document cites, so a later run does not replace it).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="other", help="its name in the results")
     p.add_argument("--rounds", type=int, default=7, help="timings per process (median taken)")
     p.add_argument("--repeats", type=int, default=3, help="processes per library and instruction set, alternating")
+    p.add_argument("--out", default="kernel_speed", help="results/OUT.json and .md (default kernel_speed)")
     p.add_argument("--child-library", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_library:
@@ -126,9 +128,9 @@ def main(argv=None) -> int:
               "machine": machine(), "versions": versions(), "commit": commit(), "shape": {"k": K, "n": N},
               "weight_bytes_per_timing": nbytes, "bandwidth_gbps": bandwidths, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernel_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = _markdown(result, args.label if args.library else None)
-    (RESULTS / "kernel_speed.md").write_text(text)
+    (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     return 0
 

@@ -50,7 +50,7 @@ def test_kernel_matches_numpy():
         w = rng.standard_normal((k, n)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
         packed = native.pack_panels(w)
-        for m in (1, 2, 3, 4, 5, 6, 9):  # 4-row blocks and every remainder
+        for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13):  # 4- and 6-row blocks and every remainder
             x = rng.standard_normal((m, k)).astype(np.float32)
             np.testing.assert_allclose(_linear(x, packed, b, n), x @ w + b, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(_linear(x, packed, None, n), x @ w, rtol=1e-4, atol=1e-4)

@@ -57,7 +57,7 @@
  * every block of the batch, not only the first (a prefetch the full miss queue dropped is asked
  * again; that drew more than the first block alone). Up to AHEAD_ROWS rows: a longer prompt is bound
  * by its arithmetic, not by memory. benchmarks/kernel_speed.py against the build without it: 8 rows
- * 1.18x (AVX2) and 1.05x (generic), 1 and 32 rows unchanged (results/kernel_speed.md). */
+ * 1.18x (AVX2) and 1.05x (generic), 1 and 32 rows unchanged (results/kernel_speed-batch-prefetch.md). */
 #define AHEAD_ROWS 8
 #define AHEAD(wp, k, i) __builtin_prefetch((wp) + ((k) + (i)) * EDGELM_PANEL, 0, 2)
 
@@ -281,17 +281,18 @@ static double read_avx512(const float *x, size_t n) {
 }
 
 /* ---- AVX2: a panel row is two ymm ------------------------------------------------------------ */
-/* `rows` rows of x (at most 4; a constant at each call) against one panel: each weight load serves
- * every row, 8 ymm of sums; the block sums are added into totals kept on the stack (L1). */
+/* `rows` rows of x (at most 6; a constant at each call) against one panel: each weight load serves
+ * every row, 2 rows ymm of sums (12 at 6 rows, with 2 of weights and a broadcast: 15 of the 16
+ * registers); the block sums are added into totals kept on the stack (L1). */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void block_avx2(const float *xr, size_t k, const float *wp, const float *b, size_t lanes,
                               float *y, size_t n, int rows, int ahead) {
-    float total[4][EDGELM_PANEL];
+    float total[6][EDGELM_PANEL];
     for (int j = 0; j < rows; j++)
         for (int l = 0; l < EDGELM_PANEL; l++) total[j][l] = b && (size_t)l < lanes ? b[l] : 0.0f;
     for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
         size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
-        __m256 lo[4], hi[4];
+        __m256 lo[6], hi[6];
         for (int j = 0; j < rows; j++) lo[j] = hi[j] = _mm256_setzero_ps();
         for (size_t i = i0; i < i1; i++) {
             if (ahead) AHEAD(wp, k, i);
@@ -311,12 +312,36 @@ static inline void block_avx2(const float *xr, size_t k, const float *wp, const 
         for (size_t l = 0; l < lanes; l++) y[j * n + l] = total[j][l];
 }
 
-/* One panel for m > 1 rows (a prompt, a batch): blocks of 4 rows, then the rest; the panel stays in
- * L1/L2 from one block to the next, so memory is read once. */
+/* Blocks of rows over one panel for AVX2: 6 rows a block (an FMA's result is ready some 4-5 cycles
+ * after it starts, two start a cycle: the 8 independent sums of 4 rows leave the FMA units idle part
+ * of the time, the 12 of 6 rows do not), except that 7 and 8 rows go as 4 + the rest (two short
+ * blocks take less time than 6 + 1 or 6 + 2). `ahead` a constant, as in ROW_BLOCKS. 32 rows: 1.08x
+ * the 4-row blocks (benchmarks/kernel_speed.py, results/kernel_speed-six-rows.md). */
+#define SIX_ROW_BLOCKS(ahead)                                                                          \
+    do {                                                                                               \
+        for (size_t r = 0; r < m;) {                                                                   \
+            size_t left = m - r, take = left == 7 || left == 8 ? 4 : left < 6 ? left : 6;              \
+            const float *xr = x + r * k;                                                               \
+            float *yr = y + r * n;                                                                     \
+            switch (take) {                                                                            \
+                case 6: block_avx2(xr, k, wp, b, lanes, yr, n, 6, ahead); break;                       \
+                case 5: block_avx2(xr, k, wp, b, lanes, yr, n, 5, ahead); break;                       \
+                case 4: block_avx2(xr, k, wp, b, lanes, yr, n, 4, ahead); break;                       \
+                case 3: block_avx2(xr, k, wp, b, lanes, yr, n, 3, ahead); break;                       \
+                case 2: block_avx2(xr, k, wp, b, lanes, yr, n, 2, ahead); break;                       \
+                default: block_avx2(xr, k, wp, b, lanes, yr, n, 1, ahead); break;                      \
+            }                                                                                          \
+            r += take;                                                                                 \
+        }                                                                                              \
+    } while (0)
+
+/* One panel for m > 1 rows (a prompt, a batch): SIX_ROW_BLOCKS; the panel stays in L1/L2 from one
+ * block to the next, so memory is read once. */
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const float *x, size_t m, size_t k, const float *wp, const float *b, size_t lanes,
                       float *y, size_t n) {
-    ROW_BLOCKS(block_avx2);
+    if (m <= AHEAD_ROWS) SIX_ROW_BLOCKS(1);
+    else SIX_ROW_BLOCKS(0);
 }
 
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call): q
