@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sampling_speed.py [--batch 1] [--steps 300]
 
 Times edgelm.runtime.sampling.next_tokens on logits of GPT-2's vocabulary (50257; a row of normal
-values with standard deviation 3, roughly the spread of a trained model's logits) for greedy,
+values with standard deviation 3, a flat case for top-p: its 0.95 set holds thousands of tokens) for greedy,
 temperature, top-k, top-p and top-k + top-p, and, as the baseline in the same run, the top-p that
 sorted the whole vocabulary every step (what next_tokens did before nucleus_only). Each timing is
 the median over --steps calls. Writes results/sampling_speed-bBATCH.json.
