@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args(argv)
     from edgelm.runtime import SamplingConfig
-    from edgelm.runtime.sampling import next_tokens
+    from edgelm.runtime.sampling import next_tokens, nucleus_only
 
     logits = np.random.default_rng(0).standard_normal((args.batch, VOCAB)).astype(np.float32) * 3
     rng = np.random.default_rng(1)
@@ -72,12 +72,18 @@ def main(argv=None) -> int:
           for name, cfg in SETTINGS.items()}
     ms["top-p 0.95, whole-vocabulary sort (before)"] = _median_ms(
         lambda: full_sort_top_p(logits.copy(), 0.95, rng), args.steps)
+    kept = []  # how flat these logits are: the tokens top-p 0.95 keeps, per row
+    for row in logits.copy():
+        nucleus_only(row, 0.95)
+        kept.append(int(np.isfinite(row).sum()))
     result = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(),
-              "commit": commit(), "batch": args.batch, "vocab": VOCAB, "median_ms_per_step": ms}
+              "commit": commit(), "batch": args.batch, "vocab": VOCAB, "top_p_0.95_tokens_kept": kept,
+              "median_ms_per_step": ms}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"sampling_speed-b{args.batch}.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, value in ms.items():
         print(f"{name:45s} {value:7.3f} ms per step (batch {args.batch})")
+    print(f"top-p 0.95 keeps {', '.join(map(str, kept))} tokens")
     return 0
 
 
