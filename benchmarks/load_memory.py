@@ -1,10 +1,12 @@
 """Memory and time of opening an artifact with edgelm's runtime, each in a fresh process.
 
-    .venv/bin/python benchmarks/load_memory.py ART [ART ...]
+    .venv/bin/python benchmarks/load_memory.py [--weights mapped|memory] ART [ART ...]
 
-Prints, per artifact: load seconds, peak RSS during load, RSS after load, weight bytes, and decode
-tokens/s over 3 short greedy runs (16 new tokens after a 32-token prompt). Used to compare the conv
-and MatMul linear layouts (`edgelm export --linear-layout`) of one model.
+Prints, per artifact: load seconds, peak RSS during load, RSS after load (of it, anonymous: the
+process's own copies, not file pages), weight bytes, and decode tokens/s over 3 short greedy runs
+(16 new tokens after a 32-token prompt). Used to compare the conv and MatMul linear layouts
+(`edgelm export --linear-layout`) of one model, and a packed artifact's weights mapped or copied
+into memory at load (the runtime's --weights).
 """
 
 from __future__ import annotations
@@ -21,27 +23,35 @@ import json, resource, sys, time
 import numpy as np
 from edgelm.runtime import Generator, SamplingConfig
 t = time.perf_counter()
-g = Generator.load(sys.argv[1])
+g = Generator.load(sys.argv[1], weights=sys.argv[2])
 load_s = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 rss = int(open("/proc/self/statm").read().split()[1]) * 4096
+anon = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:"))
 p = np.random.default_rng(0).integers(0, 50000, 32).tolist()
 g.generate(p, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
 rates = [g.generate(p, SamplingConfig(max_new_tokens=17, stop_at_eos=False)).timings["decode_tokens_per_s"]
          for _ in range(3)]
-print(json.dumps({"load_s": load_s, "peak_rss": peak, "rss_after_load": rss, "decode": rates,
+print(json.dumps({"load_s": load_s, "peak_rss": peak, "rss_after_load": rss, "anon_after_load": anon, "decode": rates,
                   "weight_bytes": g.art.manifest["graph"]["weight_bytes"],
                   "layout": g.art.manifest["graph"].get("linear_layout")}))
 """
 
 
 def main(argv=None) -> int:
-    for art in (argv if argv is not None else sys.argv[1:]):
-        out = subprocess.run([sys.executable, "-c", WORKER, art], cwd=ROOT, capture_output=True, text=True,
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--weights", choices=["mapped", "memory"], default="mapped", help="the runtime's --weights")
+    args = p.parse_args(argv)
+    for art in args.artifacts:
+        out = subprocess.run([sys.executable, "-c", WORKER, art, args.weights], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
-        print(f"{art} ({r['layout']}): load {r['load_s']:.1f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
-              f"RSS after load {r['rss_after_load'] / 1e9:.2f} GB for {r['weight_bytes'] / 1e9:.2f} GB of weights, "
+        print(f"{art} ({r['layout']}, weights {args.weights}): load {r['load_s']:.1f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
+              f"RSS after load {r['rss_after_load'] / 1e9:.2f} GB (anonymous {r['anon_after_load'] / 1e9:.2f}) "
+              f"for {r['weight_bytes'] / 1e9:.2f} GB of weights, "
               f"decode {', '.join(f'{x:.2f}' for x in r['decode'])} tok/s", flush=True)
     return 0
 
