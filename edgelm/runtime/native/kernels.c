@@ -54,8 +54,8 @@
 /* A batch of a few rows reads a panel slowly enough (4 rows: 8 FMAs per 64 bytes) that one stream
  * per thread leaves memory idle. So each block of rows over panel p also prefetches panel p + 1 (the
  * next K * 64 bytes, past the panel range too: a prefetch never faults), one line per k, into L2;
- * every block of the batch, not only the first (a prefetch the full miss queue dropped is asked
- * again; that drew more than the first block alone). Up to AHEAD_ROWS rows: a longer prompt is bound
+ * every block of the batch, not only the first (that drew more than the first block alone,
+ * presumably by asking again for lines whose prefetch a full miss queue dropped). Up to AHEAD_ROWS rows: a longer prompt is bound
  * by its arithmetic, not by memory. benchmarks/kernel_speed.py against the build without it: 8 rows
  * 1.18x (AVX2) and 1.05x (generic), 1 and 32 rows unchanged (results/kernel_speed-batch-prefetch.md). */
 #define AHEAD_ROWS 8
