@@ -197,12 +197,20 @@ static void optional_float(const OrtKernelInfo *info, const char *name, float *o
     else *out = value;
 }
 
+/* The attribute n (columns of PackedLinear, rows of PackedEmbedding's table): required, positive. */
+static OrtStatus *attribute_n(const OrtKernelInfo *info, const char *op_name, int64_t *n) {
+    *n = 0;
+    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "n", n);
+    if (st) return st;
+    if (*n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "%s: attribute n is %lld, must be positive", op_name, (long long)*n);
+    return NULL;
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
     (void)op; (void)api;
-    int64_t n = 0;
-    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "n", &n);
+    int64_t n;
+    OrtStatus *st = attribute_n(info, "PackedLinear", &n);
     if (st) return st;
-    if (n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: attribute n is %lld, must be positive", (long long)n);
     int64_t activation = ACTIVATION_NONE;
     optional_int(info, "activation", &activation);
     if (activation != ACTIVATION_NONE && activation != ACTIVATION_GELU_TANH)
@@ -284,10 +292,9 @@ static OrtStatus *embedding_compute(void *kernel, OrtKernelContext *ctx) {
 
 static OrtStatus *embedding_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
     (void)op; (void)api;
-    int64_t n = 0;
-    OrtStatus *st = ORT_FN(g_api, KernelInfoGetAttribute_int64)(info, "n", &n);
+    int64_t n;
+    OrtStatus *st = attribute_n(info, "PackedEmbedding", &n);
     if (st) return st;
-    if (n <= 0) return fail(ORT_CODE_INVALID_ARGUMENT, "PackedEmbedding: attribute n is %lld, must be positive", (long long)n);
     int64_t *k = (int64_t *)malloc(sizeof *k);
     if (!k) return fail(ORT_CODE_FAIL, "PackedEmbedding: out of memory");
     *k = n;
@@ -297,10 +304,9 @@ static OrtStatus *embedding_create(const OrtCustomOp *op, const OrtApi *api, con
 
 static const char *embedding_name(const OrtCustomOp *op) { (void)op; return "PackedEmbedding"; }
 static int embedding_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ORT_TYPE_INT64 : ORT_TYPE_FLOAT; }
-static size_t op_two_in(const OrtCustomOp *op) { (void)op; return 2; }
 static size_t op_one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static const OrtCustomOp packed_embedding = CUSTOM_OP(embedding_name, embedding_input_type, op_two_in, op_one,
+static const OrtCustomOp packed_embedding = CUSTOM_OP(embedding_name, embedding_input_type, op_two, op_one,
                                                      all_required, all_required, embedding_create, embedding_compute);
 
 /* ---- ai.edgelm.CachedAttention ------------------------------------------------------------------ */
