@@ -1,12 +1,12 @@
 """Memory and time of opening an artifact with edgelm's runtime, each in a fresh process.
 
-    .venv/bin/python benchmarks/load_memory.py [--weights mapped|memory] ART [ART ...]
+    .venv/bin/python benchmarks/load_memory.py [--weights mapped,memory] ART [ART ...]
 
 Prints, per artifact: load seconds, peak RSS during load, RSS after load (of it, anonymous: the
 process's own copies, not file pages), weight bytes, and decode tokens/s over 3 short greedy runs
 (16 new tokens after a 32-token prompt). Used to compare the conv and MatMul linear layouts
 (`edgelm export --linear-layout`) of one model, and a packed artifact's weights mapped or copied
-into memory at load (the runtime's --weights).
+into memory at load (the runtime's --weights; both, one after the other, with --weights mapped,memory).
 """
 
 from __future__ import annotations
@@ -43,13 +43,17 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifacts", nargs="+")
-    p.add_argument("--weights", choices=["mapped", "memory"], default="mapped", help="the runtime's --weights")
+    p.add_argument("--weights", default="mapped",
+                   help="the runtime's --weights: mapped, memory, or both as mapped,memory (default mapped)")
     args = p.parse_args(argv)
-    for art in args.artifacts:
-        out = subprocess.run([sys.executable, "-c", WORKER, art, args.weights], cwd=ROOT, capture_output=True, text=True,
+    placements = args.weights.split(",")
+    if not set(placements) <= {"mapped", "memory"}:
+        p.error(f"--weights {args.weights}: give mapped, memory or mapped,memory")
+    for art, weights in ((a, w) for a in args.artifacts for w in placements):
+        out = subprocess.run([sys.executable, "-c", WORKER, art, weights], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
-        print(f"{art} ({r['layout']}, weights {args.weights}): load {r['load_s']:.1f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
+        print(f"{art} ({r['layout']}, weights {weights}): load {r['load_s']:.1f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
               f"RSS after load {r['rss_after_load'] / 1e9:.2f} GB (anonymous {r['anon_after_load'] / 1e9:.2f}) "
               f"for {r['weight_bytes'] / 1e9:.2f} GB of weights, "
               f"decode {', '.join(f'{x:.2f}' for x in r['decode'])} tok/s", flush=True)

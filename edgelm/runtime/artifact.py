@@ -22,7 +22,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # - mapped: ONNX Runtime maps the data file; the load reads nothing (gpt2-xl opens in 0.2 s) and
 #   processes share the page cache
 # - memory: the file's bytes handed to ONNX Runtime, which copies them into its own memory at load
-#   (GPT-2 124M: 1.4 s instead of 0.5 s, 1.21 GB peak RSS; benchmarks/load_memory.py); for
+#   (GPT-2 124M: 1.3 s instead of 0.3 s, 1.21 GB peak RSS; benchmarks/load_memory.py); for
 #   long-running processes: decode 0.996x-1.045x the mapping per round here
 #   (benchmarks/weight_memory_ab.py, results/weight_memory_ab-gpt2.json)
 WEIGHT_PLACEMENTS = ("mapped", "memory")
