@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgelm.errors import OutputExistsError, UnsupportedModelError, ValidationError
+from edgelm.errors import InputError, OutputExistsError, UnsupportedModelError, ValidationError
 from edgelm.export import ARCHITECTURES, export_model
 from edgelm.manifest import read_manifest
 from fixtures import TINY_CONFIGS, make_tiny_model, prompt_feeds
@@ -237,6 +237,16 @@ def test_embedded_default_exports(tmp_path):
     assert m["validation"]["status"] == "passed" and m["model"]["architecture"] == "GPTNeoForCausalLM"
 
 
+def test_python_api_takes_embedded_names(tmp_path):
+    """export_model and every API that opens a checkpoint accept embedded:NAME, as the CLI does."""
+    from edgelm.export.checkpoint import resolve_model_dir
+    from edgelm.export.embedded import EMBEDDED_MODELS
+
+    assert resolve_model_dir("embedded:gpt2") == EMBEDDED_MODELS["gpt2"]
+    with pytest.raises(InputError, match="no embedded model 'llama'"):
+        resolve_model_dir("embedded:llama")
+
+
 def test_relative_tolerance_rule():
     from edgelm.export.validate import Schedule, compare
 
@@ -382,8 +392,6 @@ def test_packed_layout_without_the_library_is_refused_up_front(tiny_model_dir, t
 
 
 def test_conv_layout_needs_fp32_and_the_builder(tiny_model_dir, tmp_path):
-    from edgelm.errors import InputError
-
     with pytest.raises(InputError, match="conv linear layout needs --dtype fp32"):
         export_model(str(tiny_model_dir["gpt2"]), tmp_path / "a", dtype="fp16", linear_layout="conv", progress=False)
     with pytest.raises(InputError, match="conv linear layout needs"):

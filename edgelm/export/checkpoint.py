@@ -28,7 +28,11 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": n
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local folder as is; anything else is taken as a Hugging Face Hub id and downloaded."""
+    """A local folder as is, embedded:NAME as edgelm's embedded model; anything else is taken as a
+    Hugging Face Hub id and downloaded."""
+    from .embedded import resolve_model_argument
+
+    model = resolve_model_argument(model)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
