@@ -27,7 +27,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="when prompt + new tokens exceed the context: fail (default) or drop the prompt's start")
     p.add_argument("--weights", choices=["mapped", "memory"], default="mapped",
                    help="a packed artifact's weights: mapped from its file (default: instant load, pages shared "
-                        "between processes) or copied into memory at load (for long-running processes)")
+                        "between processes) or copied into memory at load (for long-running processes); "
+                        "other layouts' weights are copied into ONNX Runtime's own buffers either way")
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
