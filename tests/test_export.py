@@ -237,8 +237,9 @@ def test_embedded_default_exports(tmp_path):
     assert m["validation"]["status"] == "passed" and m["model"]["architecture"] == "GPTNeoForCausalLM"
 
 
-def test_python_api_takes_embedded_names(tmp_path):
-    """export_model and every API that opens a checkpoint accept embedded:NAME, as the CLI does."""
+def test_python_api_takes_embedded_names():
+    """resolve_model_dir, which export_model and every API that opens a checkpoint use, takes
+    embedded:NAME as the CLI does."""
     from edgelm.export.checkpoint import resolve_model_dir
     from edgelm.export.embedded import EMBEDDED_MODELS
 

@@ -31,10 +31,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 @command("export", "Export a GPT-2 or GPT-Neo model to a validated ONNX artifact folder.", _configure)
 def run(args: argparse.Namespace) -> int:
-    from .embedded import resolve_model_argument
     from .pipeline import export_model
 
-    manifest = export_model(resolve_model_argument(args.model), args.output, dtype=args.dtype,
+    manifest = export_model(args.model, args.output, dtype=args.dtype,
                             backend=args.backend, atol=args.atol, rtol=args.rtol, force=args.force,
                             validate=not args.no_validate, progress=not args.json,
                             linear_layout=args.linear_layout)

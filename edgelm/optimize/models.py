@@ -17,9 +17,8 @@ from ..manifest import LINEAGE_FILE
 def model_dir_of(model: str) -> Path:
     """A local folder, ``embedded:NAME`` or a hub id -> a local model folder."""
     from ..export.checkpoint import resolve_model_dir
-    from ..export.embedded import resolve_model_argument
 
-    return resolve_model_dir(resolve_model_argument(model))
+    return resolve_model_dir(model)
 
 
 def tokenizer_for(model_dir: Path):
