@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Sets up an emulated 64-bit ARM Linux for benchmarks/arm64_check.py, under benchmarks/.cache/arm64:
-#   root/  Debian's arm64 Python 3.11 and the libraries it and ONNX Runtime load (apt-get download)
-#   site/  the aarch64 wheels of the packages the runtime and its native tests need, at the
-#          versions .venv has (numpy, onnxruntime, onnx, tokenizers, pytest)
-#   zig/   a venv with ziglang, whose `zig cc` cross-compiles edgelm's operator library
 #   qemu/        qemu-user 9 or newer: the system's when it is that new, else Debian 12's backport
 #                (10.0). Older ones fail here: qemu 7.2 hands the host's x86 /proc/cpuinfo to ARM
 #                programs (ONNX Runtime's CPU detection crashes on it) and computes some SME
 #                instructions wrongly (ONNX Runtime's int8 matmul on its `max` CPU gave perplexity
-#                517891 instead of 230; qemu 10.0 gives the right result)
+#                517891 instead of 230, results/arm64-check-qemu7.2.md; qemu 10.0 gets it right)
+#   root/        Debian's arm64 Python 3.11 and the libraries it and ONNX Runtime load (apt-get download)
+#   site/        the aarch64 wheels of the packages the runtime and its native tests need, at the
+#                versions .venv has (numpy, onnxruntime, onnx, tokenizers, pytest)
+#   zig/         a venv with ziglang, whose `zig cc` cross-compiles edgelm's operator library
 #   bin/python3  runs root's Python under that qemu-aarch64
 # Needs Debian (or Ubuntu with a qemu-user of 9 or newer), root for apt and dpkg, and the package
 # registries. Safe to run again: it only fetches what is missing.
