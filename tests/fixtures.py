@@ -127,17 +127,3 @@ def make_planted_model(arch: str, folder: Path, weak_heads: dict[int, list[int]]
                     weight[rows] *= factor
     model.save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def prompt_feeds(manifest: dict, ids):
-    """Feeds of an artifact's graph for a prompt of ids (B, S) with empty caches (window caches of
-    capacity 8), logits at every position."""
-    import numpy as np
-
-    b, t = ids.shape
-    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
-             "attention_mask": np.ones((b, t), dtype=np.int64), "num_logits_to_keep": np.array(t, dtype=np.int64)}
-    for e in manifest["io"]["kv_cache"]:
-        for name in (e["past_key"], e["past_value"]):
-            feeds[name] = np.zeros((b, e["heads"], 0 if e["kind"] == "full" else 8, e["head_size"]), np.float32)
-    return feeds

@@ -13,7 +13,8 @@ import pytest
 from edgelm.errors import InputError, OutputExistsError, UnsupportedModelError, ValidationError
 from edgelm.export import ARCHITECTURES, export_model
 from edgelm.manifest import read_manifest
-from fixtures import TINY_CONFIGS, make_tiny_model, prompt_feeds
+from edgelm.optimize.evaluate import prompt_feed
+from fixtures import TINY_CONFIGS, make_tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 
@@ -310,7 +311,7 @@ def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_mod
     assert all(np.array_equal(weights[k], expected[k]) for k in expected)
 
     # and the two graphs compute the same logits (prompt of 5 tokens, batch 2, no cache yet)
-    feeds = prompt_feeds(conv, np.arange(10, dtype=np.int64).reshape(2, 5) + 3)
+    feeds = prompt_feed(conv, np.arange(10, dtype=np.int64).reshape(2, 5) + 3)
     outs = [ort.InferenceSession(str(a / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
             for a in (tiny_artifact[arch], tmp_path / "mm")]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
@@ -343,7 +344,7 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     assert m["graph"]["weight_bytes"] >= mm["graph"]["weight_bytes"]  # panels pad N up to a multiple of 16
     assert m["graph"]["weight_bytes"] < mm["graph"]["weight_bytes"] * 1.05  # and the table is stored once
 
-    feeds = prompt_feeds(m, np.array([[3, 17, 40, 2, 9], [1, 1, 5, 6, 7]], np.int64))
+    feeds = prompt_feed(m, np.array([[3, 17, 40, 2, 9], [1, 1, 5, 6, 7]], np.int64))
     opts = ort.SessionOptions()
     native.register(opts)
     packed = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), opts, providers=["CPUExecutionProvider"])

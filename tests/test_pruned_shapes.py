@@ -15,8 +15,9 @@ from edgelm.errors import InputError, UnsupportedModelError
 from edgelm.export import export_model, resolve
 from edgelm.export.embedded import ASSETS
 from edgelm.export.torch_model import apply_layer_shapes, load_torch_model
+from edgelm.optimize.evaluate import prompt_feed
 from edgelm.runtime import Generator, SamplingConfig
-from fixtures import TINY_CONFIGS, make_pruned_tiny_model, prompt_feeds
+from fixtures import TINY_CONFIGS, make_pruned_tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 # Three heads of 16 in the unpruned config, so that the two layers really differ: 2 heads and 1.
@@ -206,7 +207,7 @@ def test_int8_modes_on_pruned_widths(pruned, arch, mode, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert ops.count(INT8_OPS[mode]) == 4 * 2 + 1
-    feeds = prompt_feeds(manifest, np.array([[464, 3290, 286, 262, 1748, 373]], np.int64))
+    feeds = prompt_feed(manifest, np.array([[464, 3290, 286, 262, 1748, 373]], np.int64))
     ref, got = (ort.InferenceSession(str(a / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
                 for a in (art, out))
     cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
@@ -281,8 +282,6 @@ def test_optimum_backend_refuses_a_pruned_model_in_one_sentence(pruned, tmp_path
 
 def test_runtime_reads_manifests_without_per_layer_heads(pruned):
     """Artifacts written before kv_cache entries had "heads": one count (facts num_heads) for every layer."""
-    from edgelm.optimize.evaluate import prompt_feed
-
     manifest = json.loads(json.dumps(pruned["gpt2"][2]))
     for e in manifest["io"]["kv_cache"]:
         del e["heads"], e["head_size"]

@@ -75,20 +75,21 @@ def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32, keep: int | None = None) -> dict:
-    """Inputs for one forward pass over ``chunk`` (1, S) with empty caches, logits at the last ``keep``
+    """Inputs for one forward pass over ``chunk`` (B, S) with empty caches, logits at the last ``keep``
     positions (all S by default; graphs without num_logits_to_keep give all S anyway)."""
     facts = manifest["model"]["facts"]
     names = {i["name"] for i in manifest["io"]["inputs"]}
-    s = chunk.shape[1]
+    b, s = chunk.shape
     feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-            "position_ids": np.arange(s, dtype=np.int64)[None], "num_logits_to_keep": np.array(s if keep is None else keep, np.int64)}
+            "position_ids": np.tile(np.arange(s, dtype=np.int64), (b, 1)),
+            "num_logits_to_keep": np.array(s if keep is None else keep, np.int64)}
     feed = {k: v for k, v in feed.items() if k in names}
     for e in manifest["io"]["kv_cache"]:
         length = (e.get("window") or 0) if e["kind"] == "window" else 0
         # per-layer heads (pruned models); older manifests have one count for every layer
         heads, head_size = int(e.get("heads", facts["num_heads"])), int(e.get("head_size", facts["head_size"]))
         for name in (e["past_key"], e["past_value"]):
-            feed[name] = np.zeros((1, heads, length, head_size), dtype=kv_dtype)
+            feed[name] = np.zeros((b, heads, length, head_size), dtype=kv_dtype)
     return feed
 
 
