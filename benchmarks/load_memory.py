@@ -46,8 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="mapped",
                    help="the runtime's --weights: mapped, memory, or both as mapped,memory (default mapped)")
     args = p.parse_args(argv)
+    from edgelm.runtime.artifact import WEIGHT_PLACEMENTS
+
     placements = args.weights.split(",")
-    if not set(placements) <= {"mapped", "memory"}:
+    if not set(placements) <= set(WEIGHT_PLACEMENTS):
         p.error(f"--weights {args.weights}: give mapped, memory or mapped,memory")
     for art, weights in ((a, w) for a in args.artifacts for w in placements):
         out = subprocess.run([sys.executable, "-c", WORKER, art, weights], cwd=ROOT, capture_output=True, text=True,
