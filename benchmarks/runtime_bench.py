@@ -6,9 +6,10 @@
 Random-weight models with the real configurations (benchmarks/configs.py), batch 1, a 32-token
 prompt, 128 greedy new tokens (EOS ignored), systems in shuffled order within each repeat. The
 memory bandwidth is measured in the same run, between every two repeats (all cores read a 1 GiB
-buffer, best of 3 passes of two read kernels); a repeat's ceiling is the higher bandwidth around
+buffer, best of 3 passes of the read probe's kernels); a repeat's ceiling is the higher bandwidth around
 it / weight bytes read per token (every weight except the position table, which is only
-gathered). Ratios are taken within a repeat, then the median. Writes --out (default
+gathered). Ratios are taken within a repeat, then the median. The memory-read system is no model:
+it reads a step's weight bytes per step, the speed of memory measured as a decode is. Writes --out (default
 benchmarks/results/runtime.json) and the .md and .png beside it.
 """
 
@@ -142,7 +143,33 @@ class PyTorch(_HFGenerate):
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
 
 
-SYSTEMS = {"edgelm": Edgelm, "edgelm-packed": EdgelmPacked, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum, "pytorch": PyTorch}
+class MemoryRead:
+    """No model: each step reads as many bytes as a decode step's weights, with the read probe's
+    kernel on every core. The most a memory-bound decoder could do in the same minutes, so its share
+    of the ceiling is what the ceiling's method leaves reachable on this machine (the ceiling is the
+    best pass of several; a run of steps meets the machine's dips as well)."""
+
+    name = "memory-read"
+
+    def __init__(self, model_dir: Path, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from edgelm.bench.machine import read_kernels
+
+        self.threads = os.cpu_count() or 1
+        self.buf = np.ones(weight_bytes_per_token(MODELS[name][1]) // 4, dtype=np.float32)
+        self.pool = ThreadPoolExecutor(self.threads)
+        self.reduce = read_kernels(self.buf)[-1]  # edgelm's 4-stream sum where built, else numpy's
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+        from edgelm.bench.machine import timed_read
+
+        times = [timed_read(self.pool, self.threads, self.reduce, self.buf) for _ in range(new_tokens)]
+        return times[0], (new_tokens - 1) * len(prompts) / sum(times[1:])
+
+
+SYSTEMS = {"edgelm": Edgelm, "edgelm-packed": EdgelmPacked, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum, "pytorch": PyTorch,
+           "memory-read": MemoryRead}
 
 
 def bench_model(name: str, systems: list[str], batches: list[int], repeats: int, prompt_len: int,
@@ -199,11 +226,13 @@ def bench_model(name: str, systems: list[str], batches: list[int], repeats: int,
                     "fraction_of_ceiling": (float(np.median([x / c for x, c in zip(rates, ceilings)]))
                                             if batch == 1 else None),
                 })
-            if interleave and "optimum" in group:  # speed ratios within each repeat, then the median
-                for row in rows[-len(group):]:
-                    per_repeat = [x / o for x, (_, o) in zip(row["decode_tokens_per_s_all"], samples["optimum"])]
-                    row["vs_optimum_per_repeat"] = per_repeat
-                    row["vs_optimum"] = float(np.median(per_repeat))
+            for ref in ("optimum", "memory-read"):  # speed ratios within each repeat, then the median
+                if interleave and ref in group:
+                    key = "vs_" + ref.replace("-", "_")
+                    for row in rows[-len(group):]:
+                        per_repeat = [x / o for x, (_, o) in zip(row["decode_tokens_per_s_all"], samples[ref])]
+                        row[key + "_per_repeat"] = per_repeat
+                        row[key] = float(np.median(per_repeat))
             save()
         if not interleave:
             loaded.clear()
@@ -232,7 +261,7 @@ def write_report(data: dict, out: Path) -> None:
         "",
         f"Command: `{data['command']}`",
         "",
-        "Memory bandwidth: all cores reading a 1 GiB buffer with two read kernels, best of several passes "
+        "Memory bandwidth: all cores reading a 1 GiB buffer with the read probe's kernels, best of several passes "
         "(edgelm.bench.machine.measure_bandwidth), measured between every two repeats. A row's ceiling is "
         "bandwidth / weight bytes read per token; 'of ceiling' is the median over repeats of the speed "
         "against the higher of the two measurements around that repeat. Speeds drift by +-20% within "
@@ -246,7 +275,8 @@ def write_report(data: dict, out: Path) -> None:
         "(one system in memory at a time for the large ones). edgelm: the default fp32 export "
         "(projections as 1x1 Conv, ONNX Runtime's NCHWc kernels); edgelm-packed: `--linear-layout packed` "
         "(every projection and the LM head as edgelm's PackedLinear operator, weights in 16-column panels); "
-        "edgelm-matmul: MatMul projections.",
+        "edgelm-matmul: MatMul projections. memory-read: no model, each step reads as many bytes as a decode "
+        "step's weights with the read probe's kernel on every core (the speed of memory under the same noise).",
         "",
         "| model | batch | system | decode tok/s | TTFT ms | vs Optimum | vs PyTorch | ceiling tok/s | of ceiling "
         "| of best |",
@@ -261,8 +291,9 @@ def write_report(data: dict, out: Path) -> None:
         vs_pt = f"{r['decode_tokens_per_s'] / pt['decode_tokens_per_s']:.2f}x" if pt else "n/a"
         frac = f"{r['fraction_of_ceiling'] * 100:.0f}%" if r.get("fraction_of_ceiling") else ""
         best = f"{r['fraction_of_best_ceiling'] * 100:.0f}%" if r.get("fraction_of_best_ceiling") else ""
+        ttft = "n/a" if r["system"] == "memory-read" else f"{r['time_to_first_token_s'] * 1000:.0f}"
         lines.append(f"| {r['model']} | {r['batch']} | {r['system']} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['time_to_first_token_s'] * 1000:.0f} | {vs_opt} | {vs_pt} | "
+                     f"{ttft} | {vs_opt} | {vs_pt} | "
                      f"{r['ceiling_tokens_per_s']:.1f} | {frac} | {best} |")
     lines += ["", "Targets (issue 3, CPU, fp32, batch 1): edgelm decode >= 1.9x Optimum and >= 90% of the ceiling "
               "(edgelm: the default conv layout; edgelm-packed: edgelm's own operator).", ""]
@@ -274,6 +305,14 @@ def write_report(data: dict, out: Path) -> None:
         verdict_opt = ("PASS" if ratio >= 1.9 else "FAIL") + f" ({ratio:.2f}x)" if ratio else "not measured"
         verdict_ceil = ("PASS" if r["fraction_of_ceiling"] >= 0.9 else "FAIL") + f" ({r['fraction_of_ceiling'] * 100:.0f}%)"
         lines.append(f"- {r['model']} {r['system']}: vs Optimum {verdict_opt}; ceiling {verdict_ceil}")
+    for r in rows:
+        if r["system"] != "memory-read" or r["batch"] != 1 or not r.get("fraction_of_ceiling"):
+            continue
+        ours = [f"{o['system']} {o['vs_memory_read'] * 100:.0f}%" for o in rows
+                if o["model"] == r["model"] and o["batch"] == 1 and o["system"].startswith("edgelm") and o.get("vs_memory_read")]
+        lines.append(f"- {r['model']}: memory-read, a pure read of a step's weight bytes timed like a decode, reaches "
+                     f"{r['fraction_of_ceiling'] * 100:.0f}% of the ceiling; against its speed in the same repeats: "
+                     + (", ".join(ours) or "no edgelm row"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         _plot(rows, out.with_suffix(".png"))
@@ -311,8 +350,8 @@ def _plot(rows, path: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="gpt2,gpt-neo-125M,gpt2-xl,gpt-neo-2.7B")
-    p.add_argument("--systems", default="edgelm,edgelm-packed,edgelm-matmul,optimum,pytorch")
-    p.add_argument("--big-systems", default="edgelm,edgelm-packed,pytorch",
+    p.add_argument("--systems", default="edgelm,edgelm-packed,edgelm-matmul,optimum,pytorch,memory-read")
+    p.add_argument("--big-systems", default="edgelm,edgelm-packed,pytorch,memory-read",
                    help="systems for models outside the 125M shapes (Optimum's export of 2.7B does not fit)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)

@@ -279,3 +279,24 @@ def test_metrics_expose_energy(tiny_artifact):
             assert 'reason="' in metrics
     finally:
         s.stop()
+
+
+def test_the_read_probe_reads_every_element_of_odd_sized_slices():
+    """The probe's kernels (also what runtime_bench's memory-read system reads with) see the whole
+    buffer, whatever its length: the float sums count every element of a buffer of ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from edgelm.bench.machine import read_kernels, timed_read
+
+    buf = np.ones(100_003, dtype=np.float32)
+    parts = np.array_split(buf, 8)
+    kernels = read_kernels(buf)
+    assert len(kernels) >= 2
+    sums = [kernels[0]] + kernels[2:]  # kernels[1] ORs 64-bit words
+    for reduce in sums:
+        assert sum(float(reduce(p)) for p in parts) == buf.size
+    assert int(np.bitwise_or.reduce([int(kernels[1](p)) for p in parts])) == int(np.ones(2, np.float32).view(np.uint64)[0])
+    with ThreadPoolExecutor(2) as pool:
+        assert all(timed_read(pool, 2, reduce, buf) > 0 for reduce in kernels)

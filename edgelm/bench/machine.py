@@ -29,21 +29,31 @@ def measure_bandwidth(gib: float = 1.0, passes: int = 8, threads: int | None = N
     """
     threads = threads or os.cpu_count() or 1
     buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    kernels = [(buf, np.sum), (buf.view(np.uint64), np.bitwise_or.reduce)]
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(passes):
+            for reduce in read_kernels(buf):
+                best = max(best, buf.nbytes / timed_read(pool, threads, reduce, buf) / 1e9)
+    return best
+
+
+def read_kernels(buf: np.ndarray) -> list:
+    """The probe's read kernels over a float32 buffer, as functions of one slice (see measure_bandwidth)."""
+    kernels = [np.sum, lambda part: np.bitwise_or.reduce(part[: part.size // 2 * 2].view(np.uint64))]
     from ..runtime import native
 
     if native.library_path():
         read = native.kernels().edgelm_read_sum
-        kernels.append((buf, lambda part: read(part.ctypes.data, part.size)))
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(passes):
-            for view, reduce in kernels:
-                parts = np.array_split(view, threads * 4)
-                t = time.perf_counter()
-                list(pool.map(reduce, parts))  # numpy releases the GIL inside the reduction
-                best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
+        kernels.append(lambda part: read(part.ctypes.data, part.size))
+    return kernels
+
+
+def timed_read(pool: ThreadPoolExecutor, threads: int, reduce, buf: np.ndarray) -> float:
+    """Seconds for the pool's ``threads`` threads to read ``buf`` with ``reduce``, 4 slices per thread."""
+    parts = np.array_split(buf, threads * 4)
+    t = time.perf_counter()
+    list(pool.map(reduce, parts))  # numpy and ctypes let go of the GIL inside the reduction
+    return time.perf_counter() - t
 
 
 def parameter_count(facts: dict) -> int:
