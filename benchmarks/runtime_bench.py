@@ -145,7 +145,7 @@ class PyTorch(_HFGenerate):
 
 class MemoryRead:
     """No model: each step reads as many bytes as a decode step's weights, with the read probe's
-    kernel on every core. The most a memory-bound decoder could do in the same minutes, so its share
+    fastest reader (interleaved chunks, every core). The most a memory-bound decoder could do in the same minutes, so its share
     of the ceiling is what the ceiling's method leaves reachable on this machine (the ceiling is the
     best pass of several; a run of steps meets the machine's dips as well)."""
 
@@ -159,12 +159,12 @@ class MemoryRead:
         self.threads = os.cpu_count() or 1
         self.buf = np.ones(weight_bytes_per_token(MODELS[name][1]) // 4, dtype=np.float32)
         self.pool = ThreadPoolExecutor(self.threads)
-        self.reduce = read_kernels(self.buf)[-1]  # edgelm's 4-stream sum where built, else numpy's
+        self.reader = read_kernels(self.buf)[-1]  # interleaved chunks where edgelm's library is built
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
         from edgelm.bench.machine import timed_read
 
-        times = [timed_read(self.pool, self.threads, self.reduce, self.buf) for _ in range(new_tokens)]
+        times = [timed_read(self.pool, self.threads, self.reader, self.buf) for _ in range(new_tokens)]
         return times[0], (new_tokens - 1) * len(prompts) / sum(times[1:])
 
 
@@ -276,7 +276,7 @@ def write_report(data: dict, out: Path) -> None:
         "(projections as 1x1 Conv, ONNX Runtime's NCHWc kernels); edgelm-packed: `--linear-layout packed` "
         "(every projection and the LM head as edgelm's PackedLinear operator, weights in 16-column panels); "
         "edgelm-matmul: MatMul projections. memory-read: no model, each step reads as many bytes as a decode "
-        "step's weights with the read probe's kernel on every core (the speed of memory under the same noise).",
+        "step's weights with the read probe's fastest reader on every core (the speed of memory under the same noise).",
         "",
         "| model | batch | system | decode tok/s | TTFT ms | vs Optimum | vs PyTorch | ceiling tok/s | of ceiling "
         "| of best |",

@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/step_breakdown.py [--model gpt2] [--rounds 8]
 
-In one process, round after round, four timings of the same weights:
+In one process, round after round, six timings of the same weights:
 - probe: the read probe's bandwidth (edgelm.bench.machine.measure_bandwidth, best of 3 passes) as the
   time to read the step's linear weights;
+- read: those bytes read by the probe's fastest reader on every core (edgelm.bench.machine.timed_read),
+  the median of 20 reads: like projections a median, where the probe is the best of several passes;
 - projections: every PackedLinear of the packed artifact (the 48 projections and the LM head, the same
   panels) as one ONNX Runtime graph of unconnected nodes, each on a constant input: the weights
   streamed with nothing else in the step;
@@ -15,13 +17,15 @@ In one process, round after round, four timings of the same weights:
   with warm caches (in a real step the weights have just flushed them).
 The differences between them, paired within a round, are the time attention, the graph's small
 operators and ONNX Runtime's per-node work (model run - projections) and the Python loop (step -
-model run) add to the weights' streaming. Writes results/step_breakdown-MODEL.json.
+model run) add to the weights' streaming; step against read is the step's share of the speed of
+memory in the same seconds. Writes results/step_breakdown-MODEL.json (--out names another file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,9 +92,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2", choices=sorted(MODELS))
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--out", help="results file name without .json (default step_breakdown-MODEL)")
     args = p.parse_args(argv)
 
-    from edgelm.bench.machine import measure_bandwidth
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgelm.bench.machine import measure_bandwidth, read_kernels, timed_read
     from edgelm.runtime.generator import Generator
     from edgelm.runtime.sampling import SamplingConfig
 
@@ -105,10 +112,14 @@ def main(argv=None) -> int:
     cfg = SamplingConfig(max_new_tokens=128, greedy=True, stop_at_eos=False)
     gen.generate(prompt, cfg)
     chain.run(None, feeds)
-    names = ("probe", "projections", "model run", "step", "loop alone")
+    names = ("probe", "read", "projections", "model run", "step", "loop alone")
     ms = {k: [] for k in names}
+    threads = os.cpu_count() or 1
+    pool, buf = ThreadPoolExecutor(threads), np.ones(nbytes // 4, dtype=np.float32)
+    read = read_kernels(buf)[-1]  # the fastest reader, as runtime_bench's memory-read
     for r in range(args.rounds):
         ms["probe"].append(nbytes / (measure_bandwidth(passes=3) * 1e9) * 1e3)
+        ms["read"].append(float(np.median([timed_read(pool, threads, read, buf) for _ in range(20)])) * 1e3)
         runs = []
         for _ in range(20):
             start = time.perf_counter()
@@ -131,16 +142,20 @@ def main(argv=None) -> int:
         "median_ms": {k: float(np.median(v)) for k, v in arr.items()},
         "paired_median_ms": {
             "projections - probe": float(np.median(arr["projections"] - arr["probe"])),
+            "projections - read": float(np.median(arr["projections"] - arr["read"])),
             "model run - projections": float(np.median(arr["model run"] - arr["projections"])),
             "step - model run": float(np.median(arr["step"] - arr["model run"])),
         },
         "projections_of_probe_median": float(np.median(arr["probe"] / arr["projections"])),
         "step_of_probe_median": float(np.median(arr["probe"] / arr["step"])),
+        "projections_of_read_median": float(np.median(arr["read"] / arr["projections"])),
+        "step_of_read_median": float(np.median(arr["read"] / arr["step"])),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"step_breakdown-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out or 'step_breakdown-' + args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_ms", "paired_median_ms", "projections_of_probe_median",
-                                             "step_of_probe_median")}, indent=2))
+                                             "step_of_probe_median", "projections_of_read_median",
+                                             "step_of_read_median")}, indent=2))
     return 0
 
 

@@ -281,22 +281,25 @@ def test_metrics_expose_energy(tiny_artifact):
         s.stop()
 
 
-def test_the_read_probe_reads_every_element_of_odd_sized_slices():
-    """The probe's kernels (also what runtime_bench's memory-read system reads with) see the whole
-    buffer, whatever its length: the float sums count every element of a buffer of ones."""
+def test_the_read_probe_readers_read_the_whole_buffer():
+    """Every reader of the probe (also runtime_bench's memory-read system) reads the whole buffer,
+    whatever its length: the float sums count every element of a buffer of ones."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    from edgelm.bench.machine import read_kernels, timed_read
+    from edgelm.bench.machine import READ_CHUNK, read_kernels, timed_read
+    from edgelm.runtime import native
 
-    buf = np.ones(100_003, dtype=np.float32)
-    parts = np.array_split(buf, 8)
-    kernels = read_kernels(buf)
-    assert len(kernels) >= 2
-    sums = [kernels[0]] + kernels[2:]  # kernels[1] ORs 64-bit words
-    for reduce in sums:
-        assert sum(float(reduce(p)) for p in parts) == buf.size
-    assert int(np.bitwise_or.reduce([int(kernels[1](p)) for p in parts])) == int(np.ones(2, np.float32).view(np.uint64)[0])
+    buf = np.ones(3 * READ_CHUNK + 12_345, dtype=np.float32)
+    readers = read_kernels(buf)
+    assert len(readers) == (4 if native.library_path() else 2)
     with ThreadPoolExecutor(2) as pool:
-        assert all(timed_read(pool, 2, reduce, buf) > 0 for reduce in kernels)
+        for i, reader in enumerate(readers):
+            totals = reader(pool, 2, buf)
+            if i != 1:  # reader 1 ORs 64-bit words
+                assert sum(float(t) for t in totals) == buf.size
+            assert timed_read(pool, 2, reader, buf) > 0
+    if native.library_path():  # chunks t, t + 3, ... of three readers cover the buffer once
+        lib = native.kernels()
+        assert sum(lib.edgelm_read_chunks(buf.ctypes.data, buf.size, 1000, t, 3) for t in range(3)) == buf.size

@@ -18,41 +18,54 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2}
 
 
 def measure_bandwidth(gib: float = 1.0, passes: int = 8, threads: int | None = None) -> float:
-    """Best read bandwidth in GB/s: ``threads`` threads each reduce their slice of one buffer.
+    """Best read bandwidth in GB/s: ``threads`` threads reading one buffer together (read_kernels).
 
-    Read kernels: a float32 sum, a 64-bit bitwise OR and, where edgelm's operator library is built,
-    its own vector sum, which reads each slice as 4 streams in lockstep as the linear kernel reads 4
-    panels at once (one stream per thread read about a quarter less on an AVX2 EPYC; ctypes lets go
-    of the GIL). The best pass
-    of any: the ceiling should be the most the memory system gave, so that a fraction of it is not
-    flattering.
+    The best pass of any reader: the ceiling should be the most the memory system gave, so that a
+    fraction of it is not flattering.
     """
     threads = threads or os.cpu_count() or 1
     buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
     best = 0.0
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(passes):
-            for reduce in read_kernels(buf):
-                best = max(best, buf.nbytes / timed_read(pool, threads, reduce, buf) / 1e9)
+            for reader in read_kernels(buf):
+                best = max(best, buf.nbytes / timed_read(pool, threads, reader, buf) / 1e9)
     return best
 
 
+READ_CHUNK = 1 << 17  # floats (512 KiB) per chunk of the interleaved reader
+
+
 def read_kernels(buf: np.ndarray) -> list:
-    """The probe's read kernels over a float32 buffer, as functions of one slice (see measure_bandwidth)."""
-    kernels = [np.sum, lambda part: np.bitwise_or.reduce(part[: part.size // 2 * 2].view(np.uint64))]
+    """The probe's readers, fastest last: functions (pool, threads, buf) that read all of ``buf``.
+
+    - a float32 sum and a 64-bit bitwise OR, each thread reducing slices of its own (4 per thread);
+    - where edgelm's operator library is built, its vector sum (4 streams in lockstep, as the linear
+      kernel reads 4 panels at once; one stream per thread read about a quarter less on an AVX2
+      EPYC) over the same slices, and over interleaved 512 KiB chunks, thread t taking chunks t,
+      t + threads, ...: the threads then read within a few chunks of one another, as the decode's
+      do, which drew 1.07x the slices' rate (median of per-round ratios) on that EPYC, and the best
+      pass 1.11x (benchmarks/read_probe.py, results/read_probe.md). ctypes lets go of the GIL.
+    """
+
+    def slices(reduce):
+        return lambda pool, threads, buf: list(pool.map(reduce, np.array_split(buf, threads * 4)))
+
+    readers = [slices(np.sum), slices(lambda part: np.bitwise_or.reduce(part[: part.size // 2 * 2].view(np.uint64)))]
     from ..runtime import native
 
     if native.library_path():
-        read = native.kernels().edgelm_read_sum
-        kernels.append(lambda part: read(part.ctypes.data, part.size))
-    return kernels
+        lib = native.kernels()
+        readers.append(slices(lambda part: lib.edgelm_read_sum(part.ctypes.data, part.size)))
+        readers.append(lambda pool, threads, buf: list(pool.map(
+            lambda t: lib.edgelm_read_chunks(buf.ctypes.data, buf.size, READ_CHUNK, t, threads), range(threads))))
+    return readers
 
 
-def timed_read(pool: ThreadPoolExecutor, threads: int, reduce, buf: np.ndarray) -> float:
-    """Seconds for the pool's ``threads`` threads to read ``buf`` with ``reduce``, 4 slices per thread."""
-    parts = np.array_split(buf, threads * 4)
+def timed_read(pool: ThreadPoolExecutor, threads: int, reader, buf: np.ndarray) -> float:
+    """Seconds for one read of ``buf`` by ``reader`` (from read_kernels) on the pool's ``threads`` threads."""
     t = time.perf_counter()
-    list(pool.map(reduce, parts))  # numpy and ctypes let go of the GIL inside the reduction
+    reader(pool, threads, buf)  # numpy and ctypes let go of the GIL inside the reduction
     return time.perf_counter() - t
 
 

@@ -46,7 +46,7 @@ def register(options) -> None:
 
 @lru_cache(maxsize=1)
 def kernels() -> ctypes.CDLL:
-    """The kernels through ctypes: edgelm_linear, edgelm_gelu_tanh, edgelm_read_sum, edgelm_kernel_isa."""
+    """The kernels through ctypes: edgelm_linear, edgelm_gelu_tanh, edgelm_read_sum, edgelm_read_chunks, edgelm_kernel_isa."""
     lib = ctypes.CDLL(str(require()))
     p, size = ctypes.c_void_p, ctypes.c_size_t
     lib.edgelm_linear.argtypes = [p, size, size, p, p, p, size]
@@ -55,6 +55,8 @@ def kernels() -> ctypes.CDLL:
     lib.edgelm_gelu_tanh.restype = None
     lib.edgelm_read_sum.argtypes = [p, size]
     lib.edgelm_read_sum.restype = ctypes.c_double
+    lib.edgelm_read_chunks.argtypes = [p, size, size, size, size]
+    lib.edgelm_read_chunks.restype = ctypes.c_double
     lib.edgelm_kernel_isa.restype = ctypes.c_char_p
     lib.edgelm_resident_rows.argtypes = [size, size, size]
     lib.edgelm_resident_rows.restype = size

@@ -468,6 +468,14 @@ double edgelm_read_sum(const float *x, size_t n) {
     return read_generic(x, n);
 }
 
+double edgelm_read_chunks(const float *x, size_t n, size_t chunk, size_t first, size_t step) {
+    double s = 0;
+    if (chunk == 0 || step == 0) return s;
+    for (size_t c = first; c * chunk < n; c += step)
+        s += edgelm_read_sum(x + c * chunk, n - c * chunk < chunk ? n - c * chunk : chunk);
+    return s;
+}
+
 const char *edgelm_kernel_isa(void) {
     static const char *names[] = {"generic", "avx2", "avx512f"};
     return names[edgelm_isa()];

@@ -33,6 +33,11 @@ EDGELM_EXPORT void edgelm_gelu_tanh(float *y, size_t count);
  * the memory-read probe of edgelm.bench.machine (a read kernel as lean as the linear kernel's own). */
 EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
 
+/* Sum of chunks first, first + step, ... of `chunk` floats of x[0, n) (the last may be short), each
+ * read by edgelm_read_sum: with first = thread index and step = threads, every core reads its own
+ * chunks while all of them stay within a few chunks of one another, as the decode's threads do. */
+EDGELM_EXPORT double edgelm_read_chunks(const float *x, size_t n, size_t chunk, size_t first, size_t step);
+
 /* exp(a), a clamped to [-87, 87]: exp(a) = 2^j exp(r), j = round(a / ln 2), r = a - j ln 2 in two
  * parts (Cody-Waite, so r keeps its low bits), |r| <= ln 2 / 2, and exp(r) by its Taylor series to
  * r^7 / 7! (truncation below 1e-8). Branch-free; edgelm_exp4 and edgelm_exp8 below are the same on 4
