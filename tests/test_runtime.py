@@ -228,6 +228,24 @@ def test_incremental_detokenization_matches_decoding_everything(embedded_artifac
     assert row._clean_at > 0 and streamed == row.text == tok.decode(ids) == text
 
 
+def test_generate_decodes_each_row_once_and_gets_the_streamed_text(embedded_artifact, monkeypatch):
+    """generate() without stop strings reads no text before a row ends, so its steps decode nothing
+    and the ids are decoded once; the text is the stream's, sampled tokens and split characters alike."""
+    gen = Generator.load(embedded_artifact["gpt2"])
+    calls = []
+    decode = gen.tokenizer.decode
+    monkeypatch.setattr(gen.tokenizer, "decode", lambda ids: calls.append(len(ids)) or decode(ids))
+    for seed in (1, 2, 3):
+        cfg = SamplingConfig(max_new_tokens=30, greedy=False, temperature=1.5, seed=seed, stop_at_eos=False)
+        events = list(gen.stream(PROMPTS[0], cfg))
+        calls.clear()
+        result = gen.generate(PROMPTS[0], cfg)
+        assert calls == [30]
+        assert result.token_ids == [e.token_id for e in events]
+        assert result.text == "".join(e.text for e in events) == decode(result.token_ids)
+        assert result.finish_reason == events[-1].finished == "length"
+
+
 def test_each_row_of_a_batch_stops_on_its_own(embedded_artifact):
     gen = Generator.load(embedded_artifact["gpt2"])
     alone = [gen.generate(p, SamplingConfig(max_new_tokens=25, stop_at_eos=False)).text for p in PROMPTS]

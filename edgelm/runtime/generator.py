@@ -51,8 +51,12 @@ class StreamEvent:
 class Row:
     """Per-row state: generated ids, the text emitted so far, stop strings, finish reason."""
 
-    def __init__(self, tokenizer, prompt: str, prompt_ids: list[int], cfg: SamplingConfig, eos: int | None):
+    def __init__(self, tokenizer, prompt: str, prompt_ids: list[int], cfg: SamplingConfig, eos: int | None,
+                 live_text: bool = True):
         self.tokenizer, self.prompt, self.prompt_ids, self.cfg, self.eos = tokenizer, prompt, prompt_ids, cfg, eos
+        # False: nobody reads the text before the row ends (generate() without stop strings), so no
+        # step decodes; `final_text` decodes the ids once
+        self.live_text = live_text or bool(cfg.stop)
         self.ids: list[int] = []
         self.text = ""
         self.finished: str | None = None
@@ -69,8 +73,12 @@ class Row:
         """
         if self.cfg.stop_at_eos and self.eos is not None and token == self.eos:
             self.finished = "eos"
-            return self._emit(self._decoded())
+            return self._emit(self._decoded()) if self.live_text else ""
         self.ids.append(token)
+        if not self.live_text:
+            if len(self.ids) >= self.cfg.max_new_tokens:
+                self.finished = "length"
+            return ""
         full = self._decoded()
         for stop in self.cfg.stop:
             cut = full.find(stop)
@@ -83,6 +91,10 @@ class Row:
         if full.endswith("\ufffd"):
             return ""
         return self._emit(full[: len(full) - self._held(full)])
+
+    def final_text(self) -> str:
+        """The row's text: what was emitted, or, for a row without live text, its ids decoded once."""
+        return self.text if self.live_text else self.tokenizer.decode(self.ids)
 
     def _decoded(self) -> str:
         """The text of every id so far, decoding only the ids after the last whole-character boundary.
@@ -146,7 +158,7 @@ class Generator:
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
                                               and all(isinstance(t, (int, np.integer)) for t in prompts))
         cfg = cfg or SamplingConfig(**kwargs)
-        rows = self._rows([prompts] if single else list(prompts), cfg)
+        rows = self._rows([prompts] if single else list(prompts), cfg, live_text=False)
         for _ in self.run(rows):
             pass
         results = [self.result(r) for r in rows]
@@ -163,13 +175,16 @@ class Generator:
         return [self.result(r) for r in rows]
 
     # -- internals ----------------------------------------------------------------------------
-    def _rows(self, prompts: list[str], cfg: SamplingConfig) -> list[Row]:
+    def _rows(self, prompts: list[str], cfg: SamplingConfig, live_text: bool = True) -> list[Row]:
         if not prompts:
             raise InputError("no prompt given; pass at least one prompt")
-        return [self.prepare(p, cfg) for p in prompts]
+        return [self.prepare(p, cfg, live_text) for p in prompts]
 
-    def prepare(self, prompt: str | list[int], cfg: SamplingConfig) -> Row:
-        """Tokenize (a string) or check (a list of token ids) one prompt against the context."""
+    def prepare(self, prompt: str | list[int], cfg: SamplingConfig, live_text: bool = True) -> Row:
+        """Tokenize (a string) or check (a list of token ids) one prompt against the context.
+
+        ``live_text``: False when nobody reads the row's text before it ends (see Row).
+        """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -193,10 +208,10 @@ class Generator:
                     f"more than the model's context of {self.max_positions}; shorten the prompt, ask for fewer "
                     "tokens, or choose the 'truncate' context policy (keeps the end of the prompt)"
                 )
-        return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_id)
+        return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_id, live_text)
 
     def result(self, row: Row) -> GenerationResult:
-        return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.text, row.finished or "length",
+        return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.final_text(), row.finished or "length",
                                 row.timings)
 
     def run(self, rows: list[Row]) -> Iterator[StreamEvent]:
