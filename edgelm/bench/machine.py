@@ -44,8 +44,9 @@ def read_kernels(buf: np.ndarray) -> list:
       kernel reads 4 panels at once; one stream per thread read about a quarter less on an AVX2
       EPYC) over the same slices, and over interleaved 512 KiB chunks, thread t taking chunks t,
       t + threads, ...: the threads then read within a few chunks of one another, as the decode's
-      do, which drew 1.07x the slices' rate (median of per-round ratios) on that EPYC, and the best
-      pass 1.11x (benchmarks/read_probe.py, results/read_probe.md). ctypes lets go of the GIL.
+      do. On that EPYC it drew 1.03x the slices' rate (median of 40 per-round ratios;
+      benchmarks/read_probe.py, results/read_probe.md), and more in earlier, less loaded minutes;
+      the probe keeps the best of every reader. ctypes lets go of the GIL.
     """
 
     def slices(reduce):
