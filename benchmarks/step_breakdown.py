@@ -11,8 +11,9 @@ In one process, round after round, six timings of the same weights:
   panels) as one ONNX Runtime graph of unconnected nodes, each on a constant input: the weights
   streamed with nothing else in the step;
 - model run: the artifact's ONNX Runtime run per decode step inside edgelm's generation loop (128
-  greedy tokens after a 32-token prompt), mean over the decode steps;
-- step: 1 / decode tokens per second of that generation (adds the Python loop);
+  greedy tokens after a 32-token prompt), median over the decode steps;
+- step: the time from one decode step's run to the next in that generation, median (adds the
+  Python loop);
 - loop alone: the same generation with ONNX Runtime's run replaced by nothing, so the Python loop runs
   with warm caches (in a real step the weights have just flushed them).
 The differences between them, paired within a round, are the time attention, the graph's small
@@ -71,10 +72,10 @@ def _projections(folder: Path):
 
 
 class _Timed:
-    """The artifact's session with run_with_iobinding timed."""
+    """The artifact's session with run_with_iobinding timed: when each call began and how long it took."""
 
     def __init__(self, inner):
-        self.inner, self.times = inner, []
+        self.inner, self.times, self.starts = inner, [], []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -83,6 +84,7 @@ class _Timed:
 
     def run_with_iobinding(self, binding, *args):
         start = time.perf_counter()
+        self.starts.append(start)
         if not self.skip:
             self.inner.run_with_iobinding(binding, *args)
         self.times.append(time.perf_counter() - start)
@@ -126,10 +128,11 @@ def main(argv=None) -> int:
             chain.run(None, feeds)
             runs.append(time.perf_counter() - start)
         ms["projections"].append(float(np.median(runs)) * 1e3)
-        timed.times = []
-        tps = gen.generate(prompt, cfg).timings["decode_tokens_per_s"]
-        ms["model run"].append(float(np.mean(timed.times[1:])) * 1e3)
-        ms["step"].append(1e3 / tps)
+        timed.times, timed.starts = [], []
+        gen.generate(prompt, cfg)
+        # medians, as for the reads and the projections: a mean takes in the shared machine's stalls
+        ms["model run"].append(float(np.median(timed.times[1:])) * 1e3)
+        ms["step"].append(float(np.median(np.diff(timed.starts[1:]))) * 1e3)  # one decode step to the next
         timed.skip = True
         ms["loop alone"].append(1e3 / gen.generate(prompt, cfg).timings["decode_tokens_per_s"])
         timed.skip = False
