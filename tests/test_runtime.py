@@ -356,3 +356,27 @@ def test_runtime_serves_optimum_artifacts_too(tiny_model_dir, tiny_artifact, tmp
     ours = [r.token_ids for r in Generator.load(tiny_artifact["gpt_neo"]).generate(PROMPTS, cfg)]
     theirs = [r.token_ids for r in Generator.load(out).generate(PROMPTS, cfg)]
     assert ours == theirs
+
+
+def test_a_cuda_cache_is_zeroed_on_the_device_and_a_window_has_no_slack():
+    """Without a GPU the CUDA cache is checked against a stand-in for ONNX Runtime's OrtValue: every
+    bound buffer is made on device cuda:0 from zeros (uninitialised memory could hold NaN patterns),
+    and a window cache is exactly the window (ONNX Runtime's CUDA kernel takes no slack)."""
+    from types import SimpleNamespace
+
+    from edgelm.runtime.kv import KVCache
+
+    made = []
+
+    def from_numpy(array, device="cpu", device_id=0):
+        made.append((array.copy(), device, device_id))
+        return len(made) - 1
+
+    ort = SimpleNamespace(OrtValue=SimpleNamespace(ortvalue_from_numpy=from_numpy))
+    spec = [{"kind": "full", "past_key": "pk0", "past_value": "pv0", "present_key": "k0", "present_value": "v0"},
+            {"kind": "window", "window": 4, "past_key": "pk1", "past_value": "pv1", "present_key": "k1",
+             "present_value": "v1"}]
+    cache = KVCache(ort, spec, batch=2, max_len=10, heads=3, head_size=5, dtype=np.float16, device="cuda")
+    assert [(a.shape, a.dtype, dev, i) for a, dev, i in made] == [((2, 3, 10, 5), np.float16, "cuda", 0)] * 2 + [
+        ((2, 3, 4, 5), np.float16, "cuda", 0)] * 2
+    assert all(not a.any() for a, _, _ in made) and not cache._host

@@ -37,8 +37,9 @@ class KVCache:
                     host = np.zeros(shape, dtype=dtype)
                     self._host.append(host)
                     value = ort.OrtValue.ortvalue_from_numpy(host) if e["kind"] != "concat" else host
-                else:  # resident on the GPU for the whole generation
-                    value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+                else:  # resident on the GPU for the whole generation; zeros, as on the CPU (the rows past
+                    # the sequence are never read, but uninitialised memory could hold NaN patterns)
+                    value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
                 self.values[name] = value
 
     def bind(self, binding) -> None:
