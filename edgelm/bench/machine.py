@@ -44,7 +44,8 @@ def read_kernels(buf: np.ndarray) -> list:
       kernel reads 4 panels at once; one stream per thread read about a quarter less on an AVX2
       EPYC) over the same slices, and over interleaved 512 KiB chunks, thread t taking chunks t,
       t + threads, ...: the threads then read within a few chunks of one another, as the decode's
-      do. On that EPYC it drew 1.03x the slices' rate (median of 40 per-round ratios;
+      do within a layer's projections (ONNX Runtime hands each thread a contiguous run of an
+      operator's chunks, a few MB from the other's). On that EPYC it drew 1.03x the slices' rate (median of 40 per-round ratios;
       benchmarks/read_probe.py, results/read_probe.md), and more in earlier, less loaded minutes;
       the probe keeps the best of every reader. ctypes lets go of the GIL.
     """

@@ -35,7 +35,8 @@ EDGELM_EXPORT double edgelm_read_sum(const float *x, size_t n);
 
 /* Sum of chunks first, first + step, ... of `chunk` floats of x[0, n) (the last may be short), each
  * read by edgelm_read_sum: with first = thread index and step = threads, every core reads its own
- * chunks while all of them stay within a few chunks of one another, as the decode's threads do. */
+ * chunks while all of them stay within a few chunks of one another, as the decode's threads do
+ * within a layer's projections. */
 EDGELM_EXPORT double edgelm_read_chunks(const float *x, size_t n, size_t chunk, size_t first, size_t step);
 
 /* exp(a), a clamped to [-87, 87]: exp(a) = 2^j exp(r), j = round(a / ln 2), r = a - j ln 2 in two
