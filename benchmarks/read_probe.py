@@ -56,8 +56,9 @@ def main(argv=None) -> int:
               "machine": machine(), "versions": versions(), "commit": commit(), "threads": threads,
               "buffer_bytes": buf.nbytes, "gbps": gbps, "summary": summary}
     lines = ["# Read probe: its readers against one another", "", f"Command: `{result['command']}` (commit "
-             f"{result['commit']}). Machine: {result['machine']['cpu']}, {threads} threads, {result['machine']['isa']}.",
-             "", f"| reader | median GB/s | best GB/s | per-round ratio to {base} (median) |", "| --- | --- | --- | --- |"]
+             f"{result['commit']}). Machine: {result['machine']['cpu']}, {threads} threads, "
+             f"{result['machine']['isa']}.", "",
+             f"| reader | median GB/s | best GB/s | per-round ratio to {base} (median) |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {s['median_gbps']:.1f} | {s['best_gbps']:.1f} | {s['paired_vs_' + base]:.3f} |"
               for k, s in summary.items()]
     RESULTS.mkdir(exist_ok=True)

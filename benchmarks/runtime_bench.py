@@ -6,11 +6,11 @@
 Random-weight models with the real configurations (benchmarks/configs.py), batch 1, a 32-token
 prompt, 128 greedy new tokens (EOS ignored), systems in shuffled order within each repeat. The
 memory bandwidth is measured in the same run, between every two repeats (all cores read a 1 GiB
-buffer, best of 3 passes of the read probe's kernels); a repeat's ceiling is the higher bandwidth around
-it / weight bytes read per token (every weight except the position table, which is only
+buffer, best of 3 passes of the read probe's readers); a repeat's ceiling is the higher bandwidth
+around it / weight bytes read per token (every weight except the position table, which is only
 gathered). Ratios are taken within a repeat, then the median. The memory-read system is no model:
-it reads a step's weight bytes per step, the speed of memory measured as a decode is. Writes --out (default
-benchmarks/results/runtime.json) and the .md and .png beside it.
+it reads a step's weight bytes per step, the speed of memory measured as a decode is (batch 1).
+Writes --out (default benchmarks/results/runtime.json) and the .md and .png beside it.
 """
 
 from __future__ import annotations
@@ -145,9 +145,10 @@ class PyTorch(_HFGenerate):
 
 class MemoryRead:
     """No model: each step reads as many bytes as a decode step's weights, with the read probe's
-    fastest reader (interleaved chunks, every core). The most a memory-bound decoder could do in the same minutes, so its share
-    of the ceiling is what the ceiling's method leaves reachable on this machine (the ceiling is the
-    best pass of several; a run of steps meets the machine's dips as well)."""
+    fastest reader (interleaved chunks, every core): the speed of memory, timed the way a decode is
+    and in the same minutes. Its share of the ceiling shows how much of the ceiling the method leaves
+    reachable on this machine (the ceiling is the best pass of several; a run of steps also meets
+    the machine's dips)."""
 
     name = "memory-read"
 
@@ -168,8 +169,8 @@ class MemoryRead:
         return times[0], (new_tokens - 1) * len(prompts) / sum(times[1:])
 
 
-SYSTEMS = {"edgelm": Edgelm, "edgelm-packed": EdgelmPacked, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum, "pytorch": PyTorch,
-           "memory-read": MemoryRead}
+SYSTEMS = {"edgelm": Edgelm, "edgelm-packed": EdgelmPacked, "edgelm-matmul": EdgelmMatMul, "optimum": Optimum,
+           "pytorch": PyTorch, "memory-read": MemoryRead}
 
 
 def bench_model(name: str, systems: list[str], batches: list[int], repeats: int, prompt_len: int,
@@ -262,7 +263,7 @@ def write_report(data: dict, out: Path) -> None:
         "",
         f"Command: `{data['command']}`",
         "",
-        "Memory bandwidth: all cores reading a 1 GiB buffer with the read probe's kernels, best of several passes "
+        "Memory bandwidth: all cores reading a 1 GiB buffer with the read probe's readers, best of several passes "
         "(edgelm.bench.machine.measure_bandwidth), measured between every two repeats. A row's ceiling is "
         "bandwidth / weight bytes read per token; 'of ceiling' is the median over repeats of the speed "
         "against the higher of the two measurements around that repeat. Speeds drift by +-20% within "
@@ -310,7 +311,8 @@ def write_report(data: dict, out: Path) -> None:
         if r["system"] != "memory-read" or r["batch"] != 1 or not r.get("fraction_of_ceiling"):
             continue
         ours = [f"{o['system']} {o['vs_memory_read'] * 100:.0f}%" for o in rows
-                if o["model"] == r["model"] and o["batch"] == 1 and o["system"].startswith("edgelm") and o.get("vs_memory_read")]
+                if o["model"] == r["model"] and o["batch"] == 1 and o.get("vs_memory_read")
+                and o["system"].startswith("edgelm")]
         lines.append(f"- {r['model']}: memory-read, a pure read of a step's weight bytes timed like a decode, reaches "
                      f"{r['fraction_of_ceiling'] * 100:.0f}% of the ceiling; against its speed in the same repeats: "
                      + (", ".join(ours) or "no edgelm row"))

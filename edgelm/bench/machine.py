@@ -45,15 +45,17 @@ def read_kernels(buf: np.ndarray) -> list:
       EPYC) over the same slices, and over interleaved 512 KiB chunks, thread t taking chunks t,
       t + threads, ...: the threads then read within a few chunks of one another, as the decode's
       do within a layer's projections (ONNX Runtime hands each thread a contiguous run of an
-      operator's chunks, a few MB from the other's). On that EPYC it drew 1.03x the slices' rate (median of 40 per-round ratios;
-      benchmarks/read_probe.py, results/read_probe.md), and more in earlier, less loaded minutes;
-      the probe keeps the best of every reader. ctypes lets go of the GIL.
+      operator's chunks, a few MB from the other's). On that EPYC it drew 1.03x the slices' rate
+      (median of 40 per-round ratios; benchmarks/read_probe.py, results/read_probe.md), and more in
+      earlier, less loaded minutes; the probe keeps the best of every reader. ctypes lets go of the
+      GIL.
     """
 
     def slices(reduce):
         return lambda pool, threads, buf: list(pool.map(reduce, np.array_split(buf, threads * 4)))
 
-    readers = [slices(np.sum), slices(lambda part: np.bitwise_or.reduce(part[: part.size // 2 * 2].view(np.uint64)))]
+    readers = [slices(np.sum),
+               slices(lambda part: np.bitwise_or.reduce(part[: part.size // 2 * 2].view(np.uint64)))]
     from ..runtime import native
 
     if native.library_path():
