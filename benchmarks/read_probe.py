@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     threads = os.cpu_count() or 1
     buf = np.ones(int(args.gib * (1 << 30)) // 4, dtype=np.float32)
-    readers = dict(zip(READERS, read_kernels(buf)))  # without edgelm's library: the first two only
+    readers = dict(zip(READERS, read_kernels()))  # without edgelm's library: the first two only
     gbps = {name: [] for name in readers}
     with ThreadPoolExecutor(threads) as pool:
         for r in range(args.rounds):

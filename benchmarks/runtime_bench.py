@@ -160,7 +160,7 @@ class MemoryRead:
         self.threads = os.cpu_count() or 1
         self.buf = np.ones(weight_bytes_per_token(MODELS[name][1]) // 4, dtype=np.float32)
         self.pool = ThreadPoolExecutor(self.threads)
-        self.reader = read_kernels(self.buf)[-1]  # interleaved chunks where edgelm's library is built
+        self.reader = read_kernels()[-1]  # interleaved chunks where edgelm's library is built
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
         from edgelm.bench.machine import timed_read

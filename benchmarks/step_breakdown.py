@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ms = {k: [] for k in names}
     threads = os.cpu_count() or 1
     pool, buf = ThreadPoolExecutor(threads), np.ones(nbytes // 4, dtype=np.float32)
-    read = read_kernels(buf)[-1]  # the fastest reader, as runtime_bench's memory-read
+    read = read_kernels()[-1]  # the fastest reader, as runtime_bench's memory-read
     for r in range(args.rounds):
         ms["probe"].append(nbytes / (measure_bandwidth(passes=3) * 1e9) * 1e3)
         ms["read"].append(float(np.median([timed_read(pool, threads, read, buf) for _ in range(20)])) * 1e3)

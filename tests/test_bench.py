@@ -292,7 +292,7 @@ def test_the_read_probe_readers_read_the_whole_buffer():
     from edgelm.runtime import native
 
     buf = np.ones(3 * READ_CHUNK + 12_345, dtype=np.float32)
-    readers = read_kernels(buf)
+    readers = read_kernels()
     assert len(readers) == (4 if native.library_path() else 2)
     with ThreadPoolExecutor(2) as pool:
         for i, reader in enumerate(readers):

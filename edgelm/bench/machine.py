@@ -25,10 +25,10 @@ def measure_bandwidth(gib: float = 1.0, passes: int = 8, threads: int | None = N
     """
     threads = threads or os.cpu_count() or 1
     buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    best = 0.0
+    best, readers = 0.0, read_kernels()
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(passes):
-            for reader in read_kernels(buf):
+            for reader in readers:
                 best = max(best, buf.nbytes / timed_read(pool, threads, reader, buf) / 1e9)
     return best
 
@@ -36,7 +36,7 @@ def measure_bandwidth(gib: float = 1.0, passes: int = 8, threads: int | None = N
 READ_CHUNK = 1 << 17  # floats (512 KiB) per chunk of the interleaved reader
 
 
-def read_kernels(buf: np.ndarray) -> list:
+def read_kernels() -> list:
     """The probe's readers, fastest last: functions (pool, threads, buf) that read all of ``buf``.
 
     - a float32 sum and a 64-bit bitwise OR, each thread reducing slices of its own (4 per thread);
