@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--gib", type=float, default=1.0)
     args = p.parse_args(argv)
+    if args.rounds < 1 or not args.gib > 0:
+        p.error("--rounds must be at least 1 and --gib above 0")
 
     from edgelm.bench.machine import read_kernels, timed_read
 

@@ -365,6 +365,12 @@ def main(argv=None) -> int:
                    help="results JSON; the .md and .png are written beside it")
     p.add_argument("--merge", action="store_true", help="keep the rows of models this run does not measure")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+        p.error("--repeats and --prompt-len must be at least 1 and --new-tokens at least 2 (a decode speed needs two steps)")
+    unknown = {s for s in args.systems.split(",") + args.big_systems.split(",") if s not in SYSTEMS}
+    unknown |= {m for m in args.models.split(",") if m not in MODELS}
+    if unknown:
+        p.error(f"unknown {', '.join(sorted(unknown))}: systems are {', '.join(SYSTEMS)}; models {', '.join(MODELS)}")
     RESULTS.mkdir(exist_ok=True)
     import psutil
 

@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", help="results file name without .json (default step_breakdown-MODEL)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
 
     from concurrent.futures import ThreadPoolExecutor
 
