@@ -9,29 +9,37 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                                 reason="no CUDA provider (needs onnxruntime-gpu and an NVIDIA GPU)")
 
+PROMPTS = ["Emma said", "It is a truth universally acknowledged that a single man"]
+
 
 @pytest.fixture(scope="module")
-def fp16_gpt2(tiny_model_dir, tmp_path_factory):
+def fp16_artifact(tiny_model_dir, tmp_path_factory):
+    """{arch: fp16 artifact}: fp16 attention without a padding bias (right padding), as CUDA needs."""
     from edgelm.export import export_model
 
-    out = tmp_path_factory.mktemp("cuda") / "gpt2-fp16"
-    export_model(str(tiny_model_dir["gpt2"]), out, dtype="fp16", progress=False)
-    return out
+    root = tmp_path_factory.mktemp("cuda")
+    return {arch: export_model(str(d), root / arch, dtype="fp16", progress=False) and root / arch
+            for arch, d in tiny_model_dir.items()}
 
 
-def test_cuda_greedy_matches_cpu(fp16_gpt2, tiny_artifact):
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_cuda_greedy_matches_cpu(fp16_artifact, arch):
+    """One prompt past the tiny GPT-Neo's window, and a batch of prompts of different lengths (each
+    prefilled on its own into its row of the device cache, then decoded together)."""
     from edgelm.runtime import Generator, SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=16, stop_at_eos=False)
-    gpu = Generator.load(fp16_gpt2, provider="cuda").generate("Emma said", cfg)
-    cpu = Generator.load(fp16_gpt2, provider="cpu").generate("Emma said", cfg)
-    assert gpu.token_ids == cpu.token_ids
+    gpu, cpu = (Generator.load(fp16_artifact[arch], provider=p) for p in ("cuda", "cpu"))
+    assert gpu.generate(PROMPTS[0], cfg).token_ids == cpu.generate(PROMPTS[0], cfg).token_ids
+    assert [r.token_ids for r in gpu.generate(PROMPTS, cfg)] == [r.token_ids for r in cpu.generate(PROMPTS, cfg)]
 
 
-def test_cuda_cache_stays_on_the_device(fp16_gpt2):
+def test_cuda_cache_stays_on_the_device(fp16_artifact):
     from edgelm.runtime import Generator, SamplingConfig
 
-    gen = Generator.load(fp16_gpt2, provider="cuda")
-    gen.generate("Emma said", SamplingConfig(max_new_tokens=8, stop_at_eos=False))
-    values = gen.last_cache.values.values()
-    assert all(v.device_name().lower() == "cuda" for v in values)
+    gen = Generator.load(fp16_artifact["gpt_neo"], provider="cuda")
+    addresses = []
+    for _ in gen.run(gen._rows(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False))):
+        addresses.append(gen.last_cache.buffer_addresses())
+    assert all(a == addresses[0] for a in addresses)  # the same device buffers at every step
+    assert all(v.device_name().lower() == "cuda" for v in gen.last_cache.values.values())

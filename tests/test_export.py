@@ -65,7 +65,7 @@ def test_manifest_describes_the_artifact(tiny_artifact, arch):
     assert v["status"] == "passed"
     assert set(v["max_abs_diff"]) == {"logits", *outputs[1:]}
     assert all(0 <= d <= v["atol"] for d in v["max_abs_diff"].values())
-    assert v["schedule"]["decode_steps"] >= 3 and v["schedule"]["batch"] == 2 and v["schedule"]["left_padding"] > 0
+    assert v["schedule"]["decode_steps"] >= 3 and v["schedule"]["batch"] == 2 and v["schedule"]["padded_tokens"] > 0
     if arch == "gpt_neo":
         assert v["schedule"]["total_tokens"] > 4  # beyond the local window
     assert {"model.onnx", "tokenizer.json", "vocab.json", "merges.txt"} <= set(m["files"])
@@ -143,7 +143,9 @@ def test_existing_output_is_refused_without_force(tiny_model_dir, tmp_path):
 def test_fp16_export_is_marked_honestly(tiny_model_dir, tmp_path):
     m = export_model(str(tiny_model_dir["gpt_neo"]), tmp_path / "h", dtype="fp16", progress=False)
     assert m["graph"]["dtype"] == "fp16"
-    assert m["io"]["kv_dtype"] == "float32"  # GPT-Neo keeps attention (and its cache) in fp32
+    # attention in fp16 (ONNX Runtime's CUDA kernel has no other), with no padding bias (the CUDA kernel
+    # refuses one): right padding, each row's length from its mask
+    assert m["io"]["kv_dtype"] == "float16" and m["io"]["padding"] == "right"
     v = m["validation"]
     assert v["status"] in ("passed", "not_validated")
     if v["status"] == "passed":
@@ -152,6 +154,32 @@ def test_fp16_export_is_marked_honestly(tiny_model_dir, tmp_path):
         assert v["reason"]
     g = onnx.load(str(tmp_path / "h" / "model.onnx"), load_external_data=False).graph
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer)
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all(len(n.input) < 11 or n.input[10] == "" for n in attention)
+    assert "Cast" not in {n.op_type for n in g.node if "/attn/" in n.name}
+    assert v["status"] != "passed" or v["schedule"]["padding"] == "right"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padding_is_validated_with_rows_of_different_lengths(tiny_model_dir, tmp_path, arch):
+    """The fp16 graphs' contract, exported in fp32: the validation prefills the shorter prompt on its own
+    and decodes both rows at their own lengths (past the tiny GPT-Neo's window), against PyTorch."""
+    m = export_model(str(tiny_model_dir[arch]), tmp_path / "r", padding="right", progress=False)
+    assert m["io"]["padding"] == "right" and m["io"]["kv_dtype"] == "float32"
+    v = m["validation"]
+    assert v["status"] == "passed" and v["schedule"]["padding"] == "right" and v["schedule"]["padded_tokens"] > 0
+    assert max(v["max_abs_diff"].values()) < 1e-4  # fp32: the same math as PyTorch's, row by row
+    ops = m["graph"]["operators"]
+    assert ops["ReduceSum"] == 1 and "Expand" not in ops  # each row's length from its mask; no bias
+
+
+def test_padding_is_refused_where_it_cannot_be(tiny_model_dir, tmp_path):
+    for kwargs, expected in (({"padding": "middle"}, "padding 'middle' is not available"),
+                             ({"padding": "right", "linear_layout": "packed"}, "the packed layout"),
+                             ({"padding": "right", "backend": "optimum"}, "the optimum backend")):
+        with pytest.raises(InputError, match=expected):
+            export_model(str(tiny_model_dir["gpt2"]), tmp_path / "x", progress=False, **kwargs)
+    assert not (tmp_path / "x").exists()
 
 
 def _cli(*args):

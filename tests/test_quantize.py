@@ -306,6 +306,28 @@ def test_foreign_targets_measure_quality_but_not_speed(tiny_artifact, tmp_path, 
     assert m["graph"]["quantization"]["target"] == "cuda"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_cuda_target_gets_attention_cuda_can_run(tiny_artifact, tmp_path, eval_text, arch):
+    """fp16 GroupQueryAttention over an fp16 cache, right padding and no attention bias (the CUDA kernel
+    has no fp32 one and refuses a bias); checked on the CPU provider, as far as this machine can."""
+    from edgelm.runtime import Generator, SamplingConfig
+
+    m = quantize(tiny_artifact[arch], tmp_path / "cuda", eval_text, mode="int4-weight", target="cuda")
+    assert m["io"]["kv_dtype"] == "float16" and m["io"]["padding"] == "right"
+    assert {e["dtype"] for e in m["io"]["inputs"] if e["name"].startswith("past_key_values.")} == {"float16"}
+    graph = onnx.load(str(tmp_path / "cuda" / "model.onnx")).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all(len(n.input) == 10 for n in attention)
+    casts = {n.input[0]: n for n in graph.node if n.op_type == "Cast"}
+    assert all(casts[n.output[0]].attribute[0].i == onnx.TensorProto.FLOAT for n in attention)
+    assert not any("AttentionBias" in n.name for n in graph.node)
+    assert m["steps"][-1]["perplexity"]["after"] < 1.2 * m["steps"][-1]["perplexity"]["before"]
+    gen = Generator.load(tmp_path / "cuda")  # right-padded: prompts of different lengths, row by row
+    cfg = SamplingConfig(max_new_tokens=10, stop_at_eos=False)
+    prompts = ["Emma said", "It is a truth universally acknowledged that"]
+    assert [r.token_ids for r in gen.generate(prompts, cfg)] == [gen.generate(p, cfg).token_ids for p in prompts]
+
+
 def test_auto_keeps_the_fastest_candidate_within_the_limit(tiny_artifact, tmp_path, eval_text):
     m = quantize(tiny_artifact["gpt2"], tmp_path / "auto", eval_text, mode="auto")
     step = m["steps"][-1]

@@ -53,6 +53,54 @@ def test_left_padded_batch_matches_transformers(embedded_artifact, name):
 
 
 @pytest.fixture(scope="module")
+def right_padded_artifact(tmp_path_factory):
+    """{name: artifact} of the embedded models with right padding (fp16 graphs' contract, for CUDA), in fp32."""
+    from edgelm.export import export_model
+
+    root = tmp_path_factory.mktemp("right")
+    return {name: export_model(str(d), root / name, progress=False, padding="right") and root / name
+            for name, d in EMBEDDED_MODELS.items()}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_right_padded_graphs_match_transformers(right_padded_artifact, name):
+    """Greedy past GPT-Neo's local window, and a batch of prompts of different lengths: each prefilled
+    on its own into its row of the cache, then decoded together, each row at its own length."""
+    gen = Generator.load(right_padded_artifact[name])
+    assert gen.art.manifest["io"]["padding"] == "right"
+    ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
+    assert ours.token_ids == _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
+    batch = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=70, stop_at_eos=False))
+    assert [r.token_ids for r in batch] == _hf_greedy(EMBEDDED_MODELS[name], PROMPTS, 70)
+    lengths = [len(r.prompt_ids) for r in batch]
+    assert lengths[0] != lengths[1]
+    # each row's tokens at the front of its rows of the global layer's key buffer, nothing after them
+    filled = (np.abs(gen.last_cache._host[0]).sum(axis=(1, 3)) > 0).sum(axis=1)
+    assert filled.tolist() == [n + 70 - 1 for n in lengths]  # the last token is sampled, never fed back
+
+
+def test_cuda_takes_only_graphs_whose_attention_it_can_run(tiny_artifact, tiny_model_dir, right_padded_artifact, tmp_path):
+    """ONNX Runtime would run fp32 or biased attention on the CPU inside a CUDA session: refused at load."""
+    import onnxruntime as ort
+
+    from edgelm.export import export_model
+
+    for art in (tiny_artifact["gpt2"], right_padded_artifact["gpt-neo"]):
+        with pytest.raises(InputError, match="computes attention in fp32, .* export an fp16 artifact for CUDA"):
+            Generator.load(art, provider="cuda")
+    fp16 = tmp_path / "fp16"
+    export_model(str(tiny_model_dir["gpt_neo"]), fp16, dtype="fp16", progress=False)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(InputError, match="this ONNX Runtime has no CUDA provider"):
+            Generator.load(fp16, provider="cuda")
+    manifest = json.loads((fp16 / "manifest.json").read_text())
+    manifest["io"]["padding"] = "left"  # as fp16 artifacts were before right padding
+    (fp16 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="padding bias, which ONNX Runtime's CUDA kernel refuses .* export it again"):
+        Generator.load(fp16, provider="cuda")
+
+
+@pytest.fixture(scope="module")
 def packed_artifact(tmp_path_factory):
     """{name: artifact} of the embedded models in the packed linear layout (edgelm's own operator), their
     weights in an external data file as a large model's are."""

@@ -40,8 +40,15 @@ Cache contract (written to the manifest, read by the runtime):
 - local layers ("window", GPT-Neo): past and present are one buffer of a capacity C >= window
   that the operator compacts itself (``sliding_window_cache``); rows [0, L(T)) hold the most
   recent positions, L(T) = T if T <= C else T - G * ceil((T - C) / G), G = C - window + 1.
-- attention_mask covers past and new tokens, left padding allowed; padded keys are masked
-  through the attention bias, position_ids are given by the caller.
+- attention_mask covers past and new tokens; position_ids are given by the caller. How a batch
+  of prompts of different lengths is laid out is the manifest's ``io.padding``:
+  - ``left`` (fp32 graphs): left padding allowed, every row at the same length; padded keys are
+    masked through GroupQueryAttention's attention bias (CachedAttention reads the mask itself).
+  - ``right`` (fp16 graphs, which are for CUDA, whose GroupQueryAttention takes no attention bias):
+    each row's tokens are a prefix of its cache rows and of its attention_mask, which is 1 on the
+    row's first T_b positions and 0 after them; seqlens_k = T_b - 1 per row. A batched call
+    appends S rows to every row, so rows of different lengths are prefilled one row at a time
+    (the runtime binds each row's slice of the cache) and then decoded together.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from .checkpoint import Checkpoint
 from .graph import GraphBuilder
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
-MASK_VALUE = {"fp32": -1.0e9, "fp16": -3.0e4}
+MASK_VALUE = -1.0e9  # the attention bias of masked keys (fp32 graphs; fp16 graphs have no bias)
 OPSET_NOTE = {"ai.onnx": 17, "com.microsoft": 1}
 LINEAR_LAYOUTS = ("matmul", "conv", "packed")
 PACKED_GELU_TANH = 1  # PackedLinear's activation attribute for FastGelu (edgelm/runtime/native/ops.c)
@@ -69,14 +76,22 @@ def default_linear_layout(dtype: str) -> str:
     return "conv" if dtype == "fp32" else "matmul"
 
 
-def kv_dtype(facts: ModelFacts, dtype: str) -> str:
-    """GPT-Neo computes attention in fp32 (HF upcasts q and k): its KV cache stays fp32 in fp16 graphs."""
-    return "fp32" if facts.model_type == "gpt_neo" else dtype
+PADDINGS = ("left", "right")
 
 
-def io_spec(facts: ModelFacts, dtype: str) -> dict:
-    """Every input and output with dtype and symbolic shape, plus the cache kind of each layer."""
-    kv = {"fp32": "float32", "fp16": "float16"}[kv_dtype(facts, dtype)]
+def default_padding(dtype: str) -> str:
+    """The manifest's ``io.padding`` (module docstring): "right" for fp16 graphs (CUDA), "left" for fp32."""
+    return "right" if dtype == "fp16" else "left"
+
+
+def io_spec(facts: ModelFacts, dtype: str, padding: str | None = None) -> dict:
+    """Every input and output with dtype and symbolic shape, the cache kind of each layer and the
+    batch padding (``padding``: None for the dtype's default)."""
+    # the KV cache takes the graph's dtype: GPT-Neo's attention too is fp16 in fp16 graphs. HF upcasts
+    # GPT-Neo's q and k to fp32 because its scores are unscaled; GroupQueryAttention sums q.k in fp32
+    # whatever its inputs (ONNX Runtime's CPU kernel in fp32, its CUDA flash and memory-efficient
+    # kernels in fp32 registers), and the CUDA provider has it for fp16 and bf16 only.
+    kv = {"fp32": "float32", "fp16": "float16"}[dtype]
     h = facts.head_size
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
@@ -102,7 +117,8 @@ def io_spec(facts: ModelFacts, dtype: str) -> dict:
             "share_buffer": True,
             "heads": n, "head_size": h,  # per layer: a pruned model keeps fewer heads in some layers
         })
-    return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv}
+    return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv,
+            "padding": padding or default_padding(dtype)}
 
 
 class _Weights:
@@ -201,42 +217,52 @@ def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expec
         )
 
 
-def attention_metadata(g: GraphBuilder, ids: str, mask: str, dtype: str, bias_elem: int | None = None):
+def attention_metadata(g: GraphBuilder, ids: str, mask: str, dtype: str, padding: str = "left"):
     """GroupQueryAttention's inputs from input_ids and attention_mask, shared by every layer: the batch
     size (1-d), seqlens_k (B,), total_sequence_length (int32 scalar) and the attention bias (B, 1, S, T),
-    0 where the mask is 1 and MASK_VALUE where it is 0; ``bias_elem``: a dtype to cast the bias to.
-    optimize.onnx_edit.packed_to_matmul writes the same nodes when it turns CachedAttention back."""
+    0 where the mask is 1 and MASK_VALUE where it is 0.
+    optimize.onnx_edit.packed_to_matmul writes the same nodes when it turns CachedAttention back.
+
+    ``padding`` "right": no bias (None), and seqlens_k is each row's own length - 1, the sum of its
+    mask row - 1 (module docstring)."""
     np_dtype, elem = DTYPES[dtype]
     p = "/model/attn_mask"
     mask_shape = g.node("Shape", [mask], name=f"{p}/Shape")
     ids_shape = g.node("Shape", [ids], name=f"{p}/ShapeIds")
     total64 = g.node("Gather", [mask_shape, g.const(f"{p}/one", 1)], name=f"{p}/Total", axis=0)
     batch = g.node("Slice", [ids_shape, g.const(f"{p}/s0", [0]), g.const(f"{p}/s1", [1])], name=f"{p}/Batch")
-    seq = g.node("Slice", [ids_shape, g.const(f"{p}/s1b", [1]), g.const(f"{p}/s2", [2])], name=f"{p}/Seq")
     total = g.node("Cast", [total64], name=f"{p}/TotalInt32", to=TensorProto.INT32)
+    if padding == "right":
+        lengths = g.node("ReduceSum", [mask, g.const(f"{p}/axis1", [1])], name=f"{p}/RowLengths", keepdims=0)
+        lengths32 = g.node("Cast", [lengths], name=f"{p}/RowLengthsInt32", to=TensorProto.INT32)
+        seqlens_k = g.node("Sub", [lengths32, g.const(f"{p}/one32", 1, np.int32)], name=f"{p}/SeqlensK")
+        return batch, seqlens_k, total, None
+    seq = g.node("Slice", [ids_shape, g.const(f"{p}/s1b", [1]), g.const(f"{p}/s2", [2])], name=f"{p}/Seq")
     last = g.node("Sub", [total, g.const(f"{p}/one32", 1, np.int32)], name=f"{p}/Last")
     seqlens_k = g.node("Expand", [last, batch], name=f"{p}/SeqlensK")
     mask_f = g.node("Cast", [mask], name=f"{p}/MaskFloat", to=elem)
     neg = g.node("Sub", [mask_f, g.const(f"{p}/onef", 1.0, np_dtype)], name=f"{p}/MaskMinusOne")
-    bias2d = g.node("Mul", [neg, g.const(f"{p}/big", -MASK_VALUE[dtype], np_dtype)], name=f"{p}/Bias2d")
+    bias2d = g.node("Mul", [neg, g.const(f"{p}/big", -MASK_VALUE, np_dtype)], name=f"{p}/Bias2d")
     bias4d = g.node("Unsqueeze", [bias2d, g.const(f"{p}/axes", [1, 2])], name=f"{p}/Bias4d")
     total_1d = g.node("Unsqueeze", [total64, g.const(f"{p}/axis0", [0])], name=f"{p}/Total1d")
     bias_shape = g.node("Concat", [batch, g.const(f"{p}/one1d", [1]), seq, total_1d], name=f"{p}/BiasShape", axis=0)
     attn_bias = g.node("Expand", [bias4d, bias_shape], name=f"{p}/AttentionBias")
-    if bias_elem is not None:
-        attn_bias = g.node("Cast", [attn_bias], name=f"{p}/AttentionBiasCast", to=bias_elem)
     return batch, seqlens_k, total, attn_bias
 
 
 def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str, onnx_path: Path,
-                external: bool, progress=None, linear_layout: str = "matmul") -> dict:
-    """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary."""
+                external: bool, progress=None, linear_layout: str = "matmul", padding: str | None = None) -> dict:
+    """Write ``onnx_path`` (and ``onnx_path + '.data'`` when ``external``); return a summary.
+
+    ``padding``: the batch contract (module docstring), None for the dtype's default."""
+    padding = padding or default_padding(dtype)
     if linear_layout not in LINEAR_LAYOUTS:
         raise ValueError(f"linear layout {linear_layout!r} is not one of {LINEAR_LAYOUTS}")
+    if padding not in PADDINGS or (padding == "right" and linear_layout == "packed"):
+        raise ValueError(f"padding {padding!r} is not one of {PADDINGS} (the packed layout's attention takes left padding)")
     if linear_layout != "matmul" and dtype != "fp32":
         raise ValueError(f"the {linear_layout} linear layout is for fp32 graphs (its kernels are fp32)")
     np_dtype, elem = DTYPES[dtype]
-    kv_np, kv_elem = DTYPES[kv_dtype(facts, dtype)]
     g = GraphBuilder("edgelm_decoder", onnx_path.with_name(onnx_path.name + ".data") if external else None)
     w = _Weights(spec, ckpt, np_dtype)
     h, d = facts.head_size, facts.hidden_size
@@ -248,13 +274,13 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "past_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):
-                g.input(f"past_key_values.{i}.{part}", kv_elem, ["batch", facts.layer_heads[i], length, h])
+                g.input(f"past_key_values.{i}.{part}", elem, ["batch", facts.layer_heads[i], length, h])
 
         # -- attention metadata, shared by every layer: (B,), scalar, (B, 1, S, T) ---------
         # (edgelm's CachedAttention derives them from the mask itself)
         batch = seqlens_k = total = attn_bias = None
         if linear_layout != "packed":
-            batch, seqlens_k, total, attn_bias = attention_metadata(g, ids, mask, dtype, kv_elem if kv_np != np_dtype else None)
+            batch, seqlens_k, total, attn_bias = attention_metadata(g, ids, mask, dtype, padding)
         linear = _Linear(g, linear_layout, batch)
 
         # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
@@ -297,8 +323,6 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             else:
                 x, resid = _skip_layer_norm(g, stream_in, ln_1, f"{p}/ln_1")
                 qkv = linear(x, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj")
-            if kv_np != np_dtype:
-                qkv = g.node("Cast", [qkv], name=f"{p}/attn/UpcastQKV", to=kv_elem)
             attrs = dict(num_heads=n, kv_num_heads=n, scale=float(facts.attention_scales[i]))
             if kind == "local":
                 attrs.update(local_window_size=int(window), sliding_window_cache=1)
@@ -306,11 +330,9 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             if linear_layout == "packed":  # edgelm's own operator: the same contract, read at memory speed
                 op, inputs = "CachedAttention", [qkv, *past, "", "", "", mask]
             else:
-                op, inputs = "GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total, "", "", "", attn_bias]
+                op, inputs = "GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total, "", "", "", attn_bias or ""]
             attn, _, _ = g.node(op, inputs, [f"{p}/attn/{op}/output_0", f"present.{i}.key", f"present.{i}.value"],
                                 name=f"{p}/attn/{op}", **attrs)
-            if kv_np != np_dtype:
-                attn = g.node("Cast", [attn], name=f"{p}/attn/DowncastOut", to=elem)
             wo, bo = w.linear(spec.attn_out, i)
             _check_shape(facts, i, "attention output", wo, (n * h, d))
             o = linear(attn, f"{p}.attn.o_proj", wo, None, f"{p}/attn/o_proj")
@@ -363,7 +385,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         for i, (kind, _) in enumerate(facts.layer_kinds):
             length = "present_sequence" if kind == "global" else "window_capacity"
             for part in ("key", "value"):
-                g.output(f"present.{i}.{part}", f"present.{i}.{part}", kv_elem,
+                g.output(f"present.{i}.{part}", f"present.{i}.{part}", elem,
                          ["batch", facts.layer_heads[i], length, h])
         g.save(onnx_path)
     except BaseException:

@@ -132,7 +132,7 @@ def io_from_graph(graph, facts: ModelFacts) -> dict:
         "share_buffer": False,
         "heads": facts.layer_heads[i], "head_size": facts.head_size,
     } for i, (_, window) in enumerate(facts.layer_kinds)]
-    return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv_dtypes.pop()}
+    return {"inputs": inputs, "outputs": outputs, "kv_cache": cache, "kv_dtype": kv_dtypes.pop(), "padding": "left"}
 
 
 def _pairs(values: list[dict], pattern: re.Pattern) -> dict[int, dict[str, dict]]:

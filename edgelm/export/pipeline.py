@@ -17,7 +17,7 @@ from ..runtime import native
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
-from .builder import LINEAR_LAYOUTS, OPSET_NOTE, build_graph, count_ops, default_linear_layout, io_spec
+from .builder import LINEAR_LAYOUTS, OPSET_NOTE, PADDINGS, build_graph, count_ops, default_linear_layout, io_spec
 from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
@@ -38,11 +38,15 @@ def versions() -> dict:
 @measured_step("export")  # time, peak memory and energy of the whole export, in the step record
 def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
                  atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
-                 progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto") -> dict:
+                 progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto",
+                 padding: str | None = None) -> dict:
     """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder.
 
     ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv", "matmul" or "packed"
     (edgelm's own operator, which needs edgelm's runtime library wherever the graph runs); see builder.py.
+    ``padding``: how a batch of prompts of different lengths is laid out (builder.py): None for the
+    dtype's default ("right" for fp16, which CUDA's attention needs; "left" for fp32), or either one
+    for a builder graph outside the packed layout.
     """
     out = Path(out)
     if dtype not in V.DEFAULT_ATOL:
@@ -56,6 +60,10 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     if linear_layout in ("conv", "packed") and (dtype != "fp32" or backend != "builder"):
         raise InputError(f"the {linear_layout} linear layout needs --dtype fp32 and the builder backend; "
                          "use --linear-layout matmul (or auto)")
+    if padding is not None and (padding not in PADDINGS or backend != "builder"
+                                or (padding == "right" and linear_layout == "packed")):
+        raise InputError(f"padding '{padding}' is not available here: builder graphs take {' or '.join(PADDINGS)}, "
+                         "and the packed layout and the optimum backend take left padding")
     if linear_layout == "packed":
         native.require()  # the graph is validated through the library: refuse now, not after the build
     if atol is not None and not atol > 0:
@@ -83,13 +91,13 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             weight_bytes = ckpt.nbytes_fp32() // (2 if dtype == "fp16" else 1)
             external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
             summary = build_graph(spec, facts, ckpt, dtype, tmp / "model.onnx", external, progress=bar,
-                                  linear_layout=linear_layout)
+                                  linear_layout=linear_layout, padding=padding)
             release_memory()
             graph = {"file": "model.onnx", "external_data": "model.onnx.data" if summary["external_data"] else None,
                      "dtype": dtype, "backend": "builder",
                      "opset": dict(OPSET_NOTE, **({native.DOMAIN: 1} if linear_layout == "packed" else {})),
                      "weight_bytes": summary["weight_bytes"], "linear_layout": linear_layout}
-            io = io_spec(facts, dtype)
+            io = io_spec(facts, dtype, padding)
         graph["operators"] = count_ops(tmp / graph["file"])
         build_seconds = time.perf_counter() - started
         validation = {"status": "not_validated", "reason": "validation was switched off (--no-validate)"}
@@ -121,9 +129,9 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
 
 def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, rtol: float, io: dict,
               progress: bool) -> dict:
-    sched = V.make_schedule(facts)
+    sched = V.make_schedule(facts, padding=io["padding"])
     say = print if progress else (lambda *a, **k: None)
-    say(f"validating against PyTorch: batch 2 (left-padded), prompt {sched.steps[0][1]} tokens, "
+    say(f"validating against PyTorch: batch 2 ({io['padding']}-padded), prompt {sched.steps[0][1]} tokens, "
         f"{len(sched.steps) - 1} decode steps")
     # The reference waits on disk while ONNX Runtime runs: out of the peak of that phase.
     with tempfile.TemporaryDirectory(prefix="edgelm-validate-") as spill:
@@ -143,7 +151,7 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
         "reference": "transformers (eager attention, fp32)",
         "schedule": {"batch": int(sched.input_ids.shape[0]), "prompt_tokens": sched.steps[0][1],
                      "decode_steps": len(sched.steps) - 1, "total_tokens": int(sched.input_ids.shape[1]),
-                     "left_padding": int((sched.attention_mask == 0).sum()),
+                     "padding": sched.padding, "padded_tokens": int((sched.attention_mask == 0).sum()),
                      "window_capacity": sched.window_capacity},
         "max_abs_diff": {k: float(f"{v:.4g}") for k, v in diffs.items()},
     }

@@ -1,8 +1,11 @@
 """Validate an exported graph against PyTorch before anything is written to the output folder.
 
-The schedule: a batch of two random prompts (the second left-padded), then three decode steps,
+The schedule: a batch of two random prompts, the second 5 tokens shorter, then three decode steps,
 with a total length beyond the local window of every windowed layer and a window cache small
-enough that the operator evicts during the decode steps. PyTorch runs first and keeps only what
+enough that the operator evicts during the decode steps. The shorter prompt is laid out as the
+graph's ``io.padding`` says (builder.py): left-padded, or, for "right", a prefix of its row:
+ONNX Runtime prefills each row on its own and decodes both together, each at its own length,
+while PyTorch sees the same tokens with the gap masked. PyTorch runs first and keeps only what
 is compared (the logits of every step, the new cache rows of every step); its model is freed
 before ONNX Runtime loads the graph, so the two never hold the weights at the same time.
 """
@@ -32,13 +35,14 @@ class Schedule:
     position_ids: np.ndarray  # (B, T_final)
     steps: list[tuple[int, int]]  # [start, end) of the new tokens at each step
     window_capacity: int | None
+    padding: str = "left"  # "right": the shorter prompt's gap follows its tokens (masked for PyTorch)
 
     def feed(self, k: int):
         a, b = self.steps[k]
         return self.input_ids[:, a:b], self.position_ids[:, a:b], self.attention_mask[:, :b]
 
 
-def make_schedule(facts: ModelFacts, batch: int = 2, seed: int = 0) -> Schedule:
+def make_schedule(facts: ModelFacts, batch: int = 2, seed: int = 0, padding: str = "left") -> Schedule:
     windows = [w for kind, w in facts.layer_kinds if kind == "local"]
     window = max(windows, default=0)
     prompt = window + 2 if window else 24
@@ -52,9 +56,11 @@ def make_schedule(facts: ModelFacts, batch: int = 2, seed: int = 0) -> Schedule:
     pads = min(5, prompt // 3)
     for row in range(1, batch):
         mask[row, :pads] = 0
+        if padding == "right":
+            mask[row] = np.roll(mask[row, :prompt], -pads).tolist() + [1] * (total - prompt)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]
-    return Schedule(ids, mask, positions.astype(np.int64), steps, window + 2 if window else None)
+    return Schedule(ids, mask, positions.astype(np.int64), steps, window + 2 if window else None, padding)
 
 
 def resident_rows(total: int, capacity: int, window: int) -> int:
@@ -79,24 +85,61 @@ def _compare_rows(facts: ModelFacts, sched: Schedule, k: int, presents: list[np.
     rows [0, L), PyTorch at the end of its full cache), which checks the operator's eviction; in
     between, the newest row only (holding every resident row of every step would cost a model's
     worth of memory on GPT-Neo 2.7B).
+
+    Right padding: the rows this step added, for every kind, in PyTorch's positions; ONNX keeps a
+    row's tokens at the front of its cache, so its rows are gathered row by row (``_ragged_rows``).
+    The window caches' eviction is then checked through the logits of every step.
     """
     a, b = sched.steps[k]
+    ragged = sched.padding == "right"
     everything = k in (0, len(sched.steps) - 1)
     out = {}
     for i, (kind, window) in enumerate(facts.layer_kinds):
-        if cache_kinds[i] != "window":
+        if cache_kinds[i] != "window" or ragged:
             sl = slice(a, b)
         else:
             resident = resident_rows(b, sched.window_capacity, window)
             first = 0 if everything else resident - 1
             sl = slice(first, resident) if from_onnx else slice(b - resident + first, b)
         for j, part in enumerate(("key", "value")):
-            rows = presents[2 * i + j][:, :, sl]
+            if ragged:  # PyTorch's rows (run row by row) are never evicted
+                evicts = from_onnx and cache_kinds[i] == "window"
+                rows = _ragged_rows(presents[2 * i + j], sched, a, b, window if evicts else None)
+            else:
+                rows = presents[2 * i + j][:, :, sl]
             # ONNX Runtime's arrays stay alive as the next step's past: views cost nothing; PyTorch's
             # cache is freed, so its rows are copied
             out[f"present.{i}.{part}"] = np.asarray(rows, dtype=np.float32) if from_onnx \
                 else np.array(rows, dtype=np.float32)
     return out
+
+
+def _stack_rows(rows: list[dict]) -> dict:
+    """One batch's outputs from one output dict per row, each padded with zeros to the longest
+    (right-padded prompts run row by row; what lies past a row's length is never read)."""
+    out = {}
+    for name in rows[0]:
+        parts = [row[name] for row in rows]
+        axis = 1 if name == "logits" else 2  # (1, S, V) or (1, N, L, H)
+        longest = max(part.shape[axis] for part in parts)
+        out[name] = np.concatenate([np.pad(part, [(0, longest - part.shape[axis]) if d == axis else (0, 0)
+                                                  for d in range(part.ndim)]) for part in parts])
+    return out
+
+
+def _ragged_rows(cache: np.ndarray, sched: Schedule, a: int, b: int, window: int | None) -> np.ndarray:
+    """A right-padded cache's rows for PyTorch's positions [a, b): (B, N, b - a, H).
+
+    Row r holds its t-th token at index t (less what a window cache evicted); positions in the gap
+    of a shorter prompt take index 0 (compare skips them: the mask is 0 there)."""
+    out = []
+    for r in range(cache.shape[0]):
+        index = np.maximum(np.cumsum(sched.attention_mask[r, :b])[a:b] - 1, 0)
+        if window is not None:  # the operator keeps the most recent rows at the front
+            tokens = int(sched.attention_mask[r, :b].sum())
+            index = np.maximum(index - (tokens - resident_rows(tokens, sched.window_capacity, window)), 0)
+        out.append(cache[r][:, index])
+    return np.stack(out)
 
 
 class SpilledSteps:
@@ -133,6 +176,8 @@ def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule,
     """PyTorch's outputs for the schedule; ``cache_kinds`` (per layer, from io["kv_cache"]) picks the rows kept.
 
     With ``spill_to`` (a folder), the steps are written there (SpilledSteps) instead of held in memory.
+    Right padding: each row runs on its own, without the gap (in one batch, HF's GPT-Neo would count
+    the gap's masked positions inside its local window), and the rows are stacked as ONNX's are.
     """
     import torch
 
@@ -141,21 +186,33 @@ def torch_reference(model_dir: Path, facts: ModelFacts, sched: Schedule,
     cache_kinds = cache_kinds or default_cache_kinds(facts)
     model = load_torch_model(model_dir, facts)
     results = SpilledSteps(spill_to) if spill_to is not None else []
-    cache = None
+    rows = range(sched.input_ids.shape[0]) if sched.padding == "right" else [None]
+    caches = {row: None for row in rows}
+
+    def run(row, ids, pos, mask):
+        if row is not None:  # the row's own tokens (the gap left out), batch 1
+            keep = mask[row, -ids.shape[1]:].astype(bool)
+            ids, pos = ids[row:row + 1, keep], pos[row:row + 1, keep]
+            mask = np.ones((1, int(mask[row].sum())), dtype=np.int64)
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos), past_key_values=caches[row], use_cache=True)
+        caches[row] = out.past_key_values
+        step = {"logits": out.logits.float().numpy().copy()}
+        for layer in range(facts.num_layers):
+            key, value = _cache_layer(caches[row], layer)
+            step[2 * layer], step[2 * layer + 1] = key.numpy(), value.numpy()
+        return step
+
     with torch.inference_mode():
         for k in range(len(sched.steps)):
-            ids, pos, mask = (torch.from_numpy(x) for x in sched.feed(k))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            presents = []
-            for layer in range(facts.num_layers):
-                key, value = _cache_layer(cache, layer)
-                presents += [key.numpy(), value.numpy()]
-            step = {"logits": out.logits.float().numpy().copy()}
+            outs = [run(row, *sched.feed(k)) for row in rows]
+            outs = _stack_rows(outs) if len(outs) > 1 else outs[0]
+            presents = [outs[j] for j in range(2 * facts.num_layers)]
+            step = {"logits": outs["logits"]}
             step.update(_compare_rows(facts, sched, k, presents, from_onnx=False, cache_kinds=cache_kinds))
             results.append(step)
-            del out, presents
-    del model, cache
+            del outs, presents
+    del model, caches
     release_memory()
     return results
 
@@ -204,13 +261,24 @@ def onnx_outputs(onnx_path: Path, facts: ModelFacts, sched: Schedule, io: dict):
         past[entry["past_value"]] = np.zeros(shape, np_kv)
     cache_kinds = [entry["kind"] for entry in io["kv_cache"]]
     names = [o.name for o in sess.get_outputs()]
-    for k in range(len(sched.steps)):
-        ids, pos, mask = sched.feed(k)
+
+    def run(ids, pos, mask, past):
         feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
                 "num_logits_to_keep": np.array(ids.shape[1], dtype=np.int64)}
         feed = {name: value for name, value in feed.items() if name in wanted}
-        feed.update(past)
-        outs = dict(zip(names, sess.run(None, feed)))
+        return dict(zip(names, sess.run(None, {**feed, **past})))
+
+    for k in range(len(sched.steps)):
+        ids, pos, mask = sched.feed(k)
+        if sched.padding != "right":
+            outs = run(ids, pos, mask, past)
+        elif k == 0:  # each row's prompt on its own: its tokens at the front of its cache rows
+            outs = _stack_rows([run(ids[r:r + 1, :n], pos[r:r + 1, :n], mask[r:r + 1, :n],
+                                    {name: value[r:r + 1] for name, value in past.items()})
+                                for r, n in enumerate(mask.sum(axis=1))])
+        else:  # every row at its own length: the mask is 1 on a row's first tokens
+            lengths = mask.sum(axis=1)
+            outs = run(ids, pos, (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64), past)
         presents = []
         for entry in io["kv_cache"]:
             past[entry["past_key"]] = outs[entry["present_key"]]

@@ -271,19 +271,65 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     return turned
 
 
-def _attention_metadata(g: Graph) -> tuple[str, str, str, str]:
+def _attention_metadata(g: Graph, padding: str = "left") -> tuple[str, str, str, str | None]:
     """The builder's attention preamble (export.builder.attention_metadata, fp32), put first in the
     graph: its nodes and constants, the same names. Returns (batch, seqlens_k, total, attention_bias)."""
     from ..export.builder import attention_metadata
     from ..export.graph import GraphBuilder
 
     pre = GraphBuilder("preamble", None)
-    outputs = attention_metadata(pre, "input_ids", "attention_mask", "fp32")
+    outputs = attention_metadata(pre, "input_ids", "attention_mask", "fp32", padding)
     for tensor in pre.initializers:
         g.add(tensor.name, numpy_helper.to_array(tensor))
     for k, node in enumerate(pre.nodes):
         g.graph.node.insert(k, node)
     return outputs
+
+
+CACHE_PREFIXES = ("past_key_values.", "present.")
+
+
+def attention_for_cuda(model: onnx.ModelProto) -> int:
+    """Give an fp32 builder graph the attention ONNX Runtime's CUDA provider runs: fp16
+    GroupQueryAttention (its CUDA kernel has no other) over an fp16 KV cache, and right padding
+    instead of an attention bias, which that kernel refuses (export/builder.py). q, k and v are cast
+    to fp16 on the way in, the attention's output back to fp32; every projection keeps its dtype
+    (and its quantization). Returns how many attention nodes were changed."""
+    g = Graph(model)
+    attention = [n for n in g.graph.node if n.op_type == "GroupQueryAttention"]
+    if not attention:
+        return 0
+    preamble = "/model/attn_mask/"  # export.builder.attention_metadata's names
+    for node in [n for n in g.graph.node if n.name.startswith(preamble)]:
+        g.graph.node.remove(node)
+    for name in [t.name for t in g.graph.initializer if t.name.startswith(preamble)]:
+        g.graph.initializer.remove(g._init.pop(name))
+    _, seqlens_k, total, _ = _attention_metadata(g, padding="right")
+    for node in attention:
+        base = node.name.removesuffix("/GroupQueryAttention")
+        to_half = helper.make_node("Cast", [node.input[0]], [f"{base}/CastQKV/output_0"], name=f"{base}/CastQKV",
+                                   to=TensorProto.FLOAT16)
+        to_float = helper.make_node("Cast", [f"{base}/GroupQueryAttention/half_0"], [node.output[0]],
+                                    name=f"{base}/CastOut", to=TensorProto.FLOAT)
+        inputs = list(node.input[:10])
+        inputs[0], inputs[5], inputs[6] = to_half.output[0], seqlens_k, total
+        node.input[:] = inputs  # no attention bias
+        node.output[0] = to_float.input[0]
+        g.replace(node, [to_half, node, to_float])
+    for value in [*g.graph.input, *g.graph.output]:
+        if value.name.startswith(CACHE_PREFIXES):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    _remove_dead_nodes(g)
+    g.remove_unused_initializers()
+    return len(attention)
+
+
+def io_for_cuda(io: dict) -> dict:
+    """A manifest's ``io`` for a graph that went through attention_for_cuda."""
+    io = {**io, "kv_dtype": "float16", "padding": "right"}
+    io["inputs"], io["outputs"] = ([{**e, "dtype": "float16"} if e["name"].startswith(CACHE_PREFIXES) else e
+                                    for e in io[key]] for key in ("inputs", "outputs"))
+    return io
 
 
 def conv_to_matmul(model: onnx.ModelProto) -> int:

@@ -159,10 +159,11 @@ def _versions() -> dict:
 # -- building one candidate -------------------------------------------------------------------------
 def _build(job: Job, mode: str, folder: Path, source: Path, src_manifest: dict) -> dict:
     """Quantize into ``folder``: model, the source's other files, a provisional manifest. -> mode record."""
-    from .onnx_edit import Graph, count_ops, save_model
+    from .onnx_edit import Graph, attention_for_cuda, count_ops, io_for_cuda, save_model
 
     started = time.perf_counter()
     model, record = MODES[mode].transform(job)
+    cuda = job.target.provider == "cuda" and attention_for_cuda(model) > 0  # the attention CUDA can run
     graph = dict(src_manifest["graph"])
     graph.update(
         file="model.onnx", weight_bytes=Graph(model).weight_bytes(), operators=count_ops(model),
@@ -178,7 +179,7 @@ def _build(job: Job, mode: str, folder: Path, source: Path, src_manifest: dict) 
             shutil.copyfile(source / name, folder / name)
     manifest = copy.deepcopy(src_manifest)
     manifest.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), edgelm_version=__version__,
-                    graph=graph)
+                    graph=graph, io=io_for_cuda(src_manifest["io"]) if cuda else src_manifest["io"])
     manifest["steps"] = list(src_manifest["steps"]) + [{"name": "quantize", "mode": mode, "provisional": True}]
     manifest["files"] = file_table(folder)
     write_manifest(folder, manifest)

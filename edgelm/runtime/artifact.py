@@ -54,6 +54,22 @@ def check_provider(provider: str) -> str:
     return name
 
 
+def check_cuda_graph(folder: Path, manifest: dict) -> None:
+    """Refuse a builder graph whose attention ONNX Runtime's CUDA provider cannot run, instead of
+    letting ONNX Runtime place it on the CPU (a host round trip of the cache at every step): its
+    CUDA GroupQueryAttention is registered for fp16 and bf16 only, and refuses an attention bias
+    (onnxruntime/contrib_ops/cuda/bert/group_query_attention.cc), so only fp16 graphs with right
+    padding (export/builder.py) run there. Graphs from the optimum backend use standard operators."""
+    if manifest["graph"].get("backend") != "builder":
+        return
+    if manifest["io"]["kv_dtype"] != "float16":
+        raise InputError(f"{folder} computes attention in fp32, which ONNX Runtime's CUDA provider has no kernel "
+                         "for: export an fp16 artifact for CUDA (edgelm export MODEL --dtype fp16), or use --provider cpu")
+    if manifest["io"].get("padding", "left") != "right":
+        raise InputError(f"{folder} feeds its attention a padding bias, which ONNX Runtime's CUDA kernel refuses "
+                         "(fp16 artifacts exported before edgelm took right padding): export it again, or use --provider cpu")
+
+
 class Tokenizer:
     """GPT-2 byte-level BPE through the `tokenizers` package (no transformers)."""
 
@@ -114,6 +130,8 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     if packed and provider != "cpu":
         raise InputError(f"{folder} is in the packed linear layout, whose operator runs on the CPU only: "
                          "use --provider cpu, or export a CUDA artifact (--dtype fp16)")
+    if provider == "cuda":
+        check_cuda_graph(folder, manifest)
     provider_name = check_provider(provider)
     ort = _ort()
     opts = ort.SessionOptions()

@@ -3,10 +3,13 @@
     gen = Generator.load("out/gpt2")                         # artifact folder
     gen.generate("Once upon a time", SamplingConfig(max_new_tokens=32))
     for event in gen.stream("Once upon a time"): print(event.text, end="")
-    gen.generate(["First prompt", "A second, longer prompt"])   # a batch, left-padded
+    gen.generate(["First prompt", "A second, longer prompt"])   # a batch
 
-Batches are left-padded; every row stops on its own (EOS, a stop string, or its token budget)
-and the batch ends when every row has.
+Batches are laid out as the artifact's manifest says (io.padding, export/builder.py): left-padded,
+or, for right-padded graphs (fp16, for CUDA), each row's tokens at the front of its cache rows,
+prompts of different lengths prefilled one row at a time and decoded together at their own
+lengths. Every row stops on its own (EOS, a stop string, or its token budget) and the batch ends
+when every row has.
 """
 
 from __future__ import annotations
@@ -219,15 +222,18 @@ class Generator:
 
         sess, names = self.art.session, self.art.input_names
         batch = len(rows)
-        prompt_len = max(len(r.prompt_ids) for r in rows)
+        lengths = np.array([len(r.prompt_ids) for r in rows])
+        prompt_len = int(lengths.max())
         max_len = prompt_len + max(r.cfg.max_new_tokens for r in rows)
+        right = self.art.manifest["io"].get("padding", "left") == "right"
         started = time.perf_counter()
 
-        ids = np.full((batch, prompt_len), self.pad_id, dtype=np.int64)  # (B, P), left-padded
+        ids = np.full((batch, prompt_len), self.pad_id, dtype=np.int64)  # (B, P), padded
         mask = np.zeros((batch, max_len), dtype=np.int64)  # (B, max_len)
-        for b, r in enumerate(rows):
-            ids[b, prompt_len - len(r.prompt_ids):] = r.prompt_ids
-            mask[b, prompt_len - len(r.prompt_ids):prompt_len] = 1
+        for b, (r, n) in enumerate(zip(rows, lengths)):
+            cols = slice(0, n) if right else slice(prompt_len - n, prompt_len)
+            ids[b, cols] = r.prompt_ids
+            mask[b, cols] = 1
         positions = np.maximum(np.cumsum(mask[:, :prompt_len], axis=1) - 1, 0)  # (B, P)
         seen = np.zeros((batch, self.vocab), dtype=bool) if any(r.cfg.repetition_penalty != 1.0 for r in rows) else None
         if seen is not None:
@@ -239,9 +245,10 @@ class Generator:
         self.last_cache = cache
         binding = sess.io_binding()
         logits = np.zeros((batch, 1, self.vocab), dtype=np.float32)  # (B, 1, V), reused every step
+        logits_value = ort.OrtValue.ortvalue_from_numpy(logits)
         keep_all = "num_logits_to_keep" not in names  # graphs from other exporters return every position
         if not keep_all:
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            binding.bind_ortvalue_output("logits", logits_value)
             binding.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
         else:
             binding.bind_output("logits", "cpu")  # bound first: output 0 of the binding
@@ -251,13 +258,18 @@ class Generator:
         first_token_at = None
         steps = 0
         while True:
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
-            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, :total]))
-            if "position_ids" in names:
-                binding.bind_cpu_input("position_ids", np.ascontiguousarray(step_pos))
-            if keep_all:
-                binding.bind_output("logits", "cpu")  # its shape changes with the step: let ORT allocate
-            sess.run_with_iobinding(binding)
+            if steps == 0 and right and (lengths < prompt_len).any():
+                self._prefill_row_by_row(binding, cache, ids, positions, lengths, logits)
+                binding.bind_ortvalue_output("logits", logits_value)
+                cache.bind(binding)
+            else:
+                binding.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids))
+                binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, :total]))
+                if "position_ids" in names:
+                    binding.bind_cpu_input("position_ids", np.ascontiguousarray(step_pos))
+                if keep_all:
+                    binding.bind_output("logits", "cpu")  # its shape changes with the step: let ORT allocate
+                sess.run_with_iobinding(binding)
             last = logits[:, -1] if not keep_all else binding.get_outputs()[0].numpy()[:, -1]  # (B, V)
             cache.after_step(binding, ["logits"])
             steps += 1
@@ -280,9 +292,12 @@ class Generator:
                 yield StreamEvent(b, int(tokens[b]), delta, r.finished)
             if all(r.finished for r in rows) or total >= max_len:
                 break
-            mask[:, total] = 1
             step_ids = tokens[:, None]  # (B, 1)
             step_pos = step_pos[:, -1:] + 1  # (B, 1)
+            if right:  # each row's new token right after its own tokens
+                mask[np.arange(batch), step_pos[:, 0]] = 1
+            else:
+                mask[:, total] = 1
             total += 1
         done = time.perf_counter()
         new_tokens = sum(len(r.ids) for r in rows)
@@ -298,3 +313,17 @@ class Generator:
         }
         for r in rows:
             r.timings = timings
+
+    def _prefill_row_by_row(self, binding, cache: KVCache, ids: np.ndarray, positions: np.ndarray,
+                            lengths: np.ndarray, logits: np.ndarray) -> None:
+        """Right-padded graphs, prompts of different lengths: each prompt on its own, as a batch of
+        one bound to its row of the cache and of the logits (a batched call would append the longest
+        prompt's length to every row)."""
+        for b, n in enumerate(lengths):
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids[b:b + 1, :n]))
+            binding.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
+            if "position_ids" in self.art.input_names:
+                binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[b:b + 1, :n]))
+            binding.bind_output("logits", "cpu", 0, np.float32, [1, 1, self.vocab], logits[b].ctypes.data)
+            cache.bind_row(binding, b)
+            self.art.session.run_with_iobinding(binding)

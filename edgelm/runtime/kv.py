@@ -20,6 +20,7 @@ class KVCache:
     def __init__(self, ort, cache_spec: list[dict], batch: int, max_len: int, heads: int, head_size: int,
                  dtype, device: str = "cpu"):
         self.batch, self.max_len, self.device = batch, max_len, device
+        self.dtype, self.itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
         self.spec = cache_spec
         self.values: dict[str, object] = {}  # past name -> OrtValue
         self._host: list[np.ndarray] = []  # CPU buffers backing the OrtValues (kept alive)
@@ -56,6 +57,20 @@ class KVCache:
                 else:
                     binding.bind_ortvalue_input(past, value)
                     binding.bind_ortvalue_output(present, value)
+
+    def bind_row(self, binding, row: int) -> None:
+        """Bind one row of every shared buffer as a batch of one, past and present alike: right-padded
+        graphs prefill prompts of different lengths one row at a time (builder.py)."""
+        for e in self.spec:
+            if e["kind"] == "concat":
+                raise ValueError("a concat cache has no buffer to bind a row of")
+            for past, present in ((e["past_key"], e["present_key"]), (e["past_value"], e["present_value"])):
+                value = self.values[past]
+                shape = value.shape()
+                row_bytes = int(np.prod(shape[1:])) * self.itemsize
+                address = value.data_ptr() + row * row_bytes
+                for bind, name in ((binding.bind_input, past), (binding.bind_output, present)):
+                    bind(name, self.device, 0, self.dtype, [1, *shape[1:]], address)
 
     def after_step(self, binding, bound_before: list[str]) -> None:
         """Concat caches: this step's presents become the next step's pasts (no copy).

@@ -5,7 +5,7 @@
 
 Request threads parse and check each request (a 4xx with a JSON error that says what to fix),
 then put it on a bounded queue (full: 429). One worker thread owns the model: it takes up to
-``max_batch`` waiting requests, decodes them together as one left-padded batch, and hands each
+``max_batch`` waiting requests, decodes them together as one batch (padded as the artifact says), and hands each
 token to its request's thread. SIGINT/SIGTERM stop new requests (503), finish the batch in
 flight, and exit.
 """

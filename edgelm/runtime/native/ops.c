@@ -50,7 +50,7 @@
 static const OrtApi *g_api;
 
 enum { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
-#define MASKED_SCORE (-1.0e9f) /* edgelm.export.builder.MASK_VALUE["fp32"] */
+#define MASKED_SCORE (-1.0e9f) /* edgelm.export.builder.MASK_VALUE */
 
 typedef struct {
     int64_t n;          /* output columns */
