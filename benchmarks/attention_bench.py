@@ -52,7 +52,7 @@ def _graph(op: str, layers: int, heads: int, head_size: int):
         nodes.append(helper.make_node(op, ins, [f"y.{i}", *present], domain=domain, num_heads=heads,
                                       kv_num_heads=heads, scale=head_size ** -0.5))
     graph = helper.make_graph(nodes, op, inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                    helper.make_opsetid(native.DOMAIN, 1)])
 
 

@@ -35,7 +35,7 @@ def time_graph(node, weight, x_shape, prepack: bool, threads: int = 0) -> float:
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(weight, "W")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(g, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
@@ -114,7 +114,7 @@ def chain_model(layout: str, layers: int = 12, d: int = 768):
     from edgelm.runtime.native import DOMAIN
 
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(DOMAIN, 1)] if layout == "packed" else [])
-    return helper.make_model(graph, opset_imports=opsets), sum(k * n * 4 for k, n in shapes)
+    return helper.make_model(graph, ir_version=10, opset_imports=opsets), sum(k * n * 4 for k, n in shapes)
 
 
 def projection_chain(rounds: int = 20, runs: int = 5) -> dict:

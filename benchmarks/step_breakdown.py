@@ -67,7 +67,7 @@ def _projections(folder: Path):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     native.register(opts)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    m = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]), feeds, nbytes
 
 

@@ -42,7 +42,7 @@ def _session(op: str, heads: int, kv_heads: int, head_size: int, mask_input: boo
                    helper.make_tensor_value_info("bias", f, None)]
     graph = helper.make_graph([node], "g", values,
                               [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_key", "present_value")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -269,7 +269,7 @@ def test_packed_embedding_gathers_the_table_rows():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [helper.make_tensor("w", TensorProto.FLOAT, (3, d, 16), native.pack_panels(table.T).ravel())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
     native.register(opts)
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

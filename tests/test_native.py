@@ -89,7 +89,7 @@ def _session(n, k, bias: bool, packed=None, **attrs):
     node = helper.make_node("PackedLinear", inputs, ["y"], domain=native.DOMAIN, n=n, **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
     native.register(opts)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), w, b
@@ -138,7 +138,7 @@ def test_kernel_rounds_no_worse_than_onnx_runtime():
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+    sess = ort.InferenceSession(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     packed = native.pack_panels(w)
     for m in (1, 32):
@@ -163,7 +163,7 @@ def _fused_session(k, n, inputs, outputs, eps=1e-5):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in ("x", "skip")
                                             if i in inputs],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
     native.register(opts)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), w, consts

@@ -122,7 +122,7 @@ def test_loose_external_files_are_gathered_into_one(tmp_path):
                               [numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)])
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     scratch.mkdir(), out.mkdir()
-    onnx.save_model(helper.make_model(graph), str(scratch / "model.onnx"), save_as_external_data=True,
+    onnx.save_model(helper.make_model(graph, ir_version=10), str(scratch / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=False, size_threshold=0)
     assert len(list(scratch.iterdir())) == 4
     assert optimum_backend._place(scratch / "model.onnx", out) == "model.onnx.data"

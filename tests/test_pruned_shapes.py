@@ -173,7 +173,7 @@ def test_int4_on_pruned_widths(pruned, arch, tmp_path, capsys):
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
             [t for t in model.graph.initializer if t.name in node.input[1:]])
-        sess = ort.InferenceSession(helper.make_model(single, opset_imports=[helper.make_opsetid("", 17),
+        sess = ort.InferenceSession(helper.make_model(single, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
                                     helper.make_opsetid("com.microsoft", 1)]).SerializeToString(),
                                     providers=["CPUExecutionProvider"])
         x = np.random.default_rng(attrs["K"]).standard_normal((3, attrs["K"])).astype(np.float32)

@@ -94,7 +94,7 @@ def test_packed_layout_is_what_matmulnbits_and_gatherblockquantized_compute(bits
                                            helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x, ids = rng.normal(size=(3, k)).astype(np.float32), np.array([0, 7, n - 1])
     y, rows = sess.run(None, {"x": x, "ids": ids})
@@ -119,7 +119,7 @@ def test_our_rtn_writes_the_bytes_of_onnxruntimes_quantizer(k, bits):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21)])
     level = logging.getLogger().level
     try:
         q = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False,
