@@ -286,12 +286,32 @@ def test_relative_tolerance_rule():
         return [{"logits": np.array([[[100.0, 1.0], [100.0, 1.0]]], np.float32)}]
 
     got = [{"logits": np.array([[[100.05, 1.0], [100.0, 1.0]]], np.float32)}]
-    assert compare(ref(), got, sched, atol=2e-3, rtol=1e-3)["logits"] == pytest.approx(0.05, rel=1e-3)
+    assert compare(ref(), got, sched, atol=2e-3, rtol=1e-3).largest["logits"] == pytest.approx(0.05, rel=1e-3)
     with pytest.raises(ValidationError, match="logits"):
         compare(ref(), got, sched, atol=2e-3, rtol=0.0)
     small = [{"logits": np.array([[[1.05, 1.0], [1.0, 1.0]]], np.float32)}]
     with pytest.raises(ValidationError):  # 0.05 on a value of 1 is far beyond 2e-3 + 1e-3
         compare([{"logits": np.ones((1, 2, 2), np.float32)}], small, sched, atol=2e-3, rtol=1e-3)
+
+
+def test_fp16_graphs_are_held_to_pytorch_fp16s_own_distance_from_fp32():
+    """Beyond atol an fp16 output passes only when its largest and its mean |diff| are both within
+    2x PyTorch fp16's own: a graph no worse than fp16 arithmetic passes, a wrong one does not."""
+    from edgelm.export.validate import Differences, Schedule, compare
+
+    sched = Schedule(np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64), np.zeros((1, 2), np.int64),
+                     [(0, 2)], None)
+    ref = np.zeros((1, 2, 4), np.float32)
+    own = Differences(largest={"logits": 0.5}, mean={"logits": 0.1}, excess={"logits": 10.0})
+    fp16_like = ref.copy()
+    fp16_like[0, 0, 0] = 0.9  # largest 0.9 <= 2 x 0.5, mean 0.1125 <= 2 x 0.1
+    d = compare([{"logits": ref}], [{"logits": fp16_like}], sched, atol=0.05, own=own)
+    assert d.largest["logits"] == pytest.approx(0.9) and d.mean["logits"] == pytest.approx(0.1125)
+    with pytest.raises(ValidationError, match="exceeds atol 0.05 "):  # fails without the yardstick
+        compare([{"logits": ref}], [{"logits": fp16_like}], sched, atol=0.05)
+    everywhere = ref + 0.3  # largest 0.3, but the mean 0.3 > 2 x 0.1: off everywhere, not rounding
+    with pytest.raises(ValidationError, match="PyTorch fp16: 0.5"):
+        compare([{"logits": ref}], [{"logits": everywhere}], sched, atol=0.05, own=own)
 
 
 def test_graph_this_machine_cannot_run_is_marked_not_validated(tiny_model_dir, tmp_path, monkeypatch):

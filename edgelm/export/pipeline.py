@@ -133,27 +133,38 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
     say = print if progress else (lambda *a, **k: None)
     say(f"validating against PyTorch: batch 2 ({io['padding']}-padded), prompt {sched.steps[0][1]} tokens, "
         f"{len(sched.steps) - 1} decode steps")
+    kinds = [c["kind"] for c in io["kv_cache"]]
     # The reference waits on disk while ONNX Runtime runs: out of the peak of that phase.
     with tempfile.TemporaryDirectory(prefix="edgelm-validate-") as spill:
-        reference = V.torch_reference(model_dir, facts, sched, [c["kind"] for c in io["kv_cache"]],
-                                      spill_to=Path(spill))
+        reference = V.torch_reference(model_dir, facts, sched, kinds, spill_to=Path(spill) / "fp32")
+        own = None
+        if dtype == "fp16":  # how far PyTorch's own fp16 is from its fp32: what fp16 arithmetic allows
+            say("running PyTorch in fp16 too: an fp16 graph is held to PyTorch fp16's own distance from fp32")
+            half = V.torch_reference(model_dir, facts, sched, kinds, spill_to=Path(spill) / "fp16", dtype="fp16")
+            own = V.differences(reference, half, sched, atol, rtol, drop=False)
+            del half
         try:  # onnx_outputs is a generator: ONNX Runtime starts inside compare
-            diffs = V.compare(reference, V.onnx_outputs(onnx_path, facts, sched, io), sched, atol, rtol)
+            diffs = V.compare(reference, V.onnx_outputs(onnx_path, facts, sched, io), sched, atol, rtol, own)
         except V.NotRunnable as exc:
             return {"status": "not_validated", "reason": str(exc), "atol": atol, "rtol": rtol}
-    note = None
+    note = torch_fp16 = None
     if dtype == "fp16":
         note = ("fp16 was validated on ONNX Runtime's CPU provider; the CUDA provider's fp16 kernels, which "
-                "this dtype is meant for, were not run on this machine")
+                "this dtype is meant for, were not run on this machine. Outputs outside atol + rtol x |torch| "
+                f"pass when within {V.FP16_FACTOR:g}x PyTorch fp16's own largest and mean |diff| from fp32 "
+                "(torch_fp16_max_abs_diff, torch_fp16_mean_abs_diff)")
+        torch_fp16 = {"torch_fp16_max_abs_diff": {k: float(f"{v:.4g}") for k, v in own.largest.items()},
+                      "torch_fp16_mean_abs_diff": {k: float(f"{v:.4g}") for k, v in own.mean.items()}}
     return {
-        "note": note, "rtol": rtol,
+        "note": note, "rtol": rtol, **(torch_fp16 or {}),
         "status": "passed", "atol": atol, "provider": "CPUExecutionProvider",
         "reference": "transformers (eager attention, fp32)",
         "schedule": {"batch": int(sched.input_ids.shape[0]), "prompt_tokens": sched.steps[0][1],
                      "decode_steps": len(sched.steps) - 1, "total_tokens": int(sched.input_ids.shape[1]),
                      "padding": sched.padding, "padded_tokens": int((sched.attention_mask == 0).sum()),
                      "window_capacity": sched.window_capacity},
-        "max_abs_diff": {k: float(f"{v:.4g}") for k, v in diffs.items()},
+        "max_abs_diff": {k: float(f"{v:.4g}") for k, v in diffs.largest.items()},
+        "mean_abs_diff": {k: float(f"{v:.4g}") for k, v in diffs.mean.items()},
     }
 
 
