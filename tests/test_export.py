@@ -312,6 +312,9 @@ def test_fp16_graphs_are_held_to_pytorch_fp16s_own_distance_from_fp32():
     everywhere = ref + 0.3  # largest 0.3, but the mean 0.3 > 2 x 0.1: off everywhere, not rounding
     with pytest.raises(ValidationError, match="PyTorch fp16: 0.5"):
         compare([{"logits": ref}], [{"logits": everywhere}], sched, atol=0.05, own=own)
+    overflowed = Differences(largest={"logits": float("inf")}, mean={"logits": float("inf")}, excess={})
+    with pytest.raises(ValidationError):  # PyTorch fp16 overflowing is no yardstick
+        compare([{"logits": ref}], [{"logits": fp16_like}], sched, atol=0.05, own=overflowed)
 
 
 def test_graph_this_machine_cannot_run_is_marked_not_validated(tiny_model_dir, tmp_path, monkeypatch):
