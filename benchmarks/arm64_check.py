@@ -54,10 +54,13 @@ TESTS = ["tests/test_native.py", "tests/test_cached_attention.py"]
 def outputs(folder: Path, new_tokens: int, ppl: bool) -> dict:
     """Greedy tokens and prompt-step logits of PROMPTS, and perplexity, of one artifact on this machine."""
     from edgelm.export.embedded import ASSETS
+    from edgelm.manifest import read_manifest
     from edgelm.optimize.evaluate import onnx_perplexity, prompt_feed
     from edgelm.runtime import Generator, SamplingConfig
 
-    gen = Generator.load(folder)
+    # each graph as exported: ONNX Runtime's kernels for the conv layout, edgelm's for the packed one
+    kernels = "auto" if read_manifest(folder)["graph"].get("linear_layout") == "packed" else "onnxruntime"
+    gen = Generator.load(folder, kernels=kernels)
     art = gen.art
     cfg = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False)
     out = {"tokens": [], "logits": []}
@@ -67,7 +70,7 @@ def outputs(folder: Path, new_tokens: int, ppl: bool) -> dict:
         out["logits"].append(art.session.run(["logits"], prompt_feed(art.manifest, ids, art.kv_dtype, 1))[0][0, -1])
     if ppl:
         text = (ASSETS / "text" / "heldout.txt").read_text()[:PPL_CHARS]
-        out["perplexity"] = onnx_perplexity(folder, text).perplexity
+        out["perplexity"] = onnx_perplexity(folder, text, kernels=kernels).perplexity
     return out
 
 

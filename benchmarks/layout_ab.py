@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
-from runtime_bench import cached_artifact  # noqa: E402
+from runtime_bench import cached_artifact, load_as_exported  # noqa: E402
 
 CACHE = HERE / ".cache"
 DEFAULT_LAYOUTS = "matmul,conv"
@@ -90,8 +90,6 @@ def main(argv=None) -> int:
         p.error(f"--layouts takes two different layouts, as A,B (with --baseline, a --label other than B); got {args.layouts!r}")
     base, other = layouts
 
-    from edgelm.runtime import Generator
-
     model_dir = CACHE / args.model
     ensure_model_folder(MODELS[args.model][1], model_dir)
     folders = {layout: args.baseline if args.baseline and layout == base else cached_artifact(model_dir, args.model, layout)
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
     shared = False
     if not args.separate_pages:
         folders[other], shared = _sharing_pages(folders[base], folders[other])
-    gens = {layout: Generator.load(folders[layout]) for layout in layouts}
+    gens = {layout: load_as_exported(folders[layout]) for layout in layouts}
     started = time.time()
     rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
     result = {

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import RESULTS, commit, machine, versions  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
-from runtime_bench import CACHE, cached_artifact  # noqa: E402
+from runtime_bench import CACHE, cached_artifact, load_as_exported  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from edgelm.runtime import Generator, SamplingConfig
+    from edgelm.runtime import SamplingConfig
     from edgelm.runtime import artifact as runtime_artifact
 
     model_dir = CACHE / args.model
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     real = runtime_artifact._ort
     runtime_artifact._ort = lambda: Profiled()
     try:
-        gen = Generator.load(art)
+        gen = load_as_exported(art)
     finally:
         runtime_artifact._ort = real
     prompt = list(range(100, 132))

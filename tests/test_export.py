@@ -368,8 +368,13 @@ def test_conv_layout_is_the_matmul_graph_in_another_form(tiny_artifact, tiny_mod
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
+def _nodes(model):
+    return [(n.op_type, n.domain, n.name, list(n.input), list(n.output),
+             [(a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute]) for n in model.graph.node]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_dir, tmp_path, arch):
+def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_artifact, tiny_model_dir, tmp_path, arch):
     """--linear-layout packed: every projection and the LM head are edgelm's PackedLinear over one
     packed copy of each weight (the tied table too), attention is its CachedAttention, and the graph
     is validated against PyTorch like any export."""
@@ -423,6 +428,27 @@ def test_packed_layout_is_validated_and_computes_the_matmul_logits(tiny_model_di
     with pytest.raises(UnsupportedModelError, match="older edgelm .* export it again"):
         packed_to_matmul(older)
 
+    # and the other way, as the runtime loads a default (conv) artifact on edgelm's kernels: the
+    # packed export node for node (attributes, order, names) and weight for weight
+    from edgelm.optimize.onnx_edit import load_model, matmul_to_packed
+
+    model = load_model(tiny_artifact[arch] / "model.onnx")
+    assert matmul_to_packed(model) == 5 * layers + 2
+    reference = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert _nodes(model) == _nodes(reference)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert weights.keys() == expected.keys()
+    assert all(weights[k].dtype == expected[k].dtype and np.array_equal(weights[k], expected[k]) for k in expected)
+    assert [(o.domain, o.version) for o in model.opset_import] == [(o.domain, o.version) for o in reference.opset_import]
+    assert model.graph.input == reference.graph.input and model.graph.output == reference.graph.output
+    # right padding (no attention bias) has no packed form: refused, not half turned
+    right = onnx.load(str(tmp_path / "mm" / "model.onnx"))
+    attention = next(n for n in right.graph.node if n.op_type == "GroupQueryAttention")
+    attention.input[10] = ""
+    with pytest.raises(UnsupportedModelError, match="right padding"):
+        matmul_to_packed(right)
+
 
 def test_packed_layout_with_an_untied_lm_head(tmp_path):
     from edgelm.runtime import native
@@ -432,6 +458,16 @@ def test_packed_layout_with_an_untied_lm_head(tmp_path):
     src = make_tiny_model("gpt2", tmp_path / "untied", seed=5, tie_word_embeddings=False)
     m = export_model(str(src), tmp_path / "o", progress=False, linear_layout="packed")
     assert m["validation"]["status"] == "passed" and m["graph"]["operators"]["PackedLinear"] == 4 * 2 + 1
+    # the default export, turned into the packed graph as the runtime loads it: the same graph, the
+    # lookup staying a Gather of the untied table
+    from edgelm.optimize.onnx_edit import load_model, matmul_to_packed
+
+    export_model(str(src), tmp_path / "c", progress=False)
+    model = load_model(tmp_path / "c" / "model.onnx")
+    assert matmul_to_packed(model) == 5 * 2 + 1
+    reference = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert _nodes(model) == _nodes(reference)
+    assert {t.name for t in model.graph.initializer} == {t.name for t in reference.graph.initializer}
 
 
 def test_packed_layout_without_the_library_is_refused_up_front(tiny_model_dir, tmp_path, monkeypatch):

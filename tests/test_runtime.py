@@ -33,19 +33,30 @@ def _hf_greedy(model_dir, prompts, new_tokens):
     return [row[enc["input_ids"].shape[1]:].tolist() for row in out]
 
 
+def _expected_kernels(kernels: str) -> str:
+    from edgelm.runtime import native
+
+    return "edgelm" if kernels == "auto" and native.library_path() is not None else "onnxruntime"
+
+
+@pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
 @pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
-def test_greedy_matches_transformers_past_the_local_window(embedded_artifact, name):
-    # 100 new tokens: the embedded GPT-Neo's window is 64, so local layers evict during decoding
-    gen = Generator.load(embedded_artifact[name])
+def test_greedy_matches_transformers_past_the_local_window(embedded_artifact, name, kernels):
+    # 100 new tokens: the embedded GPT-Neo's window is 64, so local layers evict during decoding.
+    # The default export on the default kernels (edgelm's: the packed graph, made as it loads) and on ONNX Runtime's
+    gen = Generator.load(embedded_artifact[name], kernels=kernels)
+    assert gen.art.kernels == _expected_kernels(kernels)
     ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
     theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
     assert ours.token_ids == theirs
     assert ours.finish_reason == "length" and len(ours.token_ids) == 100
 
 
+@pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
 @pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
-def test_left_padded_batch_matches_transformers(embedded_artifact, name):
-    gen = Generator.load(embedded_artifact[name])
+def test_left_padded_batch_matches_transformers(embedded_artifact, name, kernels):
+    gen = Generator.load(embedded_artifact[name], kernels=kernels)
+    assert gen.art.kernels == _expected_kernels(kernels)
     ours = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=70, stop_at_eos=False))
     theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS, 70)
     assert [r.token_ids for r in ours] == theirs
@@ -68,6 +79,7 @@ def test_right_padded_graphs_match_transformers(right_padded_artifact, name):
     on its own into its row of the cache, then decoded together, each row at its own length."""
     gen = Generator.load(right_padded_artifact[name])
     assert gen.art.manifest["io"]["padding"] == "right"
+    assert gen.art.kernels == "onnxruntime"  # edgelm's attention reads a left-padded mask
     ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
     assert ours.token_ids == _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
     batch = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=70, stop_at_eos=False))
@@ -153,6 +165,44 @@ def test_packed_weights_in_memory_or_mapped(packed_artifact):
     assert json.loads(r.stdout)["token_ids"] == expected
     with pytest.raises(InputError, match="weights 'disk' is unknown; choose one of mapped, memory"):
         Generator.load(art, weights="disk")
+
+
+def test_default_export_runs_on_edgelm_kernels_from_memory(packed_artifact, right_padded_artifact, tmp_path):
+    """A conv-layout artifact (weights in a data file, as a large model's are) loads on edgelm's kernels:
+    its packed graph's weights are held in this process's memory (as many bytes as the packed export's,
+    the data file not mapped), and it generates what the packed export and ONNX Runtime's kernels do."""
+    from edgelm.export import export_model
+    from edgelm.manifest import read_manifest
+
+    art = tmp_path / "conv"
+    export_model(str(EMBEDDED_MODELS["gpt2"]), art, progress=False, external_data=True)
+    assert read_manifest(art)["graph"]["linear_layout"] == "conv"
+    gen = Generator.load(art)
+    assert gen.art.kernels == "edgelm" and not _maps_file(art / "model.onnx.data")
+    held = sum(a.nbytes for a in gen.art.held[0])
+    packed_bytes = read_manifest(packed_artifact["gpt2"])["graph"]["weight_bytes"]
+    assert 0.99 * packed_bytes < held <= packed_bytes  # every large weight, once (the tied table too)
+    cfg = SamplingConfig(max_new_tokens=40, stop_at_eos=False)
+    tokens = gen.generate(PROMPTS, cfg)
+    assert [r.token_ids for r in tokens] == [r.token_ids for r in Generator.load(packed_artifact["gpt2"]).generate(PROMPTS, cfg)]
+    assert [r.token_ids for r in tokens] == [r.token_ids for r in Generator.load(art, kernels="onnxruntime").generate(PROMPTS, cfg)]
+    r = _cli("generate", str(art), PROMPTS[0], "-n", "8", "--ignore-eos", "--json", "--kernels", "onnxruntime")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kernels"] == "onnxruntime" and json.loads(r.stdout)["token_ids"] == tokens[0].token_ids[:8]
+    # what edgelm's kernels cannot run is refused with one sentence when asked for by name
+    with pytest.raises(InputError, match="cannot run on edgelm's kernels: it takes right padding.*--kernels onnxruntime"):
+        Generator.load(right_padded_artifact["gpt2"], kernels="edgelm")
+    with pytest.raises(InputError, match="packed linear layout, which only edgelm's operators run"):
+        Generator.load(packed_artifact["gpt2"], kernels="onnxruntime")
+    with pytest.raises(InputError, match="kernels 'fast' is unknown; choose one of auto, edgelm, onnxruntime"):
+        Generator.load(art, kernels="fast")
+    # ONNX Runtime computes with the held arrays themselves, not a copy: zero the tied table, the logits change
+    from edgelm.optimize.evaluate import prompt_feed
+
+    feeds = prompt_feed(gen.art.manifest, np.array([[5, 6, 7]], np.int64), gen.art.kv_dtype, 1)
+    before = gen.art.session.run(["logits"], feeds)[0]
+    max(gen.art.held[0], key=lambda a: a.nbytes)[...] = 0
+    assert np.abs(before).max() > 0 and not np.abs(gen.art.session.run(["logits"], feeds)[0]).any()
 
 
 def test_tiny_models_match_transformers(tiny_artifact, tiny_model_dir):
@@ -380,7 +430,8 @@ def test_runtime_runs_without_torch_or_transformers(embedded_artifact):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["token_ids"]
+    out = json.loads(r.stdout)
+    assert out["token_ids"] and out["kernels"] == "onnxruntime"  # without onnx the graph runs as exported
 
 
 def test_runtime_install_has_no_torch():

@@ -94,11 +94,11 @@ def prompt_feed(manifest: dict, chunk: np.ndarray, kv_dtype=np.float32, keep: in
 
 
 def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, max_length: int | None = None,
-                    provider: str = "cpu") -> Perplexity:
-    """Perplexity of an artifact with ONNX Runtime alone (no torch)."""
+                    provider: str = "cpu", kernels: str = "auto") -> Perplexity:
+    """Perplexity of an artifact with ONNX Runtime alone (no torch); ``kernels`` as the runtime takes them."""
     from ..runtime.artifact import load_artifact
 
-    art = load_artifact(artifact, provider)
+    art = load_artifact(artifact, provider, kernels=kernels)
     ids = np.array(art.tokenizer.encode(text), dtype=np.int64)
     facts = art.facts
     max_length = max_length or min(int(facts["max_positions"]), 1024)

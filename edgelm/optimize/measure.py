@@ -46,7 +46,8 @@ def perplexity(folder: Path, text: str, cfg: MeasureConfig, provider: str = "cpu
 
 def decode_speeds(folders: dict[str, Path], prompt: list[int], cfg: MeasureConfig, provider: str = "cpu",
                   progress: bool = False) -> dict[str, dict]:
-    """{name: {tokens_per_s (median), runs}} for each artifact, greedy decoding of ``cfg.new_tokens``."""
+    """{name: {tokens_per_s (median), runs, kernels}} for each artifact, greedy decoding of ``cfg.new_tokens``
+    on the runtime's default kernels (an fp32 artifact on edgelm's, a quantized one on ONNX Runtime's)."""
     from tqdm import tqdm
 
     from ..runtime import Generator, SamplingConfig
@@ -59,5 +60,7 @@ def decode_speeds(folders: dict[str, Path], prompt: list[int], cfg: MeasureConfi
     for _ in tqdm(range(cfg.repeats), desc="measuring decode speed", unit="round", disable=not progress, leave=False):
         for name, gen in gens.items():
             runs[name].append(gen.generate(prompt, sampling).timings["decode_tokens_per_s"])
+    kernels = {name: gen.art.kernels for name, gen in gens.items()}
     del gens
-    return {name: {"tokens_per_s": round(statistics.median(r), 2), "runs": r} for name, r in runs.items()}
+    return {name: {"tokens_per_s": round(statistics.median(r), 2), "runs": r, "kernels": kernels[name]}
+            for name, r in runs.items()}

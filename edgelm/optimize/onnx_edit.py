@@ -29,11 +29,17 @@ def _contiguous(value, dtype=None) -> np.ndarray:
 
 class Graph:
     """An index over ``model.graph`` for edits. Lookups scan the node list (graphs have hundreds of
-    nodes, not millions), so the index never goes stale."""
+    nodes, not millions), so the index never goes stale.
 
-    def __init__(self, model: onnx.ModelProto):
+    ``arrays`` (optional, see load_weights_apart): the values of the initializers named in it, whose
+    tensors in the graph are placeholders (name, type, dims, no data); edits of those weights then
+    stay in numpy and never pass through protobuf, whose arena keeps every replaced copy until the
+    whole model is freed."""
+
+    def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None):
         self.model = model
         self.graph = model.graph
+        self.arrays = arrays
         self._init = {t.name: t for t in self.graph.initializer}
 
     # -- initializers --------------------------------------------------------------------------
@@ -41,35 +47,47 @@ class Graph:
         return self._init.get(name)
 
     def array(self, name: str) -> np.ndarray:
+        if self.arrays is not None and name in self.arrays:
+            return self.arrays[name]
         return numpy_helper.to_array(self._init[name])
+
+    def _tensor(self, name: str, value: np.ndarray) -> TensorProto:
+        """The initializer for ``value``: the tensor itself, or a placeholder when arrays are kept apart."""
+        if self.arrays is None:
+            return numpy_helper.from_array(value, name)
+        self.arrays[name] = value
+        return _placeholder(name, value)
 
     def add(self, name: str, value: np.ndarray) -> str:
         if name in self._init:
             raise ValueError(f"initializer {name} exists")
-        t = numpy_helper.from_array(_contiguous(value), name)
-        self.graph.initializer.append(t)
+        self.graph.initializer.append(self._tensor(name, _contiguous(value)))
         self._init[name] = self.graph.initializer[-1]
         return name
 
     def set(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents (same name, any shape)."""
-        old = self._init[name]
-        old.CopyFrom(numpy_helper.from_array(_contiguous(value, numpy_helper.to_array(old).dtype),
-                                             name))
+        self._init[name].CopyFrom(self._tensor(name, _contiguous(value, self.array(name).dtype)))
 
     def rename(self, name: str, new_name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents and name in place (its readers must be re-pointed)."""
         tensor = self._init.pop(name)
-        tensor.CopyFrom(numpy_helper.from_array(_contiguous(value), new_name))
+        if self.arrays is not None:
+            self.arrays.pop(name, None)
+        tensor.CopyFrom(self._tensor(new_name, _contiguous(value)))
         self._init[new_name] = tensor
+
+    def remove(self, name: str) -> None:
+        self.graph.initializer.remove(self._init.pop(name))
+        if self.arrays is not None:
+            self.arrays.pop(name, None)
 
     def remove_unused_initializers(self) -> list[str]:
         used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
-        dead = [t for t in self.graph.initializer if t.name not in used]
-        for t in dead:
-            self.graph.initializer.remove(t)
-            del self._init[t.name]
-        return [t.name for t in dead]
+        dead = [t.name for t in self.graph.initializer if t.name not in used]
+        for name in dead:
+            self.remove(name)
+        return dead
 
     # -- nodes ---------------------------------------------------------------------------------
     def consumers(self, tensor: str) -> list[onnx.NodeProto]:
@@ -109,6 +127,43 @@ class Graph:
 
     def weight_bytes(self) -> int:
         return sum(_tensor_bytes(t) for t in self.graph.initializer)
+
+
+IN_MEMORY = "edgelm-in-memory"  # the external-data location of a placeholder: its bytes are in an array
+
+
+def _placeholder(name: str, value: np.ndarray) -> TensorProto:
+    """A tensor with ``value``'s name, type and dims whose data is external, at IN_MEMORY."""
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, v in (("location", IN_MEMORY), ("offset", "0"), ("length", str(value.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, v
+    return t
+
+
+def load_weights_apart(path: Path, min_bytes: int = 1024) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph at ``path`` with every external initializer and every inline one of ``min_bytes`` or
+    more as a placeholder, and {name: array} of their values, each read into its own array (plain
+    reads, not a mapping of the data file, whose pages would count as this process's while mapped).
+    For Graph(model, arrays)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    arrays: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) < min_bytes:
+            continue
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            count = int(info["length"]) // dtype.itemsize if "length" in info else int(np.prod(t.dims))
+            value = np.fromfile(path.parent / info["location"], dtype=dtype, count=count,
+                                offset=int(info.get("offset", 0))).reshape(tuple(t.dims))
+        else:
+            value = numpy_helper.to_array(t).copy()
+        arrays[t.name] = value
+        t.CopyFrom(_placeholder(t.name, value))
+    return model, arrays
 
 
 def _tensor_bytes(t: TensorProto) -> int:
@@ -271,6 +326,101 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     return turned
 
 
+def matmul_to_packed(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> int:
+    """Turn the builder's fp32 MatMul graph into its packed layout: the inverse of packed_to_matmul.
+
+    Each projection ``MatMul(x, W[K, N])`` with its ``Add(b)`` or ``FastGelu(., b)`` becomes
+    ``ai.edgelm.PackedLinear(x, W panels, b)`` under the packed export's names (".weight" ->
+    ".weight_panels"), taking in the ``SkipLayerNormalization`` before it when that norm feeds it
+    alone; the tied table's lookup becomes ``PackedEmbedding`` over the same panels as the LM head;
+    each ``GroupQueryAttention`` becomes ``CachedAttention`` reading attention_mask itself, and the
+    attention preamble goes. The result is node for node and weight for weight the
+    ``linear_layout="packed"`` export (a test holds it to that), so the runtime can run a portable
+    artifact on edgelm's kernels. Graphs with right padding (no attention bias) are refused, as the
+    packed export refuses them. ``arrays``: as Graph takes it. Returns how many nodes were turned.
+    """
+    from ..export.builder import PACKED_GELU_TANH
+    from ..runtime.native import DOMAIN, pack_panels
+
+    g = Graph(model, arrays)
+    attention = [n for n in g.graph.node if n.op_type == "GroupQueryAttention"]
+    if any(len(n.input) < 11 or not n.input[10] for n in attention):
+        raise UnsupportedModelError("this graph's attention takes right padding, which edgelm's CachedAttention does "
+                                    "not (it reads a left-padded attention_mask)")
+    names = {"model.embed_tokens.weight_t": "model.embed_tokens.weight_panels", "lm_head.weight_t": "lm_head.weight_panels"}
+    turned = 0
+    for node in g.constant_matmuls():
+        weight = node.input[1]
+        new_name = names.get(weight, weight + "_panels")
+        n = int(g.initializer(weight).dims[1])
+        if g.initializer(new_name) is None:
+            g.add(new_name, pack_panels(g.array(weight)))
+        base = node.name.removesuffix("/MatMul")
+        old, out, bias, extra = [node], node.output[0], "", {}
+        after = g.consumers(out)
+        if len(after) == 1 and after[0].op_type == "FastGelu" and after[0].name == base.rpartition("/")[0] + "/act/FastGelu":
+            old.append(after[0])
+            out, bias, extra["activation"] = after[0].output[0], after[0].input[1], PACKED_GELU_TANH
+        elif len(after) == 1 and after[0].op_type == "Add" and after[0].name == f"{base}/Add":
+            old.append(after[0])
+            out, bias = after[0].output[0], after[0].input[1]
+        inputs, outputs, first = [node.input[0], new_name, bias], [f"{base}/PackedLinear/output_0"], node
+        norm = g.producer(node.input[0])
+        layer, *proj = base.rsplit("/", 2)  # "/model/layers.0", "attn", "qkv_proj"
+        proj = "/".join(proj)
+        if (norm is not None and norm.op_type == "SkipLayerNormalization" and proj in NORM_BEFORE
+                and norm.name == f"{layer}/{NORM_BEFORE[proj]}/SkipLayerNorm" and len(g.consumers(norm.output[0])) == 1):
+            old.append(norm)
+            first = norm
+            inputs = [norm.input[0], new_name, bias, *norm.input[1:4], *[b for b in norm.input[4:5] if b]]
+            outputs.append(norm.output[3] if len(norm.output) > 3 else "")
+            extra["epsilon"] = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        elif not bias:
+            inputs.pop()
+        if g.is_graph_output(out):
+            outputs[0] = out
+        packed = helper.make_node("PackedLinear", inputs, outputs, name=f"{base}/PackedLinear", domain=DOMAIN,
+                                  n=n, **extra)
+        if not g.is_graph_output(out):
+            g.rewire(out, outputs[0])
+        index = list(g.graph.node).index(first)
+        for dead in old:
+            g.graph.node.remove(dead)
+        g.graph.node.insert(index, packed)
+        if not g.consumers(weight):  # one copy of each weight at a time (the tied table waits for its lookup)
+            g.remove(weight)
+        turned += 1
+    for node in attention:
+        base = node.name.removesuffix("/GroupQueryAttention")
+        cached = helper.make_node("CachedAttention", [node.input[0], node.input[3], node.input[4], "", "", "",
+                                                      "attention_mask"],
+                                  [f"{base}/CachedAttention/output_0", *node.output[1:]], name=f"{base}/CachedAttention",
+                                  domain=DOMAIN)
+        cached.attribute.extend(node.attribute)
+        g.rewire(node.output[0], cached.output[0])
+        g.replace(node, [cached])
+        turned += 1
+    lookup = next((n for n in g.graph.node if n.name == "/model/embed_tokens/Gather" and n.input[0] in names), None)
+    if lookup is not None:  # the tied table: Transpose(Gather(table [D, V], ids, axis=1)) -> PackedEmbedding
+        tokens = g.consumers(lookup.output[0])
+        if len(tokens) != 1 or tokens[0].op_type != "Transpose":
+            raise UnsupportedModelError("the token lookup is not the builder's Gather + Transpose; export the model again")
+        table = names[lookup.input[0]]
+        embed = helper.make_node("PackedEmbedding", [lookup.input[1], table], ["/model/embed_tokens/PackedEmbedding/output_0"],
+                                 name="/model/embed_tokens/PackedEmbedding", domain=DOMAIN,
+                                 n=int(g.initializer(lookup.input[0]).dims[1]))
+        g.rewire(tokens[0].output[0], embed.output[0])
+        g.graph.node.remove(tokens[0])
+        g.replace(lookup, [embed])
+        turned += 1
+    if turned:
+        _remove_dead_nodes(g)
+        g.remove_unused_initializers()
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return turned
+
+
 def _attention_metadata(g: Graph, padding: str = "left") -> tuple[str, str, str, str | None]:
     """The builder's attention preamble (export.builder.attention_metadata, fp32), put first in the
     graph: its nodes and constants, the same names. Returns (batch, seqlens_k, total, attention_bias)."""
@@ -303,7 +453,7 @@ def attention_for_cuda(model: onnx.ModelProto) -> int:
     for node in [n for n in g.graph.node if n.name.startswith(preamble)]:
         g.graph.node.remove(node)
     for name in [t.name for t in g.graph.initializer if t.name.startswith(preamble)]:
-        g.graph.initializer.remove(g._init.pop(name))
+        g.remove(name)
     _, seqlens_k, total, _ = _attention_metadata(g, padding="right")
     for node in attention:
         base = node.name.removesuffix("/GroupQueryAttention")
@@ -332,15 +482,16 @@ def io_for_cuda(io: dict) -> dict:
     return io
 
 
-def conv_to_matmul(model: onnx.ModelProto) -> int:
+def conv_to_matmul(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> int:
     """Turn the builder's conv-layout projections back into ``MatMul(x, W[K, N])`` (+ ``Add(b)``).
 
     Pattern (export/builder.py, linear_layout="conv"): Reshape -> Transpose -> Conv(W[N, K, 1, 1], b)
     -> Transpose -> Reshape. The MatMul takes the first Reshape's input, writes the last Reshape's
     output, keeps the weight's name and gets the Conv's name with "Conv" -> "MatMul", so the graph
-    is the one ``linear_layout="matmul"`` builds. Returns how many projections were turned.
+    is the one ``linear_layout="matmul"`` builds. ``arrays``: as Graph takes it. Returns how many
+    projections were turned.
     """
-    g = Graph(model)
+    g = Graph(model, arrays)
     turned = 0
     for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
         w = g.initializer(conv.input[1])

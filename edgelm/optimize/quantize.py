@@ -313,10 +313,10 @@ def _evaluate(folders: dict[str, Path], built: dict, text: str, *, source, targe
         for r in rows:
             r["decode_tokens_per_s"] = speeds[r["mode"]]["tokens_per_s"]
             r["speedup"] = round(r["decode_tokens_per_s"] / speeds["source"]["tokens_per_s"], 3)
-            r["runs"] = speeds[r["mode"]]["runs"]
+            r["runs"], r["kernels"] = speeds[r["mode"]]["runs"], speeds[r["mode"]]["kernels"]
         for r in rows:
             r["source_tokens_per_s"] = speeds["source"]["tokens_per_s"]
-            r["source_runs"] = speeds["source"]["runs"]
+            r["source_runs"], r["source_kernels"] = speeds["source"]["runs"], speeds["source"]["kernels"]
     else:
         for r in rows:
             r["decode_tokens_per_s"] = None
@@ -331,6 +331,7 @@ def _step(mode: str, row: dict, built: dict, rows: list[dict] | None, started: f
         speed = {"before": row["source_tokens_per_s"], "after": row["decode_tokens_per_s"], "speedup": row["speedup"],
                  "provider": target.provider, "prompt_tokens": len(prompt), "new_tokens": measure.new_tokens,
                  "repeats": measure.repeats, "runs_before": row["source_runs"], "runs_after": row["runs"],
+                 "kernels_before": row["source_kernels"], "kernels_after": row["kernels"],
                  "machine": this_machine() if target.provider == "cpu" else "cuda"}
     else:
         speed = f"not measured: target {target.name} is not this machine ({this_machine() or platform.machine()})"

@@ -302,7 +302,8 @@ def measure_stages(stages: list[dict], recipe: dict, measure, progress: bool) ->
         record = s["record"] or {}
         rows.append({"stage": s["name"], "kind": s["kind"], "artifact": str(folder), "model_bytes": model_bytes(folder),
                      "perplexity": round(ppl.perplexity, 4), "decode_tokens_per_s": speeds[s["name"]]["tokens_per_s"],
-                     "decode_runs": speeds[s["name"]]["runs"], "seconds": record.get("seconds"),
+                     "decode_runs": speeds[s["name"]]["runs"], "kernels": speeds[s["name"]]["kernels"],
+                     "seconds": record.get("seconds"),
                      "energy_joules": (record.get("energy") or {}).get("joules")})
     base = rows[0]
     for r in rows:

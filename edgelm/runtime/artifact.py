@@ -26,6 +26,14 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #   long-running processes: decode 0.996x-1.045x the mapping per round here
 #   (benchmarks/weight_memory_ab.py, results/weight_memory_ab-gpt2.json)
 WEIGHT_PLACEMENTS = ("mapped", "memory")
+# Which kernels run an fp32 artifact's projections and attention on the CPU:
+# - edgelm: edgelm's operators (PackedLinear, CachedAttention, PackedEmbedding); a conv- or
+#   matmul-layout artifact is turned into the packed graph while it loads
+#   (optimize.onnx_edit.matmul_to_packed: node for node the packed export), its packed weights
+#   held in this process's memory
+# - onnxruntime: the graph as exported, on ONNX Runtime's own kernels
+# - auto (default): edgelm where the artifact and this install allow it (edgelm_refusal), else onnxruntime
+KERNELS = ("auto", "edgelm", "onnxruntime")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -94,6 +102,45 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def edgelm_refusal(manifest: dict, provider: str) -> str | None:
+    """Why this artifact cannot run on edgelm's kernels here (a clause), None when it can."""
+    graph, io = manifest["graph"], manifest["io"]
+    if graph.get("linear_layout") == "packed":
+        return None
+    if provider != "cpu":
+        return "edgelm's operators run on the CPU only"
+    if graph.get("backend") != "builder":
+        return "it was exported by the optimum backend, whose graph edgelm does not rewrite"
+    if graph.get("quantization"):
+        return "it is quantized, and edgelm's operators are fp32"
+    if graph.get("dtype") != "fp32" or io["kv_dtype"] != "float32":
+        return "it is not fp32, and edgelm's operators are fp32"
+    if io.get("padding", "left") != "left":
+        return "it takes right padding, and edgelm's attention reads a left-padded mask"
+    if native.library_path() is None:
+        return "edgelm's operator library is not built (pip install edgelm needs a C compiler)"
+    try:
+        import onnx  # noqa: F401  (the graph is rewritten with it)
+    except ImportError:
+        return "the onnx package is not installed (pip install onnx)"
+    return None
+
+
+def choose_kernels(folder: Path, manifest: dict, provider: str, kernels: str) -> str:
+    """"edgelm" or "onnxruntime" for ``kernels`` (KERNELS), or one sentence why not."""
+    if kernels not in KERNELS:
+        raise InputError(f"kernels '{kernels}' is unknown; choose one of {', '.join(KERNELS)}")
+    if manifest["graph"].get("linear_layout") == "packed":
+        if kernels == "onnxruntime":
+            raise InputError(f"{folder} is in the packed linear layout, which only edgelm's operators run: use "
+                             "--kernels auto, or export it with --linear-layout conv for ONNX Runtime's own kernels")
+        return "edgelm"
+    why = edgelm_refusal(manifest, provider)
+    if kernels == "edgelm" and why:
+        raise InputError(f"{folder} cannot run on edgelm's kernels: {why}; use --kernels onnxruntime")
+    return "onnxruntime" if kernels == "onnxruntime" or why else "edgelm"
+
+
 @dataclass
 class Artifact:
     folder: Path
@@ -101,6 +148,8 @@ class Artifact:
     session: object
     provider: str
     tokenizer: Tokenizer
+    kernels: str = "onnxruntime"  # what runs the graph: "edgelm" or "onnxruntime" (KERNELS)
+    held: tuple = ()  # weights handed to ONNX Runtime without a copy, kept alive with the session
 
     @property
     def facts(self) -> dict:
@@ -120,8 +169,9 @@ class Artifact:
 
 
 def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                  weights: str = "mapped") -> Artifact:
-    """``weights``: where a packed artifact's weights live, "mapped" or "memory" (WEIGHT_PLACEMENTS)."""
+                  weights: str = "mapped", kernels: str = "auto") -> Artifact:
+    """``weights``: where a packed artifact's weights live, "mapped" or "memory" (WEIGHT_PLACEMENTS);
+    ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS)."""
     if weights not in WEIGHT_PLACEMENTS:
         raise InputError(f"weights '{weights}' is unknown; choose one of {', '.join(WEIGHT_PLACEMENTS)}")
     folder = Path(folder)
@@ -133,19 +183,24 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     if provider == "cuda":
         check_cuda_graph(folder, manifest)
     provider_name = check_provider(provider)
+    kernels = choose_kernels(folder, manifest, provider, kernels)
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    if packed:
+    if kernels == "edgelm":
         native.register(opts)
     data_name = manifest["graph"].get("external_data")
     in_memory = packed and weights == "memory" and data_name and (folder / data_name).is_file()
+    held = ()
     try:
-        session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
-                           folder / data_name if in_memory else None)
+        if kernels == "edgelm" and not packed:
+            session, held = _repacked_session(ort, folder / manifest["graph"]["file"], opts, provider_name)
+        else:
+            session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
+                               folder / data_name if in_memory else None)
     except Exception as exc:
         raise ArtifactError(f"ONNX Runtime cannot load {folder / manifest['graph']['file']}: "
                             f"{str(exc).splitlines()[0][:300]}") from None
@@ -154,7 +209,39 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     if graph_inputs != listed:
         raise ArtifactError(f"{folder}: the graph's inputs differ from its manifest ({sorted(graph_inputs ^ listed)[:4]}); "
                             "export the model again")
-    return Artifact(folder, manifest, session, provider, Tokenizer(folder))
+    return Artifact(folder, manifest, session, provider, Tokenizer(folder), kernels, held)
+
+
+def _repacked_session(ort, graph: Path, opts, provider_name: str):
+    """A session of ``graph`` (conv or matmul layout) turned into the packed graph in memory.
+
+    The weights never pass through protobuf: they are read from the data file (or the graph's inline
+    bytes) into numpy, transposed and packed there (onnx_edit.load_weights_apart), and ONNX Runtime
+    runs on those arrays, not on a copy: each is handed over with add_initializer, which overrides the
+    graph's initializer of that name with the caller's memory (so the arrays must outlive the
+    session). The graph goes as bytes; its initializers are placeholders whose external data ONNX
+    Runtime checks for, so they point at an empty sparse file in a temporary folder that it never
+    reads (tests show the weights are ours: the tokens match, and changing an array changes the logits).
+    Returns (session, what must stay alive with it)."""
+    import tempfile
+
+    from ..optimize.onnx_edit import IN_MEMORY, conv_to_matmul, load_weights_apart, matmul_to_packed
+
+    model, arrays = load_weights_apart(graph)
+    conv_to_matmul(model, arrays)
+    matmul_to_packed(model, arrays)
+    for name, value in arrays.items():  # what was left as read (norms, biases, positions) leaves the file too
+        if isinstance(value, np.memmap) or value.base is not None or not value.flags.c_contiguous:
+            arrays[name] = np.array(value, order="C")
+    values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in arrays.items()}
+    with tempfile.TemporaryDirectory(prefix="edgelm-") as tmp:
+        with open(Path(tmp) / IN_MEMORY, "wb") as f:
+            f.truncate(max(a.nbytes for a in arrays.values()))  # sparse: no disk, never read
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", tmp)
+        for name, value in values.items():
+            opts.add_initializer(name, value)
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=[provider_name])
+    return session, (list(arrays.values()), list(values.values()))
 
 
 def _session(ort, graph: Path, opts, provider_name: str, data: Path | None):

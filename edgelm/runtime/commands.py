@@ -29,6 +29,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a packed artifact's weights: mapped from its file (default: instant load, pages shared "
                         "between processes) or copied into memory at load (for long-running processes); "
                         "other layouts' weights are copied into ONNX Runtime's own buffers either way")
+    p.add_argument("--kernels", choices=["auto", "edgelm", "onnxruntime"], default="auto",  # artifact.KERNELS
+                   help="what runs an fp32 artifact on the CPU: edgelm's operators (a conv- or matmul-layout graph "
+                        "is turned into the packed one as it loads, its weights held in memory) or ONNX Runtime's "
+                        "own; auto (default): edgelm's where the artifact allows")
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
 
     cfg = sampling_from_args(args)
-    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights)
+    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights, args.kernels)
     meter = None
     if args.energy:
         from ..bench.energy import Meter
@@ -88,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
     energy = meter.stop().to_dict(tokens=len(result.token_ids)) if meter else None
     if args.json:
         out = result.to_dict()
-        out.update(artifact=str(args.artifact), provider=args.provider, sampling=cfg.to_dict())
+        out.update(artifact=str(args.artifact), provider=args.provider, kernels=gen.art.kernels, sampling=cfg.to_dict())
         if energy is not None:
             out["energy"] = energy
         print(json.dumps(out, indent=2))

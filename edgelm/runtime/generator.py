@@ -147,9 +147,10 @@ class Generator:
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-             context_policy: str = "error", weights: str = "mapped") -> "Generator":
-        """``weights``: "mapped" or "memory", where a packed artifact's weights live (artifact.WEIGHT_PLACEMENTS)."""
-        return cls(load_artifact(folder, provider, threads, weights), context_policy)
+             context_policy: str = "error", weights: str = "mapped", kernels: str = "auto") -> "Generator":
+        """``weights``: "mapped" or "memory", where a packed artifact's weights live (artifact.WEIGHT_PLACEMENTS);
+        ``kernels``: "auto", "edgelm" or "onnxruntime", what runs an fp32 graph on the CPU (artifact.KERNELS)."""
+        return cls(load_artifact(folder, provider, threads, weights, kernels), context_policy)
 
     @property
     def tokenizer(self):

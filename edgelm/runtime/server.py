@@ -365,7 +365,7 @@ class _HTTPServer(ThreadingHTTPServer):
 def serve(args) -> int:
     from pathlib import Path
 
-    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights)
+    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights, args.kernels)
     model_name = args.model_name or Path(args.artifact).resolve().name
     metrics = Metrics()
     from ..bench.energy import RunningEnergy
@@ -389,7 +389,7 @@ def serve(args) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host, port = httpd.server_address[:2]
-    print(f"edgelm serve: {model_name} on http://{host}:{port} (provider {args.provider}, "
+    print(f"edgelm serve: {model_name} on http://{host}:{port} (provider {args.provider}, {gen.art.kernels} kernels, "
           f"batch up to {args.max_batch}, queue {args.max_queue}); Ctrl-C to stop", flush=True)
     httpd.serve_forever(poll_interval=0.2)
     engine.thread.join(timeout=120)  # finish the batch in flight
