@@ -1,0 +1,72 @@
+"""Decode speed of the default export on the runtime's two kernel choices, against the packed export.
+
+    .venv/bin/python benchmarks/kernels_ab.py --model gpt2 --rounds 30
+
+Three generators of one random-weight model, in many short interleaved rounds (fresh shuffled order
+each round; the same 32 random prompt tokens, 33 greedy new tokens, EOS ignored):
+- edgelm: the default (conv) export on edgelm's kernels (`--kernels auto`): turned into the packed
+  graph as it loads, its weights in the process's memory;
+- packed: the `--linear-layout packed` export, its weights mapped from its data file;
+- onnxruntime: the default export on ONNX Runtime's own kernels (`--kernels onnxruntime`).
+The graph of the first two is the same node for node (a test shows it); this measures what is left:
+where the weights live. Writes benchmarks/results/kernels_ab-MODEL.json with per-round ratios
+(median, quartiles, rounds won) against the packed export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
+from configs import MODELS  # noqa: E402
+from random_checkpoint import ensure_model_folder  # noqa: E402
+from runtime_bench import CACHE, cached_artifact  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--new-tokens", type=int, default=33)
+    args = p.parse_args(argv)
+    if args.model not in MODELS:
+        p.error(f"unknown model {args.model!r}: models are {', '.join(MODELS)}")
+    if args.rounds < 1 or args.new_tokens < 2:
+        p.error("--rounds must be at least 1 and --new-tokens at least 2")
+
+    from edgelm.runtime import Generator
+
+    model_dir = CACHE / args.model
+    ensure_model_folder(MODELS[args.model][1], model_dir)
+    conv, packed = (cached_artifact(model_dir, args.model, layout) for layout in ("conv", "packed"))
+    gens = {"edgelm": Generator.load(conv, kernels="edgelm"), "packed": Generator.load(packed),
+            "onnxruntime": Generator.load(conv, kernels="onnxruntime")}
+    started = time.time()
+    rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
+    result = {
+        "model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "seconds": round(time.time() - started),
+        "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
+        "decode_tokens_per_s": rates, "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
+        "edgelm_over_packed": per_round_ratio(rates, "packed", "edgelm"),
+        "onnxruntime_over_packed": per_round_ratio(rates, "packed", "onnxruntime"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"kernels_ab-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name in ("edgelm", "onnxruntime"):
+        c = result[f"{name}_over_packed"]
+        print(f"{args.model}: {name} {result['median_tokens_per_s'][name]:.1f} tok/s against packed "
+              f"{result['median_tokens_per_s']['packed']:.1f} (medians); per round: median {c['median']:.3f}, "
+              f"quartiles {c['q25']:.3f}-{c['q75']:.3f}, faster in {c[f'rounds_{name}_faster']} of {args.rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
