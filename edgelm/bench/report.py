@@ -22,7 +22,7 @@ RECORD_KEYS = ("artifact", "model", "model_type", "source", "system", "label", "
 MEASURED_KEYS = ("time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_all",
                  "per_token_latency_p50_s", "per_token_latency_p95_s", "peak_rss_bytes", "size_bytes", "cold_start_s",
                  "load_s", "weight_bytes_per_token", "bandwidth_gbps", "ceiling_tokens_per_s", "fraction_of_ceiling",
-                 "energy", "agreement_with_edgelm")
+                 "energy", "agreement_with_edgelm", "kernels")
 FILES = ("report.json", "report.md", "decode_speed.png", "energy_per_token.png", "size.png")
 
 
@@ -128,6 +128,10 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['fraction_of_ceiling'], '.0%')} | {_fmt(r['time_to_first_token_s'], '.1f', 1e3)} | "
                      f"{r['prefill_tokens_per_s']:.0f} | {_fmt(r['per_token_latency_p50_s'], '.2f', 1e3)} | "
                      f"{_fmt(r['per_token_latency_p95_s'], '.2f', 1e3)} |")
+    kernels = sorted({f"{r['model']}: {r['kernels']}" for r in rows if r["system"] == "edgelm" and r.get("kernels")})
+    if kernels:
+        lines += ["", "edgelm ran its artifact on these kernels (the runtime's default, `--kernels auto`): "
+                  + "; ".join(kernels) + "."]
     lines += ["", "## Memory, size, start-up", "",
               "| model | batch | system | peak RSS MB | size on disk MB | cold start s | imports + load s | dtype |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]

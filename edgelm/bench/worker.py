@@ -33,6 +33,7 @@ class EdgelmSystem:
         from edgelm.runtime import Generator
 
         self.gen = Generator.load(spec["model"], spec.get("provider", "cpu"), spec.get("threads"))
+        self.kernels = self.gen.art.kernels  # the runtime's default choice: edgelm's or ONNX Runtime's
 
     def run(self, prompts, new_tokens):
         from edgelm.runtime import SamplingConfig
@@ -161,7 +162,8 @@ def serve(spec, channel) -> int:
     try:
         t = time.perf_counter()
         system = SYSTEMS[spec["system"]](spec)
-        send({"ready": True, "load_s": time.perf_counter() - t, "peak_rss_bytes": peak_rss_bytes()})
+        send({"ready": True, "load_s": time.perf_counter() - t, "peak_rss_bytes": peak_rss_bytes(),
+              "kernels": getattr(system, "kernels", None)})
     except Exception as exc:  # noqa: BLE001 - the parent turns this into a note
         send({"error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"})
         return 1
