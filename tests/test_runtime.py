@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -196,6 +197,16 @@ def test_default_export_runs_on_edgelm_kernels_from_memory(packed_artifact, righ
         Generator.load(packed_artifact["gpt2"], kernels="onnxruntime")
     with pytest.raises(InputError, match="kernels 'fast' is unknown; choose one of auto, edgelm, onnxruntime"):
         Generator.load(art, kernels="fast")
+    # a graph the rewrite does not recognize (here: a right-padded graph whose manifest says left)
+    # runs as exported under auto, and is refused with the reason when edgelm's kernels are asked for
+    odd = tmp_path / "odd"
+    shutil.copytree(right_padded_artifact["gpt2"], odd)
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["io"]["padding"] = "left"
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    assert Generator.load(odd).art.kernels == "onnxruntime"
+    with pytest.raises(InputError, match="cannot run on edgelm's kernels: this graph's attention takes right padding"):
+        Generator.load(odd, kernels="edgelm")
     # ONNX Runtime computes with the held arrays themselves, not a copy: zero the tied table, the logits change
     from edgelm.optimize.evaluate import prompt_feed
 

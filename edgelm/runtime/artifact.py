@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, DependencyError, InputError
+from ..errors import ArtifactError, DependencyError, InputError, UnsupportedModelError
 from ..manifest import read_manifest
 from . import native
 
@@ -183,7 +183,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     if provider == "cuda":
         check_cuda_graph(folder, manifest)
     provider_name = check_provider(provider)
-    kernels = choose_kernels(folder, manifest, provider, kernels)
+    asked, kernels = kernels, choose_kernels(folder, manifest, provider, kernels)
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -194,10 +194,17 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
         native.register(opts)
     data_name = manifest["graph"].get("external_data")
     in_memory = packed and weights == "memory" and data_name and (folder / data_name).is_file()
-    held = ()
+    held, rewritten = (), None
+    if kernels == "edgelm" and not packed:
+        try:
+            rewritten = _packed_graph(folder / manifest["graph"]["file"])
+        except (UnsupportedModelError, ValueError) as exc:  # a graph the rewrite does not recognize
+            if asked == "edgelm":
+                raise InputError(f"{folder} cannot run on edgelm's kernels: {exc}; use --kernels onnxruntime") from None
+            kernels = "onnxruntime"
     try:
-        if kernels == "edgelm" and not packed:
-            session, held = _repacked_session(ort, folder / manifest["graph"]["file"], opts, provider_name)
+        if rewritten:
+            session, held = _in_memory_session(ort, *rewritten, opts, provider_name)
         else:
             session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
                                folder / data_name if in_memory else None)
@@ -212,27 +219,34 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     return Artifact(folder, manifest, session, provider, Tokenizer(folder), kernels, held)
 
 
-def _repacked_session(ort, graph: Path, opts, provider_name: str):
-    """A session of ``graph`` (conv or matmul layout) turned into the packed graph in memory.
+def _packed_graph(graph: Path):
+    """``graph`` (conv or matmul layout) turned into the packed graph, as (model, {name: array}).
 
     The weights never pass through protobuf: they are read from the data file (or the graph's inline
-    bytes) into numpy, transposed and packed there (onnx_edit.load_weights_apart), and ONNX Runtime
-    runs on those arrays, not on a copy: each is handed over with add_initializer, which overrides the
-    graph's initializer of that name with the caller's memory (so the arrays must outlive the
-    session). The graph goes as bytes; its initializers are placeholders whose external data ONNX
-    Runtime checks for, so they point at an empty sparse file in a temporary folder that it never
-    reads (tests show the weights are ours: the tokens match, and changing an array changes the logits).
-    Returns (session, what must stay alive with it)."""
-    import tempfile
-
-    from ..optimize.onnx_edit import IN_MEMORY, conv_to_matmul, load_weights_apart, matmul_to_packed
+    bytes) into numpy and transposed and packed there (onnx_edit.load_weights_apart); the model's
+    initializers are placeholders. Raises UnsupportedModelError (or ValueError) for a graph the
+    rewrite does not recognize."""
+    from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed
 
     model, arrays = load_weights_apart(graph)
     conv_to_matmul(model, arrays)
     matmul_to_packed(model, arrays)
-    # numpy's own allocations, 16 bytes into a page: aligning them to pages, as the data file's
-    # tensors are, changed nothing (20 interleaved rounds each, GPT-2 124M and GPT-Neo 125M shapes)
-    arrays = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    # numpy's arrays start 16 bytes into a page; aligning them to pages, as the data file's tensors
+    # are, made no measurable difference in one A/B (DESIGN.md)
+    return model, {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+
+
+def _in_memory_session(ort, model, arrays: dict, opts, provider_name: str):
+    """A session of ``model`` whose placeholder initializers are ``arrays``, which ONNX Runtime runs
+    on, not on a copy: each is handed over with add_initializer, which overrides the graph's
+    initializer of that name with the caller's memory (so the arrays must outlive the session). The
+    graph goes as bytes. ONNX Runtime still checks the placeholders' external data, so they point at
+    an empty sparse file in a temporary folder, which it never reads (a test zeroes a held array and
+    the logits change). Returns (session, what must stay alive with it)."""
+    import tempfile
+
+    from ..optimize.onnx_edit import IN_MEMORY
+
     values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in arrays.items()}
     with tempfile.TemporaryDirectory(prefix="edgelm-") as tmp:
         with open(Path(tmp) / IN_MEMORY, "wb") as f:
