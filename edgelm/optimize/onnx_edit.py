@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 from ..export.graph import EXTERNAL_DATA_BYTES  # noqa: E402  (one threshold, the exporter's)
@@ -135,7 +135,7 @@ IN_MEMORY = "edgelm-in-memory"  # the external-data location of a placeholder: i
 def _placeholder(name: str, value: np.ndarray) -> TensorProto:
     """A tensor with ``value``'s name, type and dims whose data is external, at IN_MEMORY."""
     t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
-    t.data_location = TensorProto.EXTERNAL
+    t.data_location = TensorProto.EXTERNAL  # (onnx's set_external_data wants raw_data, which a placeholder has not)
     for key, v in (("location", IN_MEMORY), ("offset", "0"), ("length", str(value.nbytes))):
         entry = t.external_data.add()
         entry.key, entry.value = key, v
@@ -155,10 +155,9 @@ def load_weights_apart(path: Path, min_bytes: int = 1024) -> tuple[onnx.ModelPro
             continue
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
         if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            count = int(info["length"]) // dtype.itemsize if "length" in info else int(np.prod(t.dims))
-            value = np.fromfile(path.parent / info["location"], dtype=dtype, count=count,
-                                offset=int(info.get("offset", 0))).reshape(tuple(t.dims))
+            info = external_data_helper.ExternalDataInfo(t)
+            value = np.fromfile(path.parent / info.location, dtype=dtype, count=int(np.prod(t.dims)),
+                                offset=info.offset or 0).reshape(tuple(t.dims))
         else:
             value = numpy_helper.to_array(t).copy()
         arrays[t.name] = value
@@ -235,6 +234,9 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 
 NORM_BEFORE = {"attn/qkv_proj": "ln_1", "mlp/fc": "ln_2"}  # the builder's LayerNorm before each fused projection
+# The LM head's [D, V] table in the MatMul export -> its panels in the packed export (every other
+# projection weight: NAME -> NAME + "_panels")
+TABLE_PANELS = {"model.embed_tokens.weight_t": "model.embed_tokens.weight_panels", "lm_head.weight_t": "lm_head.weight_panels"}
 
 
 def packed_to_matmul(model: onnx.ModelProto) -> int:
@@ -255,7 +257,7 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     if any(n.name == "/model/embed_tokens/GatherLane" for n in g.graph.node):
         raise UnsupportedModelError("this packed artifact was exported by an older edgelm (its embedding lookup is "
                                     "nine nodes, not PackedEmbedding): export it again to optimize it")
-    names = {"model.embed_tokens.weight_panels": "model.embed_tokens.weight_t", "lm_head.weight_panels": "lm_head.weight_t"}
+    names = {panels: table for table, panels in TABLE_PANELS.items()}
     turned = 0
     for node in [n for n in g.graph.node if n.op_type == "PackedLinear"]:
         n = next(a.i for a in node.attribute if a.name == "n")
@@ -347,11 +349,10 @@ def matmul_to_packed(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | Non
     if any(len(n.input) < 11 or not n.input[10] for n in attention):
         raise UnsupportedModelError("this graph's attention takes right padding, which edgelm's CachedAttention does "
                                     "not (it reads a left-padded attention_mask)")
-    names = {"model.embed_tokens.weight_t": "model.embed_tokens.weight_panels", "lm_head.weight_t": "lm_head.weight_panels"}
     turned = 0
     for node in g.constant_matmuls():
         weight = node.input[1]
-        new_name = names.get(weight, weight + "_panels")
+        new_name = TABLE_PANELS.get(weight, weight + "_panels")
         n = int(g.initializer(weight).dims[1])
         if g.initializer(new_name) is None:
             g.add(new_name, pack_panels(g.array(weight)))
@@ -377,12 +378,12 @@ def matmul_to_packed(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | Non
             extra["epsilon"] = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
         elif not bias:
             inputs.pop()
-        if g.is_graph_output(out):
+        if g.is_graph_output(out):  # the logits keep their name
             outputs[0] = out
+        else:
+            g.rewire(out, outputs[0])
         packed = helper.make_node("PackedLinear", inputs, outputs, name=f"{base}/PackedLinear", domain=DOMAIN,
                                   n=n, **extra)
-        if not g.is_graph_output(out):
-            g.rewire(out, outputs[0])
         index = list(g.graph.node).index(first)
         for dead in old:
             g.graph.node.remove(dead)
@@ -400,12 +401,12 @@ def matmul_to_packed(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | Non
         g.rewire(node.output[0], cached.output[0])
         g.replace(node, [cached])
         turned += 1
-    lookup = next((n for n in g.graph.node if n.name == "/model/embed_tokens/Gather" and n.input[0] in names), None)
+    lookup = next((n for n in g.graph.node if n.name == "/model/embed_tokens/Gather" and n.input[0] in TABLE_PANELS), None)
     if lookup is not None:  # the tied table: Transpose(Gather(table [D, V], ids, axis=1)) -> PackedEmbedding
         tokens = g.consumers(lookup.output[0])
         if len(tokens) != 1 or tokens[0].op_type != "Transpose":
             raise UnsupportedModelError("the token lookup is not the builder's Gather + Transpose; export the model again")
-        table = names[lookup.input[0]]
+        table = TABLE_PANELS[lookup.input[0]]
         embed = helper.make_node("PackedEmbedding", [lookup.input[1], table], ["/model/embed_tokens/PackedEmbedding/output_0"],
                                  name="/model/embed_tokens/PackedEmbedding", domain=DOMAIN,
                                  n=int(g.initializer(lookup.input[0]).dims[1]))

@@ -105,8 +105,6 @@ class Tokenizer:
 def edgelm_refusal(manifest: dict, provider: str) -> str | None:
     """Why this artifact cannot run on edgelm's kernels here (a clause), None when it can."""
     graph, io = manifest["graph"], manifest["io"]
-    if graph.get("linear_layout") == "packed":
-        return None
     if provider != "cpu":
         return "edgelm's operators run on the CPU only"
     if graph.get("backend") != "builder":
@@ -135,10 +133,12 @@ def choose_kernels(folder: Path, manifest: dict, provider: str, kernels: str) ->
             raise InputError(f"{folder} is in the packed linear layout, which only edgelm's operators run: use "
                              "--kernels auto, or export it with --linear-layout conv for ONNX Runtime's own kernels")
         return "edgelm"
+    if kernels == "onnxruntime":
+        return kernels
     why = edgelm_refusal(manifest, provider)
     if kernels == "edgelm" and why:
         raise InputError(f"{folder} cannot run on edgelm's kernels: {why}; use --kernels onnxruntime")
-    return "onnxruntime" if kernels == "onnxruntime" or why else "edgelm"
+    return "onnxruntime" if why else "edgelm"
 
 
 @dataclass
