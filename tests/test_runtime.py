@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgelm.errors import InputError
+from edgelm.errors import DependencyError, InputError
 from edgelm.export.embedded import EMBEDDED_MODELS
 from edgelm.runtime import Generator, SamplingConfig
 
@@ -92,8 +92,11 @@ def test_right_padded_graphs_match_transformers(right_padded_artifact, name):
     assert filled.tolist() == [n + 70 - 1 for n in lengths]  # the last token is sampled, never fed back
 
 
-def test_cuda_takes_only_graphs_whose_attention_it_can_run(tiny_artifact, tiny_model_dir, right_padded_artifact, tmp_path):
-    """ONNX Runtime would run fp32 or biased attention on the CPU inside a CUDA session: refused at load."""
+def test_cuda_takes_only_graphs_whose_attention_it_can_run(tiny_artifact, tiny_model_dir, right_padded_artifact, tmp_path,
+                                                          monkeypatch):
+    """ONNX Runtime would run fp32 or biased attention on the CPU inside a CUDA session: refused at load.
+    So is a CUDA provider that is listed but does not start (onnxruntime-gpu without a GPU), which
+    ONNX Runtime's Python session would replace with the CPU."""
     import onnxruntime as ort
 
     from edgelm.export import export_model
@@ -106,6 +109,12 @@ def test_cuda_takes_only_graphs_whose_attention_it_can_run(tiny_artifact, tiny_m
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(InputError, match="this ONNX Runtime has no CUDA provider"):
             Generator.load(fp16, provider="cuda")
+        listed = ort.get_available_providers()
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+        with pytest.raises(DependencyError, match=r"could not start its CUDA provider \(the session runs on "
+                                                  r"CPUExecutionProvider\): .* or use --provider cpu"):
+            Generator.load(fp16, provider="cuda")
+        monkeypatch.undo()
     manifest = json.loads((fp16 / "manifest.json").read_text())
     manifest["io"]["padding"] = "left"  # as fp16 artifacts were before right padding
     (fp16 / "manifest.json").write_text(json.dumps(manifest))

@@ -208,6 +208,8 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
         else:
             session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
                                folder / data_name if in_memory else None)
+    except DependencyError:
+        raise
     except Exception as exc:
         raise ArtifactError(f"ONNX Runtime cannot load {folder / manifest['graph']['file']}: "
                             f"{str(exc).splitlines()[0][:300]}") from None
@@ -254,7 +256,7 @@ def _in_memory_session(ort, model, arrays: dict, opts, provider_name: str):
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", tmp)
         for name, value in values.items():
             opts.add_initializer(name, value)
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=[provider_name])
+        session = _open(ort, model.SerializeToString(), opts, provider_name)
     return session, (list(arrays.values()), list(values.values()))
 
 
@@ -263,11 +265,34 @@ def _session(ort, graph: Path, opts, provider_name: str, data: Path | None):
     handed over from a read-only mapping of that file, which ONNX Runtime copies into its own
     memory while it builds the session, and the mapping is closed again."""
     if data is None:
-        return ort.InferenceSession(str(graph), opts, providers=[provider_name])
+        return _open(ort, str(graph), opts, provider_name)
     with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         with memoryview(mapped) as view:
             opts.add_external_initializers_from_files_in_memory([data.name], [view], [len(view)])
-            return ort.InferenceSession(str(graph), opts, providers=[provider_name])
+            return _open(ort, str(graph), opts, provider_name)
+
+
+def _open(ort, source, opts, provider_name: str):
+    """An InferenceSession on exactly ``provider_name``. ONNX Runtime's Python session falls back to
+    the CPU when a provider fails to start (printing a banner to stdout); with onnxruntime-gpu on a
+    machine without a working GPU, CUDA would then run on the CPU unannounced. Here that fallback is
+    off, and a session that does not run on the provider asked for is refused."""
+    try:
+        session = ort.InferenceSession(source, opts, providers=[provider_name], enable_fallback=0)
+    except Exception as exc:
+        if provider_name != PROVIDERS["cuda"]:
+            raise
+        raise _cuda_failed(str(exc).splitlines()[0][:300]) from None
+    if provider_name not in session.get_providers():
+        raise _cuda_failed(f"the session runs on {', '.join(session.get_providers())}")
+    return session
+
+
+def _cuda_failed(why: str) -> DependencyError:
+    return DependencyError(
+        f"CUDA was asked for, but ONNX Runtime could not start its CUDA provider ({why}): it needs an NVIDIA "
+        "GPU and driver, and the CUDA and cuDNN libraries onnxruntime-gpu was built for "
+        "(pip install 'onnxruntime-gpu[cuda,cudnn]'); or use --provider cpu")
 
 
 def read_generation_defaults(folder: Path) -> dict:
