@@ -284,8 +284,23 @@ def _open(ort, source, opts, provider_name: str):
             raise
         raise _cuda_failed(str(exc).splitlines()[0][:300]) from None
     if provider_name not in session.get_providers():
-        raise _cuda_failed(f"the session runs on {', '.join(session.get_providers())}")
+        # ONNX Runtime only logs why its CUDA library did not load; loading it here says why
+        raise _cuda_failed(_unloadable(Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")
+                           or f"the session runs on {', '.join(session.get_providers())}")
     return session
+
+
+def _unloadable(library: Path) -> str | None:
+    """Why ``library`` cannot be loaded (the loader's message), None when it loads or is absent."""
+    import ctypes
+
+    if not library.is_file():
+        return None
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return str(exc)[:300]
+    return None
 
 
 def _cuda_failed(why: str) -> DependencyError:
