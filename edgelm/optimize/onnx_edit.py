@@ -51,30 +51,32 @@ class Graph:
             return self.arrays[name]
         return numpy_helper.to_array(self._init[name])
 
-    def _tensor(self, name: str, value: np.ndarray) -> TensorProto:
-        """The initializer for ``value``: the tensor itself, or a placeholder when arrays are kept apart."""
+    def _tensor(self, name: str, value, dtype=None) -> TensorProto:
+        """The initializer for ``value``: the tensor itself, or a placeholder when arrays are kept apart.
+        A kept-apart array may be a view (a transpose, say) that its reader makes contiguous once, at
+        the end, instead of a copy at every edit."""
         if self.arrays is None:
-            return numpy_helper.from_array(value, name)
-        self.arrays[name] = value
+            return numpy_helper.from_array(_contiguous(value, dtype), name)
+        self.arrays[name] = value = np.asarray(value, dtype=dtype)
         return _placeholder(name, value)
 
     def add(self, name: str, value: np.ndarray) -> str:
         if name in self._init:
             raise ValueError(f"initializer {name} exists")
-        self.graph.initializer.append(self._tensor(name, _contiguous(value)))
+        self.graph.initializer.append(self._tensor(name, value))
         self._init[name] = self.graph.initializer[-1]
         return name
 
     def set(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents (same name, any shape)."""
-        self._init[name].CopyFrom(self._tensor(name, _contiguous(value, self.array(name).dtype)))
+        self._init[name].CopyFrom(self._tensor(name, value, self.array(name).dtype))
 
     def rename(self, name: str, new_name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents and name in place (its readers must be re-pointed)."""
         tensor = self._init.pop(name)
         if self.arrays is not None:
             self.arrays.pop(name, None)
-        tensor.CopyFrom(self._tensor(new_name, _contiguous(value)))
+        tensor.CopyFrom(self._tensor(new_name, value))
         self._init[new_name] = tensor
 
     def remove(self, name: str) -> None:
