@@ -35,6 +35,22 @@ def test_pack_and_unpack_are_inverse():
     assert np.array_equal(native.unpack_panels(packed, 35), w)
 
 
+def test_the_library_packs_any_layout_as_numpy_does(monkeypatch):
+    """From a [K, N] weight, the transpose of a Conv's [N, K] one (the rewrite at load), a slice of a
+    wider one and a float64 one (numpy's path), at sizes with a short last panel and K past one block
+    of 64 rows."""
+    rng = np.random.default_rng(2)
+    views = [rng.standard_normal((k, n)).astype(np.float32) for k, n in SHAPES + [(130, 33)]]
+    views += [rng.standard_normal((n, k)).astype(np.float32).T for k, n in SHAPES + [(130, 33)]]
+    views += [rng.standard_normal((70, 90)).astype(np.float32)[3:60, 5:84], rng.standard_normal((9, 20))]
+    packed = [native.pack_panels(w) for w in views]
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    for w, got in zip(views, packed):
+        want = native.pack_panels(w)
+        assert got.shape == want.shape and got.dtype == want.dtype and got.flags.c_contiguous
+        assert np.array_equal(got, want) and np.array_equal(native.unpack_panels(got, w.shape[1]), w)
+
+
 def _gelu_tanh(v):
     v = v.astype(np.float64)
     return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))

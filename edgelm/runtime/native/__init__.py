@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def kernels() -> ctypes.CDLL:
     lib.edgelm_read_chunks.argtypes = [p, size, size, size, size]
     lib.edgelm_read_chunks.restype = ctypes.c_double
     lib.edgelm_kernel_isa.restype = ctypes.c_char_p
+    lib.edgelm_pack_panels.argtypes = [p, size, size, size, size, p, size, size]
+    lib.edgelm_pack_panels.restype = None
     lib.edgelm_resident_rows.argtypes = [size, size, size]
     lib.edgelm_resident_rows.restype = size
     return lib
@@ -69,14 +72,30 @@ def kernel_isa() -> str | None:
 
 
 def pack_panels(weight):
-    """A [K, N] weight as PackedLinear's panels: (ceil(N / 16), K, 16), the last panel zero-padded."""
+    """A [K, N] weight as PackedLinear's panels: (ceil(N / 16), K, 16), the last panel zero-padded.
+
+    ``weight`` may be a view, such as the transpose of a 1x1 Conv's [N, K] weight: the library packs
+    from its strides in one pass, on every core (numpy, without the library, copies it twice)."""
     import numpy as np
 
     k, n = weight.shape
     panels = -(-n // PANEL)
-    padded = np.zeros((panels * PANEL, k), dtype=weight.dtype)
-    padded[:n] = weight.T
-    return np.ascontiguousarray(padded.reshape(panels, PANEL, k).transpose(0, 2, 1))
+    if library_path() is None or weight.dtype != np.float32 or any(s <= 0 or s % 4 for s in weight.strides):
+        padded = np.zeros((panels * PANEL, k), dtype=weight.dtype)
+        padded[:n] = weight.T
+        return np.ascontiguousarray(padded.reshape(panels, PANEL, k).transpose(0, 2, 1))
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty((panels, k, PANEL), dtype=np.float32)
+    if not out.size:
+        return out
+    sk, sj = (s // 4 for s in weight.strides)
+    threads = min(os.cpu_count() or 1, panels)
+    bounds = [panels * t // threads for t in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:  # ctypes lets go of the GIL for each call
+        list(pool.map(lambda t: kernels().edgelm_pack_panels(weight.ctypes.data, k, n, sk, sj, out.ctypes.data,
+                                                              bounds[t], bounds[t + 1]), range(threads)))
+    return out
 
 
 def unpack_panels(packed, n: int):

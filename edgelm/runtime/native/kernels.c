@@ -476,6 +476,30 @@ double edgelm_read_chunks(const float *x, size_t n, size_t chunk, size_t first, 
     return s;
 }
 
+void edgelm_pack_panels(const float *src, size_t k, size_t n, size_t sk, size_t sj, float *dst,
+                        size_t p0, size_t p1) {
+    enum { ROWS = 64 };  /* rows per block: the block's 64 output lines stay in L1 across its 16 columns */
+    for (size_t p = p0; p < p1; p++) {
+        size_t j0 = p * EDGELM_PANEL, lanes = n - j0 < EDGELM_PANEL ? n - j0 : EDGELM_PANEL;
+        float *out = dst + p * k * EDGELM_PANEL;
+        if (sj == 1) {  /* W's rows are contiguous: each panel row is one short copy */
+            for (size_t r = 0; r < k; r++) {
+                memcpy(out + r * EDGELM_PANEL, src + r * sk + j0, lanes * sizeof(float));
+                memset(out + r * EDGELM_PANEL + lanes, 0, (EDGELM_PANEL - lanes) * sizeof(float));
+            }
+            continue;
+        }
+        for (size_t r0 = 0; r0 < k; r0 += ROWS) {  /* W's columns are contiguous: read 16 of them along */
+            size_t r1 = k - r0 < ROWS ? k : r0 + ROWS;
+            for (size_t l = 0; l < EDGELM_PANEL; l++) {
+                const float *col = src + (j0 + l) * sj;
+                for (size_t r = r0; r < r1; r++)
+                    out[r * EDGELM_PANEL + l] = l < lanes ? col[r * sk] : 0.0f;
+            }
+        }
+    }
+}
+
 const char *edgelm_kernel_isa(void) {
     static const char *names[] = {"generic", "avx2", "avx512f"};
     return names[edgelm_isa()];

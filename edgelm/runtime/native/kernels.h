@@ -20,6 +20,12 @@
 EDGELM_EXPORT void edgelm_linear_panels(const float *x, size_t m, size_t k, const float *w, const float *b,
                           float *y, size_t n, size_t p0, size_t p1);
 
+/* Panels [p0, p1) of W (K x N, element (r, j) at src[r * sk + j * sj]) into dst, laid out [P][K][16]
+ * as edgelm_linear_panels reads them, the last panel's columns past N zero: a weight stored [K, N]
+ * (sk = N, sj = 1) or [N, K], as a 1x1 Conv keeps it (sk = 1, sj = K). dst is the whole panel array. */
+EDGELM_EXPORT void edgelm_pack_panels(const float *src, size_t k, size_t n, size_t sk, size_t sj, float *dst,
+                                      size_t p0, size_t p1);
+
 /* The residual stream's LayerNorm before a PackedLinear (ONNX Runtime's SkipLayerNormalization):
  * for each of m rows of k, h = x (+ skip) (+ skip_bias) into `sum` (may be NULL), then
  * out = (h - mean(h)) / sqrt(var(h) + eps) * gamma (+ beta); mean and variance in double. */
