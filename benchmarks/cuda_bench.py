@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
-from runtime_bench import weight_bytes_per_token  # noqa: E402
+import runtime_bench  # noqa: E402
 
-CACHE = HERE / ".cache"
+CACHE = runtime_bench.CACHE
 
 
 def gpu_bandwidth() -> float:
@@ -48,33 +48,17 @@ def gpu_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / best / 1e9
 
 
-class Edgelm:
-    name = "edgelm"
+class Edgelm(runtime_bench.Edgelm):
+    """The fp16 export (MatMul layout, right padding) on the CUDA provider."""
 
     def __init__(self, model_dir: Path, name: str):
-        from edgelm.errors import EdgelmError
-        from edgelm.export import export_model
-        from edgelm.manifest import read_manifest
         from edgelm.runtime import Generator
 
-        art = CACHE / "artifacts" / f"{name}-builder-fp16"
-        try:
-            fresh = read_manifest(art)["graph"]["dtype"] == "fp16"
-        except (EdgelmError, KeyError):
-            fresh = False
-        if not fresh:
-            export_model(str(model_dir), art, dtype="fp16", force=True, progress=False)
-        self.gen = Generator.load(art, provider="cuda")
-
-    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-        from edgelm.runtime import SamplingConfig
-
-        t = self.gen.generate(prompts, SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False))[0].timings
-        return t["time_to_first_token_s"], t["decode_tokens_per_s"]
+        self.gen = Generator.load(runtime_bench.cached_artifact(model_dir, name, "matmul", "fp16"), provider="cuda")
 
 
-class PyTorch:
-    name = "pytorch"
+class PyTorch(runtime_bench.PyTorch):
+    device = "cuda"
 
     def __init__(self, model_dir: Path, name: str):
         import torch
@@ -82,24 +66,6 @@ class PyTorch:
 
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float16)
         self.model = self.model.to("cuda").eval()
-
-    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-        import torch
-
-        ids = torch.tensor(prompts, dtype=torch.long, device="cuda")
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=50256, eos_token_id=None)
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            self.model.generate(input_ids=ids, max_new_tokens=1, **kw)
-            torch.cuda.synchronize()
-            ttft = time.perf_counter() - t
-            t = time.perf_counter()
-            out = self.model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            torch.cuda.synchronize()
-            total = time.perf_counter() - t
-        assert out.shape[1] == ids.shape[1] + new_tokens
-        return ttft, (new_tokens - 1) * ids.shape[0] / max(total - ttft, 1e-9)
 
 
 SYSTEMS = {"edgelm": Edgelm, "pytorch": PyTorch}
@@ -110,7 +76,7 @@ def bench_model(name: str, batches: list[int], repeats: int, prompt_len: int, ne
     hub_id, cfg = MODELS[name]
     model_dir = CACHE / name
     ensure_model_folder(cfg, model_dir)
-    per_token = weight_bytes_per_token(cfg) // 2  # fp16
+    per_token = runtime_bench.weight_bytes_per_token(cfg) // 2  # fp16
     systems = {}
     for s in SYSTEMS:
         print(f"  loading {s} for {name}", flush=True)
