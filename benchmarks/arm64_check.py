@@ -57,9 +57,9 @@ def outputs(folder: Path, new_tokens: int, ppl: bool) -> dict:
     from edgelm.manifest import read_manifest
     from edgelm.optimize.evaluate import onnx_perplexity, prompt_feed
     from edgelm.runtime import Generator, SamplingConfig
+    from edgelm.runtime.artifact import kernels_as_exported
 
-    # each graph as exported: ONNX Runtime's kernels for the conv layout, edgelm's for the packed one
-    kernels = "auto" if read_manifest(folder)["graph"].get("linear_layout") == "packed" else "onnxruntime"
+    kernels = kernels_as_exported(read_manifest(folder))  # each graph as exported
     gen = Generator.load(folder, kernels=kernels)
     art = gen.art
     cfg = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False)

@@ -85,3 +85,26 @@ def per_round_ratio(rates: dict, base: str, other: str) -> dict:
     ratio = np.array(rates[other]) / np.array(rates[base])
     return {"median": float(np.median(ratio)), "q25": float(np.quantile(ratio, 0.25)),
             "q75": float(np.quantile(ratio, 0.75)), f"rounds_{other}_faster": int((ratio > 1).sum())}
+
+
+def ab_record(model: str, rounds: int, new_tokens: int, started: float, rates: dict, pairs: list, **extra) -> dict:
+    """The record of an interleaved A/B (kernels_ab, layout_ab): the run's facts, the per-round
+    rates and their medians, and ``{other}_over_{base}`` (per_round_ratio) for each (base, other)."""
+    import sys
+    import time
+
+    import numpy as np
+
+    return {"model": model, "rounds": rounds, "new_tokens": new_tokens, "seconds": round(time.time() - started),
+            "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(),
+            "commit": commit(), **extra, "decode_tokens_per_s": rates,
+            "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
+            **{f"{other}_over_{base}": per_round_ratio(rates, base, other) for base, other in pairs}}
+
+
+def ab_line(result: dict, base: str, other: str, label: str = "") -> str:
+    """One line of an A/B record for the terminal: both medians and the per-round ratio."""
+    c, med = result[f"{other}_over_{base}"], result["median_tokens_per_s"]
+    return (f"{label or result['model']}: {other} {med[other]:.1f} tok/s, {base} {med[base]:.1f} tok/s (medians); "
+            f"{other}/{base} per round: median {c['median']:.3f}, quartiles {c['q25']:.3f}-{c['q75']:.3f}, "
+            f"{other} faster in {c[f'rounds_{other}_faster']} of {result['rounds']} rounds")

@@ -21,11 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
+from common import RESULTS, ab_line, ab_record, interleaved_decode_rounds  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import CACHE, cached_artifact  # noqa: E402
@@ -51,20 +49,12 @@ def main(argv=None) -> int:
             "onnxruntime": Generator.load(conv, kernels="onnxruntime")}
     started = time.time()
     rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
-    result = {
-        "model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "seconds": round(time.time() - started),
-        "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
-        "decode_tokens_per_s": rates, "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
-        "edgelm_over_packed": per_round_ratio(rates, "packed", "edgelm"),
-        "onnxruntime_over_packed": per_round_ratio(rates, "packed", "onnxruntime"),
-    }
+    result = ab_record(args.model, args.rounds, args.new_tokens, started, rates,
+                       [("packed", "edgelm"), ("packed", "onnxruntime")])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"kernels_ab-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in ("edgelm", "onnxruntime"):
-        c = result[f"{name}_over_packed"]
-        print(f"{args.model}: {name} {result['median_tokens_per_s'][name]:.1f} tok/s against packed "
-              f"{result['median_tokens_per_s']['packed']:.1f} (medians); per round: median {c['median']:.3f}, "
-              f"quartiles {c['q25']:.3f}-{c['q75']:.3f}, faster in {c[f'rounds_{name}_faster']} of {args.rounds}")
+        print(ab_line(result, "packed", name))
     return 0
 
 

@@ -30,13 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, commit, interleaved_decode_rounds, machine, per_round_ratio, versions  # noqa: E402
+from common import RESULTS, ab_line, ab_record, interleaved_decode_rounds  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import cached_artifact, load_as_exported  # noqa: E402
@@ -100,22 +98,12 @@ def main(argv=None) -> int:
     gens = {layout: load_as_exported(folders[layout]) for layout in layouts}
     started = time.time()
     rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
-    result = {
-        "model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "seconds": round(time.time() - started),
-        "command": " ".join(["python", *sys.argv]), "machine": machine(), "versions": versions(), "commit": commit(),
-        "baseline_artifact": str(args.baseline) if args.baseline else None, "weights_share_pages": shared,
-        "decode_tokens_per_s": rates,
-        "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
-        f"{other}_over_{base}": per_round_ratio(rates, base, other),
-    }
+    result = ab_record(args.model, args.rounds, args.new_tokens, started, rates, [(base, other)],
+                       baseline_artifact=str(args.baseline) if args.baseline else None, weights_share_pages=shared)
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if args.layouts == DEFAULT_LAYOUTS and not args.baseline else f"-{other}-{base}"
     (RESULTS / f"layout_ab-{args.model}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    c = result[f"{other}_over_{base}"]
-    print(f"{args.model}: {other} {result['median_tokens_per_s'][other]:.1f} tok/s, {base} "
-          f"{result['median_tokens_per_s'][base]:.1f} tok/s (medians); {other}/{base} per round: median "
-          f"{c['median']:.3f}, quartiles {c['q25']:.3f}-{c['q75']:.3f}, {other} faster in "
-          f"{c[f'rounds_{other}_faster']} of {args.rounds} rounds")
+    print(ab_line(result, base, other))
     return 0
 
 

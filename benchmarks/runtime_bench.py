@@ -72,9 +72,9 @@ def load_as_exported(folder: Path, **kwargs):
     matmul layouts (the runtime's default would turn them into the packed graph), edgelm's for packed."""
     from edgelm.manifest import read_manifest
     from edgelm.runtime import Generator
+    from edgelm.runtime.artifact import kernels_as_exported
 
-    packed = read_manifest(folder)["graph"].get("linear_layout") == "packed"
-    return Generator.load(folder, kernels="auto" if packed else "onnxruntime", **kwargs)
+    return Generator.load(folder, kernels=kernels_as_exported(read_manifest(folder)), **kwargs)
 
 
 class Edgelm:

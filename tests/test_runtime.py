@@ -183,6 +183,7 @@ def test_default_export_runs_on_edgelm_kernels_from_memory(packed_artifact, righ
     the data file not mapped), and it generates what the packed export and ONNX Runtime's kernels do."""
     from edgelm.export import export_model
     from edgelm.manifest import read_manifest
+    from edgelm.runtime.artifact import kernels_as_exported
 
     art = tmp_path / "conv"
     export_model(str(EMBEDDED_MODELS["gpt2"]), art, progress=False, external_data=True)
@@ -196,6 +197,9 @@ def test_default_export_runs_on_edgelm_kernels_from_memory(packed_artifact, righ
     tokens = gen.generate(PROMPTS, cfg)
     assert [r.token_ids for r in tokens] == [r.token_ids for r in Generator.load(packed_artifact["gpt2"]).generate(PROMPTS, cfg)]
     assert [r.token_ids for r in tokens] == [r.token_ids for r in Generator.load(art, kernels="onnxruntime").generate(PROMPTS, cfg)]
+    # what the layout benchmarks run: each graph as exported
+    assert kernels_as_exported(read_manifest(art)) == "onnxruntime"
+    assert kernels_as_exported(read_manifest(packed_artifact["gpt2"])) == "auto"
     r = _cli("generate", str(art), PROMPTS[0], "-n", "8", "--ignore-eos", "--json", "--kernels", "onnxruntime")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["kernels"] == "onnxruntime" and json.loads(r.stdout)["token_ids"] == tokens[0].token_ids[:8]

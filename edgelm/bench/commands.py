@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli import command
+from ..runtime.options import PROVIDERS
 from ..errors import InputError
 
 
@@ -34,7 +35,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored (default 128)")
     p.add_argument("--batch", type=_int_list, default=(1, 8), help="batch sizes, comma-separated (default 1,8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per system and setting (default 5)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="where every system runs (default cpu)")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="where every system runs (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: their own)")
     p.add_argument("--country", default=None,
                    help="ISO 3166 alpha-3 code of the grid for gCO2e, e.g. FRA, DEU (default $EDGELM_COUNTRY, else USA)")

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..cli import command
+from ..runtime.options import PROVIDERS
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--stride", type=int, default=None, help="tokens the window advances (default: half the window)")
     p.add_argument("--max-length", type=int, default=None, help="window length (default: context, at most 1024)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--json", action="store_true")
 
 

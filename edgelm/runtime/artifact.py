@@ -15,25 +15,8 @@ import numpy as np
 from ..errors import ArtifactError, DependencyError, InputError, UnsupportedModelError
 from ..manifest import read_manifest
 from . import native
+from .options import KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# Where a packed artifact's weights live while it runs (other layouts: ONNX Runtime copies them into
-# its own prepacked buffers whichever is chosen):
-# - mapped: ONNX Runtime maps the data file; the load reads nothing (gpt2-xl opens in 0.2 s) and
-#   processes share the page cache
-# - memory: the file's bytes handed to ONNX Runtime, which copies them into its own memory at load
-#   (GPT-2 124M: 1.3 s instead of 0.3 s, 1.21 GB peak RSS; benchmarks/load_memory.py); for
-#   long-running processes: decode 0.996x-1.045x the mapping per round here
-#   (benchmarks/weight_memory_ab.py, results/weight_memory_ab-gpt2.json)
-WEIGHT_PLACEMENTS = ("mapped", "memory")
-# Which kernels run an fp32 artifact's projections and attention on the CPU:
-# - edgelm: edgelm's operators (PackedLinear, CachedAttention, PackedEmbedding); a conv- or
-#   matmul-layout artifact is turned into the packed graph while it loads
-#   (optimize.onnx_edit.matmul_to_packed: node for node the packed export), its packed weights
-#   held in this process's memory
-# - onnxruntime: the graph as exported, on ONNX Runtime's own kernels
-# - auto (default): edgelm where the artifact and this install allow it (edgelm_refusal), else onnxruntime
-KERNELS = ("auto", "edgelm", "onnxruntime")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -139,6 +122,13 @@ def choose_kernels(folder: Path, manifest: dict, provider: str, kernels: str) ->
     if kernels == "edgelm" and why:
         raise InputError(f"{folder} cannot run on edgelm's kernels: {why}; use --kernels onnxruntime")
     return "onnxruntime" if why else "edgelm"
+
+
+def kernels_as_exported(manifest: dict) -> str:
+    """The ``kernels`` that run a graph as it was exported: "onnxruntime" for the conv and matmul
+    layouts (which "auto" would turn into the packed graph), "auto" (edgelm's) for the packed one.
+    For comparisons of the layouts themselves."""
+    return "auto" if manifest["graph"].get("linear_layout") == "packed" else "onnxruntime"
 
 
 @dataclass

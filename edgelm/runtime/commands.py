@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..cli import command
+from .options import CONTEXT_POLICIES, KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
 
 
 def _positive_int(text: str) -> int:
@@ -21,15 +22,15 @@ def _positive_int(text: str) -> int:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder made by 'edgelm export'")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (default cpu)")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="ONNX Runtime provider (default cpu)")
     p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: all cores)")
-    p.add_argument("--context-policy", choices=["error", "truncate"], default="error",
+    p.add_argument("--context-policy", choices=CONTEXT_POLICIES, default="error",
                    help="when prompt + new tokens exceed the context: fail (default) or drop the prompt's start")
-    p.add_argument("--weights", choices=["mapped", "memory"], default="mapped",
+    p.add_argument("--weights", choices=WEIGHT_PLACEMENTS, default="mapped",
                    help="a packed artifact's weights: mapped from its file (default: instant load, pages shared "
                         "between processes) or copied into memory at load (for long-running processes); "
                         "other layouts' weights are copied into ONNX Runtime's own buffers either way")
-    p.add_argument("--kernels", choices=["auto", "edgelm", "onnxruntime"], default="auto",  # artifact.KERNELS
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="what runs an fp32 artifact on the CPU: edgelm's operators (a conv- or matmul-layout graph "
                         "is turned into the packed one as it loads, its weights held in memory) or ONNX Runtime's "
                         "own; auto (default): edgelm's where the artifact allows")

@@ -24,9 +24,8 @@ import numpy as np
 from ..errors import InputError
 from .artifact import Artifact, load_artifact
 from .kv import KVCache
+from .options import CONTEXT_POLICIES
 from .sampling import SamplingConfig, next_tokens
-
-CONTEXT_POLICIES = ("error", "truncate")
 
 
 @dataclass
@@ -148,8 +147,8 @@ class Generator:
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
              context_policy: str = "error", weights: str = "mapped", kernels: str = "auto") -> "Generator":
-        """``weights``: "mapped" or "memory", where a packed artifact's weights live (artifact.WEIGHT_PLACEMENTS);
-        ``kernels``: "auto", "edgelm" or "onnxruntime", what runs an fp32 graph on the CPU (artifact.KERNELS)."""
+        """``weights``: "mapped" or "memory", where a packed artifact's weights live (options.WEIGHT_PLACEMENTS);
+        ``kernels``: "auto", "edgelm" or "onnxruntime", what runs an fp32 graph on the CPU (options.KERNELS)."""
         return cls(load_artifact(folder, provider, threads, weights, kernels), context_policy)
 
     @property
