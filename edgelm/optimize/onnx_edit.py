@@ -8,6 +8,7 @@ the contrib-op outputs that ONNX's own type inference cannot see.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +145,15 @@ def _placeholder(name: str, value: np.ndarray) -> TensorProto:
     return t
 
 
-def load_weights_apart(path: Path, min_bytes: int = 1024) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def load_weights_apart(path: Path, min_bytes: int = 1024, mapped: bool = False
+                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The graph at ``path`` with every external initializer and every inline one of ``min_bytes`` or
-    more as a placeholder, and {name: array} of their values, each read into its own array (plain
-    reads, not a mapping of the data file, whose pages would count as this process's while mapped).
-    For Graph(model, arrays)."""
+    more as a placeholder, and {name: array} of their values. Each external one is read into its own
+    array (plain reads), or with ``mapped``, is a read-only mapping of its own bytes of the data file:
+    nothing is copied until an edit does (packing reads the file's pages straight into the panels),
+    the file's pages count as this process's only while some array maps them, and each mapping
+    closes with the last array that uses it. Callers keep no mapped array (see unmapped). For
+    Graph(model, arrays)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     arrays: dict[str, np.ndarray] = {}
@@ -158,13 +163,28 @@ def load_weights_apart(path: Path, min_bytes: int = 1024) -> tuple[onnx.ModelPro
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
         if t.data_location == TensorProto.EXTERNAL:
             info = external_data_helper.ExternalDataInfo(t)
-            value = np.fromfile(path.parent / info.location, dtype=dtype, count=int(np.prod(t.dims)),
-                                offset=info.offset or 0).reshape(tuple(t.dims))
+            shape, offset = tuple(t.dims), info.offset or 0
+            if mapped and int(np.prod(shape)):
+                value = np.memmap(path.parent / info.location, dtype=dtype, mode="r", offset=offset, shape=shape)
+            else:
+                value = np.fromfile(path.parent / info.location, dtype=dtype, count=int(np.prod(shape)),
+                                    offset=offset).reshape(shape)
         else:
             value = numpy_helper.to_array(t).copy()
         arrays[t.name] = value
         t.CopyFrom(_placeholder(t.name, value))
     return model, arrays
+
+
+def unmapped(value: np.ndarray) -> np.ndarray:
+    """``value`` as a C-contiguous array in this process's memory: a copy when it reads a file's
+    mapping (load_weights_apart's mapped arrays and their views), else itself when contiguous."""
+    base = value
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return np.array(value, order="C")
+        base = getattr(base, "base", None)
+    return np.ascontiguousarray(value)
 
 
 def _tensor_bytes(t: TensorProto) -> int:

@@ -214,18 +214,20 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
 def _packed_graph(graph: Path):
     """``graph`` (conv or matmul layout) turned into the packed graph, as (model, {name: array}).
 
-    The weights never pass through protobuf: they are read from the data file (or the graph's inline
-    bytes) into numpy and transposed and packed there (onnx_edit.load_weights_apart); the model's
+    The weights never pass through protobuf: numpy maps each of them in the data file (or copies the
+    graph's inline bytes), transposes and packs them there, straight from the file's pages
+    (onnx_edit.load_weights_apart), and copies what is not packed out of the mapping; the model's
     initializers are placeholders. Raises UnsupportedModelError (or ValueError) for a graph the
     rewrite does not recognize."""
-    from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed
+    from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed, unmapped
 
-    model, arrays = load_weights_apart(graph)
+    model, arrays = load_weights_apart(graph, mapped=True)
     conv_to_matmul(model, arrays)
     matmul_to_packed(model, arrays)
-    # numpy's arrays start 16 bytes into a page; aligning them to pages, as the data file's tensors
-    # are, made no measurable difference in one A/B (DESIGN.md)
-    return model, {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    # what was not packed (position table, biases, norms) leaves the file's mapping; numpy's arrays
+    # start 16 bytes into a page, and aligning them to pages, as the data file's tensors are, made no
+    # measurable difference in one A/B (DESIGN.md)
+    return model, {name: unmapped(arrays.pop(name)) for name in list(arrays)}
 
 
 def _in_memory_session(ort, model, arrays: dict, opts, provider_name: str):
