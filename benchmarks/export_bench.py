@@ -232,6 +232,12 @@ def optimum_skip_reason(weight_bytes: int, ram: int) -> str | None:
     return None
 
 
+def _projections(ops: dict) -> str:
+    """The operators that carry the weights: the default fp32 export's 1x1 Conv (the LM head stays a
+    MatMul), MatMul (--linear-layout matmul, fp16), Gemm (Optimum), PackedLinear (packed)."""
+    return ", ".join(f"{ops[k]} {k}" for k in ("Conv", "MatMul", "Gemm", "PackedLinear") if ops.get(k)) or "—"
+
+
 def judge(row: dict) -> dict:
     """PASS/FAIL of the issue's targets (builder rows only)."""
     t = {}
@@ -324,10 +330,10 @@ def write_markdown(data: dict, path: Path) -> None:
         "the start of each export is in export.json); memory figures are per process and unaffected.",
         "",
         "| model | backend | params | fp32 weights GB | wall s | peak RSS GB | RSS / weights | artifact GB | "
-        "artifact / weights | GQA | MHA | Attention | SkipLN | FastGelu | Softmax | validation (largest max abs diff) "
-        "| targets |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
-        "| --- |",
+        "artifact / weights | projections | GQA | MHA | Attention | SkipLN | FastGelu | Softmax | validation (largest "
+        "max abs diff) | targets |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | --- |",
     ]
     for r in data["rows"]:
         head = f"| {r['model']} | {r['label']} | {r['params'] / 1e6:.0f}M | {_gb(r['weight_bytes'])} |"
@@ -336,7 +342,7 @@ def write_markdown(data: dict, path: Path) -> None:
             targets = ", ".join(f"{k} {v}" for k, v in r["targets"].items()) or "—"
             wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "—"
             lines.append(head + f" {wall} | {_gb(r.get('peak_rss_bytes'))} | "
-                         f"{_ratio(r.get('peak_rss_ratio'))} | — | — | — | — | — | — | — | — | {r['status']}: {why} | "
+                         f"{_ratio(r.get('peak_rss_ratio'))} | — | — | — | — | — | — | — | — | — | {r['status']}: {why} | "
                          + targets + " |")
             continue
         ops = r["operators"]
@@ -348,7 +354,7 @@ def write_markdown(data: dict, path: Path) -> None:
             vtxt += f", atol {val['atol']:g}"
         targets = ", ".join(f"{k} {v}" for k, v in r["targets"].items()) or "— (reference)"
         lines.append(head + f" {r['wall_s']:.0f} | {_gb(r['peak_rss_bytes'])} | {_ratio(r['peak_rss_ratio'])} | "
-                     f"{_gb(r['artifact_bytes'])} | {_ratio(r['artifact_ratio'])} | "
+                     f"{_gb(r['artifact_bytes'])} | {_ratio(r['artifact_ratio'])} | {_projections(ops)} | "
                      + " | ".join(str(ops.get(k, 0)) for k in FUSED_OPS) + f" | {vtxt} | {targets} |")
     lines += ["", "## Targets (from the issue)", ""]
     lines += [f"- {t}" for t in target_summary(data["rows"])]

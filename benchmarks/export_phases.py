@@ -19,6 +19,7 @@ under benchmarks/.cache/, written by export_bench.py or here).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -137,12 +138,20 @@ def main(argv=None) -> int:
         if original is None:
             return
 
+        def counted(steps):  # a generator's steps are counted as its consumer takes them
+            held[keep] = 0
+            for step in steps:
+                held[keep] += sum(x.nbytes for _, x in step.items())
+                yield step
+
         def wrapper(*a, **k):
             t.mark(f"... up to {label.strip()}")
             result = original(*a, **k)
             t.mark(label)
+            if keep and inspect.isgenerator(result):
+                return counted(result)
             if keep:
-                held[keep] = sum(x.nbytes for step in result for x in step.values())
+                held[keep] = sum(x.nbytes for step in result for _, x in step.items())
             return result
 
         setattr(owner, name, wrapper)

@@ -18,7 +18,7 @@ from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
 from .builder import LINEAR_LAYOUTS, OPSET_NOTE, PADDINGS, build_graph, count_ops, default_linear_layout, io_spec
-from .checkpoint import release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
+from .checkpoint import large_blocks_from_the_os, release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
 
@@ -134,6 +134,7 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
     say(f"validating against PyTorch: batch 2 ({io['padding']}-padded), prompt {sched.steps[0][1]} tokens, "
         f"{len(sched.steps) - 1} decode steps")
     kinds = [c["kind"] for c in io["kv_cache"]]
+    large_blocks_from_the_os()  # each step's freed tensors leave the resident set at once
     # The reference waits on disk while ONNX Runtime runs: out of the peak of that phase.
     with tempfile.TemporaryDirectory(prefix="edgelm-validate-") as spill:
         reference = V.torch_reference(model_dir, facts, sched, kinds, spill_to=Path(spill) / "fp32")
