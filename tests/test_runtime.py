@@ -43,14 +43,20 @@ def _expected_kernels(kernels: str) -> str:
 @pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
 @pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
 def test_greedy_matches_transformers_past_the_local_window(embedded_artifact, name, kernels):
-    # 100 new tokens: the embedded GPT-Neo's window is 64, so local layers evict during decoding.
+    # 200 new tokens: the embedded GPT-Neo's window is 64, so local layers evict during decoding, and
+    # its window-sized cache (window + 64 rows on the CPU, kv.py) fills and compacts.
     # The default export on the default kernels (edgelm's: the packed graph, made as it loads) and on ONNX Runtime's
     gen = Generator.load(embedded_artifact[name], kernels=kernels)
     assert gen.art.kernels == _expected_kernels(kernels)
-    ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
-    theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 100)[0]
+    ours = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=200, stop_at_eos=False))
+    theirs = _hf_greedy(EMBEDDED_MODELS[name], PROMPTS[:1], 200)[0]
     assert ours.token_ids == theirs
-    assert ours.finish_reason == "length" and len(ours.token_ids) == 100
+    assert ours.finish_reason == "length" and len(ours.token_ids) == 200
+    if name == "gpt-neo":  # the run outgrew the window cache's capacity at least once
+        from edgelm.runtime.kv import WINDOW_SLACK
+
+        window = [c["window"] for c in gen.art.manifest["io"]["kv_cache"] if c["kind"] == "window"]
+        assert window and len(gen.tokenizer.encode(PROMPTS[0])) + 200 > window[0] + WINDOW_SLACK
 
 
 @pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
@@ -378,6 +384,41 @@ def test_each_row_of_a_batch_stops_on_its_own(embedded_artifact):
         assert results[1].finish_reason == "length" and results[1].text == alone[1]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_rows_with_their_own_lengths_and_budgets_share_a_batch(embedded_artifact, name):
+    """What the server batches: a long prompt that asks for few tokens beside a short one that asks
+    for many. Together they span more than the context (480 + 400 > 512), though each fits: the
+    finished long row keeps stepping as padding, and each row's tokens are those it gets alone."""
+    gen = Generator.load(embedded_artifact[name])
+    prompts = ["word " * 480, PROMPTS[0]]
+    cfgs = [SamplingConfig(max_new_tokens=8, stop_at_eos=False), SamplingConfig(max_new_tokens=400, stop_at_eos=False)]
+    assert len(gen.tokenizer.encode(prompts[0])) + 400 > gen.max_positions
+    events = gen.run_rows(prompts, cfgs)
+    try:
+        while True:
+            next(events)
+    except StopIteration as end:
+        together = end.value
+    alone = [gen.generate(p, c) for p, c in zip(prompts, cfgs)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [len(r.token_ids) for r in together] == [8, 400]
+    # decode speed counts the tokens rows made, not the finished row's padding
+    t = together[0].timings
+    assert t["new_tokens"] == 408 and t["decode_steps"] == 399
+
+
+def test_a_batch_streams_each_rows_tokens(embedded_artifact):
+    gen = Generator.load(embedded_artifact["gpt2"])
+    cfg = SamplingConfig(max_new_tokens=30, stop_at_eos=False)
+    texts, ends = ["", ""], [None, None]
+    for event in gen.stream(PROMPTS, cfg):
+        assert ends[event.row] is None  # nothing after a row's last event
+        texts[event.row] += event.text
+        ends[event.row] = event.finished
+    assert texts == [r.text for r in gen.generate(PROMPTS, cfg)] and ends == ["length", "length"]
+    assert "".join(e.text for e in gen.stream(PROMPTS[0], cfg)) == texts[0]  # one prompt: as before
+
+
 def test_eos_ends_a_row(embedded_artifact, monkeypatch):
     gen = Generator.load(embedded_artifact["gpt2"])
     first = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=3, stop_at_eos=False)).token_ids
@@ -424,11 +465,30 @@ def test_cli_stream_prints_the_same_text(embedded_artifact):
     assert streamed.stdout.strip() == plain.stdout.strip()
 
 
+def test_cli_sampling_flags_reach_the_sampler(embedded_artifact):
+    art = str(embedded_artifact["gpt2"])
+
+    def run(*extra):
+        r = _cli("generate", art, PROMPTS[0], "-n", "24", "--ignore-eos", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    flags = ["--temperature", "1.5", "--top-k", "200", "--top-p", "0.95", "--repetition-penalty", "1.3"]
+    a, b, c = run(*flags, "--seed", "7"), run(*flags, "--seed", "7"), run(*flags, "--seed", "8")
+    greedy, explicit = run(), run("--greedy")
+    assert a["sampling"]["greedy"] is False and a["sampling"]["top_k"] == 200 and a["sampling"]["seed"] == 7
+    assert a["sampling"]["repetition_penalty"] == 1.3 and a["sampling"]["top_p"] == 0.95
+    assert a["token_ids"] == b["token_ids"]  # the seed makes sampling reproducible
+    assert a["token_ids"] != c["token_ids"] and a["token_ids"] != greedy["token_ids"]
+    assert explicit["token_ids"] == greedy["token_ids"] and greedy["sampling"]["greedy"] is True
+
+
 @pytest.mark.parametrize("args,expected", [
     (["generate", "/nonexistent/artifact", "hi"], "not a folder"),
     (["generate", "{art}", "hi", "--provider", "cuda"], "CUDA"),
     (["generate", "{art}", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "{art}", "hi", "-n", "0"], "expected a number >= 1"),
+    (["generate", "{art}", "hi", "--greedy", "--top-p", "0.5"], "--greedy takes the most likely token"),
 ])
 def test_cli_generate_errors_are_one_sentence(embedded_artifact, args, expected):
     args = [a.replace("{art}", str(embedded_artifact["gpt2"])) for a in args]
@@ -438,13 +498,15 @@ def test_cli_generate_errors_are_one_sentence(embedded_artifact, args, expected)
     assert len(lines) == 1 and expected in lines[0], r.stderr
 
 
-def test_runtime_runs_without_torch_or_transformers(embedded_artifact):
-    """Generate in a process where importing torch or transformers fails."""
+@pytest.mark.parametrize("blocked", [("torch", "transformers"), ("torch", "transformers", "onnx")])
+def test_runtime_runs_without_torch_or_transformers(embedded_artifact, blocked):
+    """Generate in a process where importing torch or transformers fails: on the default kernels
+    (edgelm's, where onnx turns the graph as it loads) and, with onnx blocked too, as exported."""
     code = textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
-                if name.split('.')[0] in ('torch', 'transformers', 'onnx'):
+                if name.split('.')[0] in {blocked!r}:
                     raise ImportError('blocked: ' + name)
         sys.meta_path.insert(0, Block())
         from edgelm.cli import main
@@ -455,7 +517,8 @@ def test_runtime_runs_without_torch_or_transformers(embedded_artifact):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["token_ids"] and out["kernels"] == "onnxruntime"  # without onnx the graph runs as exported
+    # without onnx the graph runs as exported, on ONNX Runtime's kernels
+    assert out["token_ids"] and out["kernels"] == ("onnxruntime" if "onnx" in blocked else _expected_kernels("auto"))
 
 
 def test_runtime_install_has_no_torch():

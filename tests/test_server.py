@@ -150,15 +150,112 @@ def test_full_queue_answers_429(embedded_artifact):
         s.stop()
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits(embedded_artifact):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_request_in_flight_and_exits(embedded_artifact, signum):
     s = Server(embedded_artifact["gpt2"])
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(s.post, {"prompt": PROMPT, "max_tokens": 200, "temperature": 0})
-        time.sleep(0.5)
-        s.proc.send_signal(signal.SIGTERM)
-        status, body = pending.result(timeout=120)
-    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 200
+    req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(
+        {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        first = r.readline().decode()
+        assert first.startswith("data: ")  # the request is being decoded
+        s.proc.send_signal(signum)
+        rest = first + r.read().decode()
+    events = [line[len("data: "):] for line in rest.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert s.proc.wait(timeout=60) == 0
+    with pytest.raises(OSError):  # and no longer listens
+        s.get("/health")
+
+
+def test_the_default_address_is_loopback(server):
+    line = server.proc.stdout.readline()  # the startup line: the address it bound
+    assert f"on http://127.0.0.1:{server.port} " in line, line
+
+
+def test_metrics_count_tokens_and_latency(server):
+    def numbers():
+        text = server.get("/metrics")[1]
+        return dict((name, float(value)) for name, value in
+                    (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")))
+
+    before = numbers()
+    status, body = server.post({"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert status == 200
+    usage, after = json.loads(body)["usage"], numbers()
+    assert after["edgelm_prompt_tokens_total"] - before["edgelm_prompt_tokens_total"] == usage["prompt_tokens"]
+    assert after["edgelm_generated_tokens_total"] - before["edgelm_generated_tokens_total"] == usage["completion_tokens"]
+    assert after["edgelm_request_latency_seconds_count"] == before["edgelm_request_latency_seconds_count"] + 1
+    assert after["edgelm_request_latency_seconds_sum"] > before["edgelm_request_latency_seconds_sum"]
+    assert after['edgelm_request_latency_seconds_bucket{le="+Inf"}'] == after["edgelm_request_latency_seconds_count"]
+
+
+@pytest.mark.parametrize("length", ["abc", "-5"])
+def test_a_bad_content_length_is_a_400(server, length):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "Content-Length header" in json.loads(body)["error"]["message"]
+
+
+class _Gate:
+    """A stand-in generator: row 0 ends at once, row 1 only when the test lets it (or fails)."""
+
+    def __init__(self, fail: bool = False):
+        import threading
+
+        self.proceed, self.fail = threading.Event(), fail
+
+    def run(self, rows):
+        from edgelm.runtime.generator import StreamEvent
+
+        yield StreamEvent(0, 1, "a", "length")
+        assert self.proceed.wait(30)
+        if self.fail:
+            raise RuntimeError("the batch failed")
+        yield StreamEvent(1, 2, "b", "length")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_row_that_ends_is_answered_before_its_batch_ends(fail):
+    import threading
+    from types import SimpleNamespace
+
+    from edgelm.runtime.server import _DONE, Engine, Job, Metrics
+
+    gate = _Gate(fail)
+    engine = Engine(gate, max_batch=8, max_queue=8, metrics=Metrics())
+    jobs = [Job(SimpleNamespace()), Job(SimpleNamespace())]
+    worker = threading.Thread(target=engine._run, args=(jobs,))
+    worker.start()
+    assert jobs[0].events.get(timeout=30).text == "a"
+    assert jobs[0].events.get(timeout=30) is _DONE  # while row 1 is still decoding
+    assert not gate.proceed.is_set()
+    gate.proceed.set()
+    worker.join(timeout=30)
+    rest = [jobs[1].events.get(timeout=30) for _ in range(2)]
+    assert (isinstance(rest[0], RuntimeError) if fail else rest[0].text == "b") and rest[1] is _DONE
+    assert jobs[0].events.empty()  # the finished row got nothing more, the failure included
+
+
+def test_long_and_short_requests_share_a_batch(embedded_artifact):
+    """Through the engine: a long prompt asking for few tokens and a short one asking for many,
+    480 + 400 positions together in a context of 512, each answered as if alone."""
+    from edgelm.runtime.server import _DONE, Engine, Job, Metrics
+
+    gen = Generator.load(embedded_artifact["gpt2"])
+    prompts = ["word " * 480, PROMPT]
+    cfgs = [SamplingConfig(max_new_tokens=8, stop_at_eos=False), SamplingConfig(max_new_tokens=400, stop_at_eos=False)]
+    jobs = [Job(gen.prepare(p, c)) for p, c in zip(prompts, cfgs)]
+    Engine(gen, max_batch=8, max_queue=8, metrics=Metrics())._run(jobs)
+    for job, p, c in zip(jobs, prompts, cfgs):
+        items = []
+        while (item := job.events.get(timeout=5)) is not _DONE:
+            items.append(item)
+        assert not any(isinstance(i, Exception) for i in items), items
+        assert [i.token_id for i in items] == gen.generate(p, c).token_ids
 
 
 def test_busy_port_is_one_sentence(server, embedded_artifact):

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..cli import command
+from ..errors import InputError
 from .options import CONTEXT_POLICIES, KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
 
 
@@ -61,6 +62,9 @@ def sampling_from_args(args):
     from .sampling import SamplingConfig
 
     sample = args.temperature is not None or args.top_k or args.top_p < 1.0
+    if args.greedy and sample:
+        raise InputError("--greedy takes the most likely token, so --top-k and --top-p (sampling flags) do not "
+                         "apply; drop --greedy to sample, or drop them")
     return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sample,
                           temperature=args.temperature if args.temperature is not None else 1.0,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

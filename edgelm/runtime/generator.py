@@ -158,8 +158,7 @@ class Generator:
     # -- public API ---------------------------------------------------------------------------
     def generate(self, prompts, cfg: SamplingConfig | None = None, **kwargs):
         """One prompt (text or token ids) -> GenerationResult; a list of them -> a list (one padded batch)."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
-                                              and all(isinstance(t, (int, np.integer)) for t in prompts))
+        single = self._single(prompts)
         cfg = cfg or SamplingConfig(**kwargs)
         rows = self._rows([prompts] if single else list(prompts), cfg, live_text=False)
         for _ in self.run(rows):
@@ -167,9 +166,11 @@ class Generator:
         results = [self.result(r) for r in rows]
         return results[0] if single else results
 
-    def stream(self, prompt: str, cfg: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
+    def stream(self, prompts, cfg: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
+        """One prompt (text or token ids) or a list of them (one padded batch) -> StreamEvents as the
+        tokens come; each event's ``row`` is its prompt's index (0 for a single prompt)."""
         cfg = cfg or SamplingConfig(**kwargs)
-        yield from self.run(self._rows([prompt], cfg))
+        yield from self.run(self._rows([prompts] if self._single(prompts) else list(prompts), cfg))
 
     def run_rows(self, prompts: list[str], cfgs: list[SamplingConfig]):
         """For servers: rows with their own configs; yields StreamEvents, then returns results."""
@@ -178,6 +179,12 @@ class Generator:
         return [self.result(r) for r in rows]
 
     # -- internals ----------------------------------------------------------------------------
+    @staticmethod
+    def _single(prompts) -> bool:
+        """One prompt (a string or a list of token ids), not a list of prompts."""
+        return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                            and all(isinstance(t, (int, np.integer)) for t in prompts))
+
     def _rows(self, prompts: list[str], cfg: SamplingConfig, live_text: bool = True) -> list[Row]:
         if not prompts:
             raise InputError("no prompt given; pass at least one prompt")
@@ -293,7 +300,10 @@ class Generator:
             if all(r.finished for r in rows) or total >= max_len:
                 break
             step_ids = tokens[:, None]  # (B, 1)
-            step_pos = step_pos[:, -1:] + 1  # (B, 1)
+            # A finished row keeps stepping as padding: its position stops at the model's last (a long
+            # prompt that asked for few tokens, batched with a short one that asked for many, would
+            # otherwise run past the position table); no live row gets that far (prepare).
+            step_pos = np.minimum(step_pos[:, -1:] + 1, self.max_positions - 1)  # (B, 1)
             if right:  # each row's new token right after its own tokens
                 mask[np.arange(batch), step_pos[:, 0]] = 1
             else:
@@ -301,9 +311,10 @@ class Generator:
             total += 1
         done = time.perf_counter()
         new_tokens = sum(len(r.ids) for r in rows)
+        decoded = sum(max(len(r.ids) - 1, 0) for r in rows)  # after each row's first: finished rows' padding not counted
         timings = {
             "time_to_first_token_s": round(first_token_at - started, 6),
-            "decode_tokens_per_s": round((steps - 1) * batch / (done - first_token_at), 3) if steps > 1 else None,
+            "decode_tokens_per_s": round(decoded / (done - first_token_at), 3) if steps > 1 else None,
             "decode_steps": steps - 1,
             "total_s": round(done - started, 6),
             "prompt_tokens": prompt_len,

@@ -132,8 +132,10 @@ class Engine:
             self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> None:
-        self.metrics.batch.observe(len(jobs))
+        with self.metrics.lock:  # handler threads observe the other histograms meanwhile
+            self.metrics.batch.observe(len(jobs))
         energy = self.metrics.energy.busy() if self.metrics.energy is not None else contextlib.nullcontext()
+        done = [False] * len(jobs)
         try:
             with energy:  # decoding energy, for energy per token in /metrics
                 for event in self.gen.run([j.row for j in jobs]):
@@ -141,11 +143,16 @@ class Engine:
                     if job.first_token is None:
                         job.first_token = time.perf_counter()
                     job.events.put(event)
-        except Exception as exc:  # a failure of the batch reaches every client in it
-            for job in jobs:
-                job.events.put(exc)
-        for job in jobs:
-            job.events.put(_DONE)
+                    if event.finished:  # its client gets its answer now, not when the batch's longest row ends
+                        job.events.put(_DONE)
+                        done[event.row] = True
+        except Exception as exc:  # a failure of the batch reaches every client still waiting in it
+            for job, ended in zip(jobs, done):
+                if not ended:
+                    job.events.put(exc)
+        for job, ended in zip(jobs, done):
+            if not ended:
+                job.events.put(_DONE)
 
     def drain(self) -> None:
         """Refuse the jobs that never started (server stopping)."""
@@ -248,8 +255,15 @@ def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: s
                 self._error(404, f"no route POST {self.path}; completions are at POST /v1/completions", "not_found")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    self.close_connection = True  # the body's end is unknown: nothing more on this connection
+                    raise InputError("the Content-Length header must be a whole number of bytes; send the body's length")
                 if length > 4 << 20:
+                    self.close_connection = True  # its unread body must not be taken for the next request
                     raise InputError("the request body is over 4 MiB; send a shorter prompt")
                 try:
                     body = json.loads(self.rfile.read(length) or b"null")
@@ -294,10 +308,9 @@ def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: s
                 for job in jobs:
                     metrics.prompt_tokens += len(job.row.prompt_ids)
                     metrics.completion_tokens += len(job.row.ids)
-            for job in jobs:
-                metrics.latency.observe(now - job.created)
-                if job.first_token is not None:
-                    metrics.ttft.observe(job.first_token - job.created)
+                    metrics.latency.observe(now - job.created)
+                    if job.first_token is not None:
+                        metrics.ttft.observe(job.first_token - job.created)
 
         def _complete(self, rid: str, jobs: list[Job]) -> None:
             for job in jobs:
