@@ -350,7 +350,8 @@ def write_report(data: dict, out: Path) -> None:
                 and o["system"].startswith("edgelm")]
         lines.append(f"- {r['model']}: memory-read, a pure read of a step's weight bytes timed like a decode, reaches "
                      f"{r['fraction_of_ceiling'] * 100:.0f}% of the ceiling; against its speed in the same repeats: "
-                     + (", ".join(ours) or "no edgelm row"))
+                     + (", ".join(ours) or "not taken (this model's systems run one at a time, not interleaved; "
+                                            "compare their shares of the ceiling above)"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         _plot(rows, out.with_suffix(".png"))
