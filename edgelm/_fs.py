@@ -11,7 +11,19 @@ from pathlib import Path
 from .errors import InputError, OutputExistsError
 
 
-def check_output(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool, inputs=()) -> None:
+    """Refuse an output folder that exists (without ``force``), is a file, or whose replacement would
+    delete what the command reads (``inputs``: paths; those that do not exist are skipped) or the
+    folder it runs in."""
+    here = Path(os.path.abspath(out))
+    for given in [*inputs, os.getcwd()]:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(os.path.abspath(given))
+        if here == source or here in source.parents:
+            what = "the current folder" if given == os.getcwd() else f"the input {given}"
+            raise InputError(f"the output folder {out} is or holds {what}, which writing it would replace; "
+                             "choose an output folder outside it with -o")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; choose another output folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -19,30 +31,35 @@ def check_output(out: Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool):
-    """Yield a temporary folder that becomes ``out`` only if the block finishes without error."""
-    out = Path(out)
-    check_output(out, force)
+def atomic_output_dir(out: Path, force: bool, inputs=()):
+    """Yield a temporary folder that becomes ``out`` only if the block finishes without error; on any
+    error (an interrupt included) the temporary folder is removed and ``out`` is left as it was."""
+    out = Path(os.path.abspath(out))
+    check_output(out, force, inputs)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     except OSError as exc:
-        raise InputError(f"cannot create the folder {out.parent} ({exc.strerror}); choose a writable location") from None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        raise InputError(f"cannot write in {out.parent} ({exc.strerror}); choose a writable location with -o") from None
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         yield tmp
+        if out.exists():
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

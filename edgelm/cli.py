@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that partial outputs are removed as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -77,11 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         getattr(args, "_group", parser).print_help()
         return 2
     name = args._name
+    try:  # `edgelm serve` sets its own handler (finish the requests in flight)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return int(args._run(args) or 0)
     except EdgelmError as exc:
         print(f"edgelm {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print(f"edgelm {name}: terminated; no output was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"edgelm {name}: interrupted; no output was written", file=sys.stderr)
         return 130
@@ -89,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgelm {name}: error: out of memory; use a machine with more RAM or a smaller model",
               file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

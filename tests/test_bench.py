@@ -199,6 +199,36 @@ def test_measure_step_records_the_step_and_stops_on_failure():
     assert tracker.starts == tracker.stops == 2
 
 
+def test_a_steps_peak_memory_is_its_own():
+    """A step's peak RSS starts at the step: what the process held before is not counted, and an
+    outer step still sees the peak of a step inside it."""
+    import numpy as np
+
+    from edgelm.bench.energy import peak_rss_bytes, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this system cannot reset the resident set's high-water mark")
+    big = np.ones(400 << 20, np.uint8)  # 400 MB, touched
+    held = peak_rss_bytes()
+    del big
+    with measure_step("outer", FakeTracker()) as outer:
+        with measure_step("inner", FakeTracker()) as inner:
+            transient = np.ones(200 << 20, np.uint8)
+            del transient
+            inner_peak = inner.finish()["peak_rss_bytes"]
+        outer_peak = outer.finish()["peak_rss_bytes"]
+    assert inner_peak < held - (150 << 20)  # the 400 MB before the step are not its peak
+    assert outer_peak >= inner_peak
+
+
+def test_cli_bench_cache_dir_holds_the_converted_peers(tiny_artifact, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["bench", str(tiny_artifact["gpt2"]), "--vs", "ctranslate2", "--cache-dir", str(cache),
+                 "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1", "--batch", "1",
+                 "--bandwidth-gib", "0.0625", "--json"]) == 0
+    assert cache.is_dir() and any(cache.rglob("*"))
+
+
 def test_export_manifest_steps_carry_their_energy(tiny_artifact):
     for folder in tiny_artifact.values():
         step = json.loads((folder / "manifest.json").read_text())["steps"][0]
@@ -244,6 +274,7 @@ def test_cli_bench_with_codecarbon_writes_the_report(tiny_artifact, tmp_path):
     (["{art}", "--repeats", "0"], "repeats must be at least 1"),
     (["{art}", "-o", "{exists}"], "pass --force"),
     (["{art}", "--python-for", "ctranslate2"], "PEER=PYTHON"),
+    (["{art}", "-o", "{art}", "--force"], "is or holds the input"),
 ])
 def test_bad_input_is_one_clear_line(tiny_artifact, tmp_path, capsys, args, fragment):
     (tmp_path / "exists").mkdir()

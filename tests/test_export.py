@@ -176,7 +176,8 @@ def test_right_padding_is_validated_with_rows_of_different_lengths(tiny_model_di
 def test_padding_is_refused_where_it_cannot_be(tiny_model_dir, tmp_path):
     for kwargs, expected in (({"padding": "middle"}, "padding 'middle' is not available"),
                              ({"padding": "right", "linear_layout": "packed"}, "the packed layout"),
-                             ({"padding": "right", "backend": "optimum"}, "the optimum backend")):
+                             ({"padding": "right", "backend": "optimum"}, "the optimum backend"),
+                             ({"padding": "left", "dtype": "fp16"}, "fp16 graphs take right padding")):
         with pytest.raises(InputError, match=expected):
             export_model(str(tiny_model_dir["gpt2"]), tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()
@@ -187,7 +188,8 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_config", "bad_config", "unknown_arch", "corrupt", "no_weights",
-                                  "bad_head_size", "bad_embedded", "bad_atol"])
+                                  "bad_head_size", "bad_embedded", "bad_atol", "config_list", "zero_heads",
+                                  "text_heads", "bad_index", "inf_atol", "unwritable"])
 def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
     src = tmp_path / "m"
     args = None
@@ -195,8 +197,12 @@ def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
         args = [str(tmp_path / "nope"), "-o", str(tmp_path / "o")]
     elif case == "bad_embedded":
         args = ["embedded:llama", "-o", str(tmp_path / "o")]
-    elif case == "bad_atol":
-        args = [str(tiny_model_dir["gpt2"]), "-o", str(tmp_path / "o"), "--atol", "-1"]
+    elif case in ("bad_atol", "inf_atol"):
+        args = [str(tiny_model_dir["gpt2"]), "-o", str(tmp_path / "o"), "--atol", "-1" if case == "bad_atol" else "inf"]
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("a file, not a folder")
+        args = [str(tiny_model_dir["gpt2"]), "-o", str(blocker / "o"), "--no-validate"]
     else:
         import shutil
 
@@ -217,6 +223,14 @@ def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
             (src / "model.safetensors").write_bytes(data[: len(data) // 2])
         elif case == "no_weights":
             (src / "model.safetensors").unlink()
+        elif case == "config_list":
+            (src / "config.json").write_text("[1, 2]")
+        elif case in ("zero_heads", "text_heads"):
+            cfg["n_head"] = 0 if case == "zero_heads" else "four"
+            (src / "config.json").write_text(json.dumps(cfg))
+        elif case == "bad_index":
+            (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+            (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
         args = [str(src), "-o", str(tmp_path / "o")]
     r = _cli("export", *args)
     assert r.returncode != 0
@@ -227,8 +241,61 @@ def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
     expected = {"missing": "no folder", "no_config": "no config.json", "bad_config": "not valid JSON",
                 "unknown_arch": "GPT2LMHeadModel", "corrupt": "download it again",
                 "no_weights": "no model.safetensors", "bad_head_size": "multiple of 8",
-                "bad_embedded": "embedded:gpt2", "bad_atol": "positive"}[case]
+                "bad_embedded": "embedded:gpt2", "bad_atol": "positive", "config_list": "not an object",
+                "zero_heads": "n_head is 0", "text_heads": "n_head is 'four'", "bad_index": "no weight_map",
+                "inf_atol": "finite",
+                "unwritable": "choose a writable location"}[case]
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent", "the current folder"])
+def test_an_output_that_would_replace_the_input_is_refused(tiny_model_dir, tmp_path, monkeypatch, where):
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir["gpt2"], src)
+    before = sorted(p.name for p in src.iterdir())
+    out = {"itself": src, "its parent": tmp_path, "the current folder": tmp_path / "m"}[where]
+    monkeypatch.chdir(src if where == "the current folder" else tmp_path)
+    with pytest.raises(InputError, match="choose an output folder outside it"):
+        export_model(str(src) if where != "the current folder" else "embedded:gpt2", out, force=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_sigterm_leaves_no_output_and_no_temporary_folder(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "export", str(tiny_model_dir["gpt2"]), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".o.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated; no output was written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_float_buffers_are_ignored_and_local_sources_recorded_whole(tiny_model_dir, tmp_path, monkeypatch):
+    """Older GPT-2 files carry uint8 attention-mask buffers beside the weights; a relative folder is
+    recorded by its absolute path (bench finds the peers' source by it)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir["gpt2"], src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.uint8))
+    save_file(tensors, src / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    m = export_model("m", tmp_path / "o", progress=False)
+    assert m["validation"]["status"] == "passed"
+    assert m["model"]["source"] == m["steps"][-1]["source"] == str(src.resolve())
 
 
 def test_offline_hub_id_fails_with_one_sentence(tmp_path):

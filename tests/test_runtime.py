@@ -465,6 +465,18 @@ def test_cli_stream_prints_the_same_text(embedded_artifact):
     assert streamed.stdout.strip() == plain.stdout.strip()
 
 
+@pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
+def test_a_corrupt_graph_is_one_sentence(embedded_artifact, tmp_path, kernels):
+    art = tmp_path / "art"
+    shutil.copytree(embedded_artifact["gpt2"], art)
+    graph = art / "model.onnx"
+    graph.write_bytes(b"\xff" * graph.stat().st_size)  # the right size, not a graph
+    r = _cli("generate", str(art), "hi", "--kernels", kernels)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "model.onnx" in lines[0] and ("export the model again" in lines[0] or "cannot load" in lines[0])
+
+
 def test_cli_sampling_flags_reach_the_sampler(embedded_artifact):
     art = str(embedded_artifact["gpt2"])
 

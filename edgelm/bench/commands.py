@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if args.output:
-        check_output(Path(args.output), args.force)  # refuse before measuring anything
+        check_output(Path(args.output), args.force, inputs=args.artifacts)  # refuse before measuring anything
     check_country(settings.country)
     cmd = "edgelm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
-    report = run_bench(args.artifacts, settings, progress=not args.json, command=cmd)
+    report = run_bench(args.artifacts, settings, cache_dir=args.cache_dir, progress=not args.json, command=cmd)
     if args.output:
         write_report(report, args.output, force=args.force)
     if args.json:

@@ -418,16 +418,43 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of the resident set (Linux: VmHWM, by /proc/self/clear_refs);
+    False where that cannot be done, and peak_rss_bytes() keeps the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_MEASURING: list["StepMeter"] = []  # steps being measured, outermost first (a recipe's steps nest)
+_MEASURING_LOCK = threading.Lock()
+
+
 class StepMeter:
-    """Time, peak memory and energy of one pipeline step, as the record a manifest keeps."""
+    """Time, peak memory and energy of one pipeline step, as the record a manifest keeps.
+
+    Its peak RSS is the step's own: the high-water mark is reset when it starts (an earlier step of
+    the same process, or a caller's transient, is not counted); a step that starts inside another
+    hands the outer one the mark so far first."""
 
     def __init__(self, name: str, tracker: Tracker | None = None, **settings):
         self.name, self.settings = name, settings
         self.meter = Meter(tracker)
         self.record: dict | None = None
         self._started = 0.0
+        self._peak = 0  # the high-water marks of this step's intervals before the last reset
+        self._own_peak = True  # False where the mark could not be reset (the process's peak, then)
 
     def start(self) -> "StepMeter":
+        with _MEASURING_LOCK:
+            now = peak_rss_bytes()
+            for outer in _MEASURING:
+                outer._peak = max(outer._peak, now)
+            self._own_peak = reset_peak_rss()
+            _MEASURING.append(self)
         self._started = time.perf_counter()
         self.meter.start()
         return self
@@ -437,8 +464,14 @@ class StepMeter:
         if self.record is None:
             seconds = time.perf_counter() - self._started
             reading = self.meter.stop()
+            with _MEASURING_LOCK:
+                peak = max(self._peak, peak_rss_bytes())
+                if self in _MEASURING:
+                    _MEASURING.remove(self)
             self.record = {"name": self.name, **self.settings, "seconds": round(seconds, 2),
-                           "peak_rss_bytes": peak_rss_bytes(), "energy": reading.to_dict()}
+                           "peak_rss_bytes": peak, "energy": reading.to_dict()}
+            if not self._own_peak:
+                self.record["peak_rss_scope"] = "process"  # this system cannot reset the mark
         self.record.update(extra)
         return self.record
 
@@ -456,6 +489,9 @@ def measure_step(name: str, tracker: Tracker | None = None, **settings):
     finally:
         if step.record is None:
             step.meter.stop()
+            with _MEASURING_LOCK:
+                if step in _MEASURING:
+                    _MEASURING.remove(step)
 
 
 _CURRENT_STEP: contextvars.ContextVar[StepMeter | None] = contextvars.ContextVar("edgelm_step", default=None)

@@ -199,13 +199,20 @@ LAYER_INNER = "edgelm_layer_inner"
 def layer_shapes(config: dict) -> tuple[list[int], list[int]]:
     """Attention heads and MLP width of every layer: the pruning fields, or the config's uniform values."""
     spec = arch_for(config)
-    try:
-        layers, heads, hidden = (int(config[f]) for f in (spec.num_layers, spec.num_heads, spec.hidden_size))
-    except KeyError as missing:
-        raise UnsupportedModelError(f"config.json has no field {missing} that a {spec.hf_class} needs") from None
-    inner = int(config.get(spec.inner_size) or 4 * hidden)
+    layers, heads, hidden = (_size(config, f, spec) for f in (spec.num_layers, spec.num_heads, spec.hidden_size))
+    inner = 4 * hidden if config.get(spec.inner_size) is None else _size(config, spec.inner_size, spec)
     return (_per_layer(config, LAYER_HEADS, heads, layers, "attention head count"),
             _per_layer(config, LAYER_INNER, inner, layers, "MLP width"))
+
+
+def _size(config: dict, field: str, spec: ArchSpec) -> int:
+    """A size field of config.json: present, a whole number >= 1."""
+    if field not in config:
+        raise UnsupportedModelError(f"config.json has no field '{field}' that a {spec.hf_class} needs")
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a whole number >= 1")
+    return value
 
 
 def _per_layer(config: dict, key: str, default: int, layers: int, what: str) -> list[int]:
@@ -232,14 +239,8 @@ def _per_layer(config: dict, key: str, default: int, layers: int, what: str) -> 
 def resolve(config: dict) -> ModelFacts:
     """Check a Hugging Face config.json (as a dict) and resolve it into ModelFacts."""
     spec = arch_for(config)
-    try:
-        hidden = int(config[spec.hidden_size])
-        heads = int(config[spec.num_heads])
-        layers = int(config[spec.num_layers])
-        vocab = int(config["vocab_size"])
-        positions = int(config[spec.max_positions])
-    except KeyError as missing:
-        raise UnsupportedModelError(f"config.json has no field {missing} that a {spec.hf_class} needs") from None
+    hidden, heads, layers, vocab, positions = (_size(config, f, spec) for f in (
+        spec.hidden_size, spec.num_heads, spec.num_layers, "vocab_size", spec.max_positions))
     if hidden % heads:
         raise UnsupportedModelError(f"hidden size {hidden} is not a multiple of the {heads} heads")
     head_size = hidden // heads

@@ -7,7 +7,6 @@ it is in use: exporting a 10 GB checkpoint holds one tensor at a time, not the w
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +75,18 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    return _read_json_object(path)
+
+
+def _read_json_object(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file from the "
+                         "model's source")
+    return data
 
 
 @dataclass
@@ -160,8 +167,8 @@ def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            if meta["dtype"] not in _ST_DTYPES:
-                raise InputError(f"{path.name}: tensor '{name}' has dtype {meta['dtype']}; expected F32, F16 or BF16")
+            if meta["dtype"] not in _ST_DTYPES:  # a non-float buffer (older GPT-2 files' uint8 attn.bias
+                continue  # masks): no weight; were a weight missing, reading it says so
             begin, end = meta["data_offsets"]
             if base + end > size:
                 raise ValueError(f"tensor {name} ends past the end of the file")
@@ -181,7 +188,10 @@ def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "
     files: list[Path] = []
     if single.is_file() or index.is_file():
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InputError(f"{index} has no weight_map of tensor names to shard files; "
+                                 "restore the file from the model's source")
             files = sorted({model_dir / f for f in weight_map.values()})
         else:
             files = [single]
@@ -239,13 +249,6 @@ def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
             "copy the GPT-2 tokenizer files into the model folder"
         )
     return copied
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux: ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if os.name == "posix" else 0
 
 
 def release_memory() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import tempfile
 import time
@@ -18,7 +19,7 @@ from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
 from .builder import LINEAR_LAYOUTS, OPSET_NOTE, PADDINGS, build_graph, count_ops, default_linear_layout, io_spec
-from .checkpoint import large_blocks_from_the_os, release_memory, copy_tokenizer, open_checkpoint, peak_rss_bytes, read_config, resolve_model_dir
+from .checkpoint import large_blocks_from_the_os, release_memory, copy_tokenizer, open_checkpoint, read_config, resolve_model_dir
 
 BACKENDS = ("builder", "optimum")
 
@@ -66,13 +67,19 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                          "and the packed layout and the optimum backend take left padding")
     if linear_layout == "packed":
         native.require()  # the graph is validated through the library: refuse now, not after the build
-    if atol is not None and not atol > 0:
-        raise InputError(f"--atol must be a positive number, got {atol}")
-    if rtol is not None and not rtol >= 0:
-        raise InputError(f"--rtol must be zero or a positive number, got {rtol}")
-    check_output(out, force)  # refuse before any work
+    if atol is not None and not 0 < atol < math.inf:
+        raise InputError(f"--atol must be a positive finite number, got {atol}")
+    if rtol is not None and not 0 <= rtol < math.inf:
+        raise InputError(f"--rtol must be zero or a positive finite number, got {rtol}")
+    if dtype == "fp16" and padding == "left":  # its -1e9 attention bias is -inf in fp16: NaN logits
+        raise InputError("fp16 graphs take right padding (CUDA's attention has no bias, and fp16 cannot hold "
+                         "the left padding's mask value); leave out --padding, or export fp32 for left padding")
+    check_output(out, force, inputs=[model])  # refuse before any work
     started = time.perf_counter()
     model_dir = resolve_model_dir(model)
+    # a local folder is recorded by its absolute path (bench finds the peers' source by it from any
+    # folder); embedded:NAME and hub ids as given
+    source = str(model_dir.resolve()) if Path(model).expanduser().exists() else str(model)
     config = read_config(model_dir)
     spec = arch_for(config)
     facts = resolve(config)
@@ -81,7 +88,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     rtol = V.DEFAULT_RTOL[dtype] if rtol is None else rtol
     bar = _progress if progress else None
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[model_dir]) as tmp:
         tokenizer_files = copy_tokenizer(model_dir, tmp)
         if backend == "optimum":
             from .optimum_backend import export_with_optimum
@@ -108,17 +115,17 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "edgelm_version": __version__,
-            "model": {"source": str(model), "architecture": spec.hf_class, "model_type": spec.model_type,
+            "model": {"source": source, "architecture": spec.hf_class, "model_type": spec.model_type,
                       "facts": facts.to_dict()},
             "graph": graph,
             "io": io,
             "tokenizer": {"files": tokenizer_files, "bos_token_id": facts.bos_token_id,
                           "eos_token_id": facts.eos_token_id},
             "steps": read_lineage(model_dir) + [{  # the training steps that made the model, then this one
-                "name": "export", "backend": backend, "dtype": dtype, "source": str(model),
+                "name": "export", "backend": backend, "dtype": dtype, "source": source,
                 "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),
-                "peak_rss_bytes": peak_rss_bytes(), "versions": versions(),
-                "energy": current_step().finish()["energy"],
+                "versions": versions(),
+                **{k: v for k, v in current_step().finish().items() if k in ("peak_rss_bytes", "energy")},
             }],
             "validation": validation,
         }

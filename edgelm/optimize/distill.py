@@ -164,7 +164,7 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
     from .models import load_model, model_dir_of, parameter_bytes, save_model, tokenizer_for
 
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=[teacher, train_text, eval_text, student_config_file])
     work = checkpoint_folder(out, checkpoint_dir, resume)
     started = time.perf_counter()
     teacher_dir = model_dir_of(teacher)

@@ -283,7 +283,7 @@ def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: Prune
     from .models import build_model, load_model, model_dir_of, parameter_bytes, save_model, tokenizer_for
 
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=[model, train_text, eval_text])
     work = checkpoint_folder(out, checkpoint_dir, resume, training=recover is not None)
     say = print if progress else (lambda *a, **k: None)
     source_dir = model_dir_of(model)

@@ -212,7 +212,7 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
                       eval_text: str | Path | None = None, force: bool = False, progress: bool = True,
                       say=print) -> dict:
     """Quantize an fp32 builder artifact into a new artifact folder; return its manifest."""
-    from ..export.checkpoint import peak_rss_bytes
+    from ..bench.energy import peak_rss_bytes  # since this step began (StepMeter resets the mark)
     from ..runtime.artifact import Tokenizer
     from .calibration import make_windows
 
@@ -223,9 +223,7 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
     source, out = Path(source), Path(out)
     src_manifest = read_manifest(source)
     _check_source(source, src_manifest)
-    if out.resolve() == source.resolve():
-        raise InputError("the output folder is the source artifact; choose another folder with -o")
-    check_output(out, force)
+    check_output(out, force, inputs=[source, calib_text, eval_text])
     target, here = resolve_target(config.target)
     modes = _modes_to_try(config, target, here)
     text, text_path = _read_text(eval_text, DEFAULT_EVAL_TEXT, "evaluation")

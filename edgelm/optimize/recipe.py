@@ -188,7 +188,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
 
     recipe = load_recipe(recipe_path)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=[recipe["model"], recipe_path, recipe.get("train_text"), recipe.get("eval_text")])
     work = out.parent / f".{out.name}.recipe-run"
     run = _Run(work, recipe, resume)
     say = print if progress else (lambda *a, **k: None)

@@ -221,7 +221,14 @@ def _packed_graph(graph: Path):
     rewrite does not recognize."""
     from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed, unmapped
 
-    model, arrays = load_weights_apart(graph, mapped=True)
+    from google.protobuf.message import DecodeError
+
+    try:
+        model, arrays = load_weights_apart(graph, mapped=True)
+    except (DecodeError, OSError, EOFError) as exc:  # what ONNX Runtime's own load says of it, below
+        raise ArtifactError(f"{graph} is not a readable ONNX graph ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); "
+                            "export the model again") from None
     conv_to_matmul(model, arrays)
     matmul_to_packed(model, arrays)
     # what was not packed (position table, biases, norms) leaves the file's mapping; numpy's arrays
