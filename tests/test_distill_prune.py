@@ -309,7 +309,34 @@ max_ppl_increase = "50%"
     export = json.loads((out / "steps" / "03-export" / "manifest.json").read_text())
     assert export["graph"]["linear_layout"] == "matmul"  # the recipe's setting, not the fp32 default (conv)
     assert (out / "report.md").read_text().count("\n| ") >= 6 and (out / "report.png").stat().st_size > 1000
-    assert not list(tmp_path.glob(".out.recipe-run*"))
+    assert not list(tmp_path.glob(".out.recipe-run*")) and not (out / "state.json").exists()
+    # every stage's artifact is where the report, the manifest and report.json say it is
+    written = json.loads((out / "report.json").read_text())["rows"]
+    for rows in (report["rows"], manifest["recipe"]["report"], written):
+        assert [Path(r["artifact"]) for r in rows][-1] == out / "model"
+        assert all((Path(r["artifact"]) / "manifest.json").is_file() for r in rows), [r["artifact"] for r in rows]
+
+
+def test_recipe_problems_are_refused_before_any_work(tmp_path):
+    """A window past the model's context is refused before the work folder exists; a work folder
+    left without a state (interrupted before its first record) does not block the next run; a
+    checkpoint folder inside the output is refused (it is deleted once the output is written)."""
+    from edgelm.errors import InputError
+    from edgelm.optimize.recipe import _Run, load_recipe, run_recipe
+    from edgelm.optimize.train import checkpoint_folder
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "embedded:gpt2"\neval_length = 600\n[[step]]\nkind = "export"\n')
+    with pytest.raises(InputError, match="eval_length 600 is longer than the model's context of 512"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]
+    stale = tmp_path / ".out.recipe-run"
+    (stale / "steps").mkdir(parents=True)
+    run = _Run(stale, load_recipe(recipe), resume=False)
+    assert run.state["done"] == {} and (stale / "state.json").is_file()
+    for ckpt in (tmp_path / "o", tmp_path / "o" / "ckpt", tmp_path):
+        with pytest.raises(InputError, match="must be apart"):
+            checkpoint_folder(tmp_path / "o", ckpt, resume=False)
 
 
 def test_recipe_errors_name_the_step_and_key(tmp_path):
@@ -322,6 +349,18 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
         'model = "embedded:gpt2"\n[[step]]\nkind = "squash"\n': "step 1 has kind 'squash'",
         'model = "embedded:gpt2"\n': "no [[step]]",
         'model = \n': "not valid TOML",
+        'model = "embedded:gpt2"\nstep = [1, 2]\n': "step 1 is 1, not a table",
+        'model = "embedded:gpt2"\neval_length = "abc"\n[[step]]\nkind = "export"\n': "eval_length must be a whole number",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nsmooth_alpha = "x"\n':
+            "step 2 (quantize): smooth_alpha must be a number",
+        'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "distill"\nsteps = "10"\n':
+            "step 1 (distill): steps must be a whole number",
+        'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "distill"\nsteps = 0\n':
+            "step 1 (distill): --steps must be at least 1",
+        'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "prune"\nheads = 0.2\nsteps = 1\n':
+            "step 1 (prune) has no setting(s) steps",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\ndtype = "fp16"\n[[step]]\nkind = "quantize"\n':
+            "quantization takes fp32",
     }
     for text, message in cases.items():
         path = tmp_path / "r.toml"

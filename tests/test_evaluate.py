@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -45,6 +46,12 @@ def test_eval_errors(tmp_path, tiny_artifact):
     for stride in (0, 48, 100):
         with pytest.raises(InputError, match="--stride"):
             onnx_perplexity(tiny_artifact["gpt2"], TEXT, stride=stride, max_length=48)
+    context = json.loads((tiny_artifact["gpt2"] / "manifest.json").read_text())["model"]["facts"]["max_positions"]
+    for length in (0, 1, context + 1):  # 0 used to mean the default window, past the context a crash
+        with pytest.raises(InputError, match=f"--max-length must be between 2 and the model's context of {context}"):
+            onnx_perplexity(tiny_artifact["gpt2"], TEXT, max_length=length)
+    with pytest.raises(InputError, match="with --train-text"):
+        read_text(tmp_path / "missing.txt", "--train-text")
     r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(tiny_artifact["gpt2"]), "--text",
                         str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no text file" in r.stderr

@@ -170,9 +170,9 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
     teacher_dir = model_dir_of(teacher)
     say = print if progress else (lambda *a, **k: None)
     tokenizer = tokenizer_for(teacher_dir)
-    train_ids = token_ids(tokenizer, read_text(train_text), cfg.seq_len)
+    train_ids = token_ids(tokenizer, read_text(train_text, "--train-text (train_text in a recipe)"), cfg.seq_len)
     eval_path = Path(eval_text) if eval_text else EVAL_TEXT
-    eval_ids = token_ids(tokenizer, read_text(eval_path), 2)
+    eval_ids = token_ids(tokenizer, read_text(eval_path, "--eval-text (eval_text in a recipe)"), 2)
 
     teacher_model, teacher_config = load_model(teacher_dir)
     facts = resolve(teacher_config)

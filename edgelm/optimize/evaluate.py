@@ -44,10 +44,11 @@ def windows(n_tokens: int, max_length: int, stride: int):
     return out
 
 
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, option: str = "--text") -> str:
+    """A UTF-8 text file's contents; ``option`` names where the path came from, for the error."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"no text file {path}; pass a UTF-8 text file with --text")
+        raise InputError(f"no text file {path}; pass a UTF-8 text file with {option}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -57,7 +58,9 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def _check(n_tokens: int, max_length: int, stride: int) -> None:
+def _check(n_tokens: int, max_length: int, stride: int, context: int) -> None:
+    if not 2 <= max_length <= context:
+        raise InputError(f"--max-length must be between 2 and the model's context of {context}, got {max_length}")
     if n_tokens < 2:
         raise InputError("the text has fewer than 2 tokens; perplexity needs more text")
     if not 1 <= stride < max_length:
@@ -101,9 +104,9 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
     art = load_artifact(artifact, provider, kernels=kernels)
     ids = np.array(art.tokenizer.encode(text), dtype=np.int64)
     facts = art.facts
-    max_length = max_length or min(int(facts["max_positions"]), 1024)
+    max_length = min(int(facts["max_positions"]), 1024) if max_length is None else max_length
     stride = max_length // 2 if stride is None else stride
-    _check(len(ids), max_length, stride)
+    _check(len(ids), max_length, stride, int(facts["max_positions"]))
     started = time.perf_counter()
     total, count, wins = 0.0, 0, windows(len(ids), max_length, stride)
     for begin, end, first in wins:
@@ -129,9 +132,9 @@ def torch_perplexity(model_dir: str | Path, text: str, stride: int | None = None
     model_dir = resolve_model_dir(str(model_dir))
     facts = resolve(read_config(model_dir))
     ids = np.array(tokenizer_for(model_dir).encode(text), dtype=np.int64)
-    max_length = max_length or min(facts.max_positions, 1024)
+    max_length = min(facts.max_positions, 1024) if max_length is None else max_length
     stride = max_length // 2 if stride is None else stride
-    _check(len(ids), max_length, stride)
+    _check(len(ids), max_length, stride, facts.max_positions)
     model = load_torch_model(model_dir, facts)
     return model_perplexity(model, ids, max_length, stride, f"pytorch:{model_dir}")
 
@@ -154,7 +157,8 @@ def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, sourc
     """Perplexity of a PyTorch model already in memory (the training steps score their students with it)."""
     import torch
 
-    _check(len(ids), max_length, stride)
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", max_length)
+    _check(len(ids), max_length, stride, int(context))
     was_training = model.training
     model.eval()
     started = time.perf_counter()

@@ -141,7 +141,8 @@ def _read_text(path: Path | str | None, default: Path, what: str) -> tuple[str, 
             raise InputError(f"the default {what} text {default} is missing from this installation; pass one "
                              f"with --{'calib' if what == 'calibration' else 'eval'}-text FILE")
         path = default
-    return read_text(path), str(path)
+    flag = {"evaluation": "eval", "calibration": "calib"}[what]
+    return read_text(path, f"--{flag}-text ({flag}_text in a recipe)"), str(path)
 
 
 def _versions() -> dict:

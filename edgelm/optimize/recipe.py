@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -55,12 +56,37 @@ TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature
                  "checkpoint_every", "seed"}
 STEP_KEYS = {
     "distill": {"student_layers", "student_config"} | TRAINING_KEYS,
-    "prune": {"heads", "mlp", "importance", "scope", "multiple", "score_batches", "rounds", "recover_steps"} | TRAINING_KEYS,
+    # a prune step's training is its recovery, whose length is recover_steps (the CLI has no --steps)
+    "prune": {"heads", "mlp", "importance", "scope", "multiple", "score_batches", "rounds", "recover_steps"}
+             | (TRAINING_KEYS - {"steps", "minutes"}),
     "export": {"dtype", "atol", "rtol", "linear_layout"},
     "quantize": {"mode", "target", "algorithm", "block_size", "embeddings", "smooth_alpha", "calib_windows",
                  "calib_length", "max_ppl_increase", "calib_text"},
 }
 TOP_KEYS = {"model", "train_text", "eval_text", "eval_length", "new_tokens", "repeats", "step"}
+# the type of every setting; ranges are the step's own config's to check (built in load_recipe)
+_WHOLE = {"steps", "batch_size", "seq_len", "checkpoint_every", "seed", "multiple", "score_batches", "rounds",
+          "recover_steps", "block_size", "calib_windows", "calib_length", "eval_length", "new_tokens", "repeats"}
+_NUMBER = {"minutes", "lr", "temperature", "alpha", "heads", "mlp", "smooth_alpha", "atol", "rtol"}
+_TEXT = {"model", "train_text", "eval_text", "precision", "importance", "scope", "dtype", "linear_layout", "mode",
+         "target", "algorithm", "embeddings", "student_config", "calib_text"}
+
+
+def _check_type(where: str, key: str, value) -> None:
+    if key in _WHOLE:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif key in _NUMBER:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif key in _TEXT:
+        ok, want = isinstance(value, str), "a string"
+    elif key == "student_layers":
+        ok, want = isinstance(value, (int, str)) and not isinstance(value, bool), "a whole number or a string"
+    elif key == "max_ppl_increase":
+        ok, want = isinstance(value, (str, int, float)) and not isinstance(value, bool), 'a percentage such as "1.5%"'
+    else:
+        return
+    if not ok:
+        raise InputError(f"{where}: {key} must be {want}, got {value!r}")
 TORCH_STEPS = ("distill", "prune")
 
 
@@ -93,8 +119,19 @@ def load_recipe(path: str | Path) -> dict:
     steps = recipe.get("step")
     if not isinstance(steps, list) or not steps:
         raise InputError(f"{path} has no [[step]] tables; add at least one (kind = distill, prune, export or quantize)")
+    for key in TOP_KEYS - {"step"}:
+        if key in recipe:
+            _check_type(str(path), key, recipe[key])
+    for key in ("eval_length", "new_tokens", "repeats"):
+        if key in recipe and recipe[key] < (2 if key in ("eval_length", "new_tokens") else 1):
+            raise InputError(f"{path}: {key} must be at least {2 if key in ('eval_length', 'new_tokens') else 1}, "
+                             f"got {recipe[key]}")
     seen_onnx = False
+    fp16_export = None
     for n, step in enumerate(steps, 1):
+        if not isinstance(step, dict):
+            raise InputError(f"{path}: step {n} is {step!r}, not a table; write each step as a [[step]] table "
+                             "with kind = \"distill\", \"prune\", \"export\" or \"quantize\"")
         kind = step.get("kind")
         if kind not in STEP_KEYS:
             raise InputError(f"{path}: step {n} has kind {kind!r}; choose one of {', '.join(STEP_KEYS)}")
@@ -109,6 +146,15 @@ def load_recipe(path: str | Path) -> dict:
             raise InputError(f"{path}: step {n} ({kind}) needs train_text at the top of the recipe")
         if kind == "export" and seen_onnx:
             raise InputError(f"{path}: step {n} exports a model that is already ONNX; remove the second export")
+        for key, value in step.items():
+            if key != "kind":
+                _check_type(f"{path}: step {n} ({kind})", key, value)
+        _build_config(kind, step, f"{path}: step {n} ({kind})")  # ranges, before any work is done
+        if kind == "export" and step.get("dtype", "fp32") != "fp32":
+            fp16_export = n
+        if kind == "quantize" and fp16_export:
+            raise InputError(f"{path}: step {n} quantizes the {steps[fp16_export - 1]['dtype']} export of step "
+                             f"{fp16_export}; quantization takes fp32: remove that export's dtype")
         seen_onnx = seen_onnx or kind in ("export", "quantize")
     base = path.resolve().parent
     for key in ("train_text", "eval_text"):
@@ -125,6 +171,37 @@ def load_recipe(path: str | Path) -> dict:
     recipe["_text"] = text
     recipe["_path"] = str(path)
     return recipe
+
+
+def _build_config(kind: str, step: dict, where: str):
+    """The step's own config object (its checks are the CLI's); a problem names the step."""
+    try:
+        if kind == "distill":
+            return _train_config(step)
+        if kind == "prune":
+            from .prune import PruneConfig
+
+            pcfg = PruneConfig(**{k: step[k] for k in ("heads", "mlp", "importance", "scope", "multiple", "seed",
+                                                       "batch_size", "seq_len", "rounds") if k in step},
+                               batches=int(step.get("score_batches", 16)))
+            recover = int(step.get("recover_steps", 0))
+            if recover < 0:
+                raise InputError(f"recover_steps must be 0 or more, got {recover}")
+            return pcfg, (_train_config(step, recover) if recover else None)
+        if kind == "quantize":
+            from .quantize import QuantizeConfig, parse_percent
+
+            qkeys = {k: step[k] for k in STEP_KEYS["quantize"] - {"calib_text"} if k in step}
+            if "max_ppl_increase" in qkeys:
+                qkeys["max_ppl_increase"] = parse_percent(str(qkeys["max_ppl_increase"]))
+            return QuantizeConfig(**qkeys)
+        from ..export.validate import DEFAULT_ATOL  # export: the rest is checked as it starts
+
+        if step.get("dtype", "fp32") not in DEFAULT_ATOL:
+            raise InputError(f"dtype must be one of {', '.join(DEFAULT_ATOL)}, got {step['dtype']!r}")
+        return None
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def _relative(value, base: Path) -> Path:
@@ -146,6 +223,8 @@ class _Run:
 
     def __init__(self, work: Path, recipe: dict, resume: bool):
         self.work, self.state_path = work, work / "state.json"
+        if work.exists() and not self.state_path.is_file():  # interrupted before its first record: nothing to resume
+            shutil.rmtree(work)
         if work.exists() and not resume:
             raise InputError(f"an unfinished run of a recipe is in {work}; pass --resume to continue it, or delete "
                              "that folder to start over")
@@ -183,17 +262,24 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     from .distill import distill_model
     from .measure import MeasureConfig
     from .models import model_dir_of
-    from .prune import PruneConfig, prune_model
-    from .quantize import QuantizeConfig, quantize_artifact
+    from ..export.arch import resolve
+    from ..export.checkpoint import read_config
+    from .prune import prune_model
+    from .quantize import quantize_artifact
 
     recipe = load_recipe(recipe_path)
     out = Path(out)
     check_output(out, force, inputs=[recipe["model"], recipe_path, recipe.get("train_text"), recipe.get("eval_text")])
+    eval_length = int(recipe.get("eval_length", 128))
+    source_dir = model_dir_of(recipe["model"])
+    context = resolve(read_config(source_dir)).max_positions
+    if eval_length > context:
+        raise InputError(f"{recipe['_path']}: eval_length {eval_length} is longer than the model's context of "
+                         f"{context}; choose eval_length <= {context}")
     work = out.parent / f".{out.name}.recipe-run"
     run = _Run(work, recipe, resume)
     say = print if progress else (lambda *a, **k: None)
     steps_dir = work / "steps"
-    eval_length = int(recipe.get("eval_length", 128))
     measure = MeasureConfig(max_length=eval_length, stride=max(1, eval_length // 2),
                             new_tokens=int(recipe.get("new_tokens", 64)), repeats=int(recipe.get("repeats", 3)))
     eval_text = recipe.get("eval_text")
@@ -204,7 +290,6 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
 
     # the starting point, measured like every step
     stages = []
-    source_dir = model_dir_of(recipe["model"])
     entry = run.done("source") or run.finish("source", {"artifact": str(steps_dir / "00-source"), "record": None})
     say(f"[0/{len(recipe['step'])}] source {recipe['model']}: exporting fp32 for the measurements")
     export_for_measure(source_dir, Path(entry["artifact"]))
@@ -225,12 +310,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
                                        eval_length=eval_length, resume=resume and (work / f"{key}.ckpt").exists(),
                                        force=True, progress=progress, checkpoint_dir=work / f"{key}.ckpt")
             elif kind == "prune":
-                recover_steps = int(step.get("recover_steps", 0))
-                pcfg = PruneConfig(**{k: step[k] for k in ("heads", "mlp", "importance", "scope", "multiple", "seed",
-                                                           "batch_size", "seq_len", "rounds") if k in step},
-                                   batches=int(step.get("score_batches", 16)))
-                record = prune_model(str(model_dir), folder, recipe["train_text"], pcfg,
-                                     recover=_train_config(step, recover_steps) if recover_steps else None,
+                pcfg, recover = _build_config(kind, step, f"step {n} (prune)")
+                record = prune_model(str(model_dir), folder, recipe["train_text"], pcfg, recover=recover,
                                      eval_text=eval_text, eval_length=eval_length,
                                      resume=resume and (work / f"{key}.ckpt").exists(), force=True,
                                      progress=progress, checkpoint_dir=work / f"{key}.ckpt")
@@ -240,12 +321,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
                                         force=True, progress=progress)
                 record = manifest["steps"][-1]
             else:
-                qkeys = {k: step[k] for k in STEP_KEYS["quantize"] - {"calib_text"} if k in step}
-                if "max_ppl_increase" in qkeys:
-                    from .quantize import parse_percent
-
-                    qkeys["max_ppl_increase"] = parse_percent(qkeys["max_ppl_increase"])
-                manifest = quantize_artifact(artifact, folder, QuantizeConfig(**qkeys), measure,
+                manifest = quantize_artifact(artifact, folder, _build_config(kind, step, f"step {n} (quantize)"), measure,
                                              calib_text=step.get("calib_text"), eval_text=eval_text, force=True,
                                              progress=progress)
                 record = manifest["steps"][-1]
@@ -262,6 +338,11 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     say("measuring every stage: perplexity, size, decode speed")
     report = measure_stages(stages, recipe, measure, progress)
     final = Path(stages[-1]["artifact"])
+    # the final artifact goes to OUT/model and the work folder becomes OUT: the report names the
+    # folders where they will be
+    for row in report["rows"]:
+        here = work / "model" if row["artifact"] == str(final) else Path(row["artifact"])
+        row["artifact"] = str(out / here.relative_to(work))
     manifest = read_manifest(final)
     manifest["recipe"] = {"file": Path(recipe["_path"]).name, "sha256": recipe["_sha256"], "text": recipe["_text"],
                           "report": report["rows"]}
@@ -269,17 +350,20 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(report_markdown(report))
     plot_report(report, work / "report.png")
-    # the final artifact at OUT/model; the work folder becomes OUT
     final.rename(work / "model")
-    for row in report["rows"]:
-        if row["artifact"] == str(final):
-            row["artifact"] = str(work / "model")
-    (work / "state.json").unlink()
     for ckpt in work.glob("*.ckpt"):
         shutil.rmtree(ckpt, ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():  # swap: the old OUT aside, the run in, the old one removed (restored on failure)
+        out.rename(old)
+    try:
+        work.rename(out)
+    except BaseException:
+        if old.exists():
+            old.rename(out)
+        raise
+    (out / "state.json").unlink()
+    shutil.rmtree(old, ignore_errors=True)
     report["output"] = str(out)
     return report
 

@@ -114,6 +114,10 @@ def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool
     """Where a step's checkpoints go (default OUT.ckpt beside the output); refuses to start over on top of
     an earlier run's checkpoint unless asked to resume it."""
     work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
+    a, b = Path(os.path.abspath(work)), Path(os.path.abspath(out))
+    if a == b or a in b.parents or b in a.parents:
+        raise InputError(f"the checkpoint folder {work} and the output {out} must be apart (neither inside the "
+                         "other): the checkpoints are deleted once the output is written; choose another --checkpoint-dir")
     if training and (work / STATE_FILE).is_file() and not resume:
         raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
                          "that folder to start over")
