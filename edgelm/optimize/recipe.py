@@ -87,6 +87,8 @@ def _check_type(where: str, key: str, value) -> None:
         return
     if not ok:
         raise InputError(f"{where}: {key} must be {want}, got {value!r}")
+
+
 TORCH_STEPS = ("distill", "prune")
 
 
