@@ -275,6 +275,7 @@ def test_cli_bench_with_codecarbon_writes_the_report(tiny_artifact, tmp_path):
     (["{art}", "-o", "{exists}"], "pass --force"),
     (["{art}", "--python-for", "ctranslate2"], "PEER=PYTHON"),
     (["{art}", "-o", "{art}", "--force"], "is or holds the input"),
+    (["{art}", "--batch", "1,8,1"], "give each batch size once"),
 ])
 def test_bad_input_is_one_clear_line(tiny_artifact, tmp_path, capsys, args, fragment):
     (tmp_path / "exists").mkdir()

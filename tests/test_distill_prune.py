@@ -222,6 +222,9 @@ def test_interrupted_and_resumed_distillation_ends_with_the_same_weights(wide_mo
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.ckpt" / "state.pt").is_file()
     with pytest.raises(Exception, match="--resume"):
         run(tmp_path / "resumed")  # a checkpoint is there: refuse to silently start over
+    with pytest.raises(Exception, match="holds no checkpoint"):
+        run(tmp_path / "fresh", resume=True)
+    assert not (tmp_path / "fresh.ckpt").exists()  # a failed resume leaves no empty checkpoint folder
     resumed = run(tmp_path / "resumed", resume=True)
     assert resumed["training"]["resumed_from"] == 3 and resumed["training"]["steps_done"] == 6
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")

@@ -61,6 +61,8 @@ def settings_from_args(args):
         if not sep or not python:
             raise InputError(f"--python-for takes PEER=PYTHON, e.g. ctranslate2=/opt/ct2/bin/python; got '{item}'")
         python_for.append((peer.strip().lower(), python))
+    if len(set(args.batch)) != len(args.batch):
+        raise InputError(f"--batch lists a size twice ({','.join(map(str, args.batch))}); give each batch size once")
     return BenchSettings(peers=args.vs, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=args.batch,
                          repeats=args.repeats, provider=args.provider,
                          country=(args.country or default_country()).upper(), threads=args.threads,

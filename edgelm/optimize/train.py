@@ -241,6 +241,8 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
     from tqdm import tqdm
 
     work_dir = Path(work_dir)
+    if resume and not (work_dir / STATE_FILE).is_file():  # before the folder is made: nothing left behind
+        raise InputError(f"--resume was given but {work_dir} holds no checkpoint; run without --resume")
     work_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
