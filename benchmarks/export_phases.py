@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from edgelm.bench.energy import reset_peak_rss  # noqa: E402  (the high-water mark, reset at each mark)
 
 
 def status() -> dict[str, int]:
@@ -42,15 +45,6 @@ def status() -> dict[str, int]:
     return out
 
 
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Tracker:
     def __init__(self, weight_bytes: int):
         self.weight_bytes = weight_bytes
@@ -60,7 +54,7 @@ class Tracker:
         self._peak = {"VmRSS": 0}
         self._lock = threading.Lock()
         self._stop = False
-        self.hwm_resettable = reset_hwm()
+        self.hwm_resettable = reset_peak_rss()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
@@ -89,7 +83,7 @@ class Tracker:
               f"  after {s['VmRSS'] / 1e9:6.2f} GB ({row['after_ratio']:.2f}x)", flush=True)
         self._last = time.perf_counter()
         if self.hwm_resettable:
-            reset_hwm()
+            reset_peak_rss()
         with self._lock:
             self._peak = status()
 
