@@ -73,6 +73,7 @@ def quality(quick: bool) -> list[dict]:
     from edgelm.export.embedded import EMBEDDED_MODELS
     from edgelm.manifest import read_manifest
     from edgelm.optimize.measure import MeasureConfig
+    from edgelm.optimize.modes import MODES
     from edgelm.optimize.quantize import QuantizeConfig, quantize_artifact
 
     rows = []
@@ -92,8 +93,10 @@ def quality(quick: bool) -> list[dict]:
                                         max_ppl_increase=10.0, **settings)  # measured and reported, not gated here
                 out = CACHE / f"q-{name}-{label.replace(',', '_').replace('=', '-')}"
                 started = time.perf_counter()
+                calibrates = MODES[mode].needs_calibration(config)  # a calibration text only where it is used
                 m = quantize_artifact(art, out, config, MeasureConfig(**EVAL, new_tokens=32, repeats=1),
-                                      eval_text=TEXT / "heldout.txt", calib_text=TEXT / "calibration.txt",
+                                      eval_text=TEXT / "heldout.txt",
+                                      calib_text=TEXT / "calibration.txt" if calibrates else None,
                                       force=True, progress=False)
                 step = m["steps"][-1]
                 rows.append({

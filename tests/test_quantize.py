@@ -382,6 +382,9 @@ def test_errors(tiny_artifact, tmp_path, eval_text):
     with pytest.raises(InputError, match="no text file"):
         quantize_artifact(src, tmp_path / "x", QuantizeConfig(mode="int8-static"), MEASURE,
                           calib_text=tmp_path / "missing.txt", eval_text=eval_text, progress=False)
+    with pytest.raises(InputError, match="int8-weight calibrates nothing, so --calib-text would be ignored"):
+        quantize_artifact(src, tmp_path / "x", QuantizeConfig(mode="int8-weight"), MEASURE,
+                          calib_text=eval_text, eval_text=eval_text, progress=False)
     (tmp_path / "short.txt").write_text("Too short.")
     with pytest.raises(InputError, match="give at least 16"):
         quantize_artifact(src, tmp_path / "x", QuantizeConfig(mode="int4-weight", algorithm="gptq"), MEASURE,

@@ -235,6 +235,9 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
         windows = make_windows(tokenizer, calib, min(config.calib_length, int(src_manifest["model"]["facts"]["max_positions"])),
                                config.calib_windows, calib_path)
         calibration = Calibration(windows, src_manifest, progress)
+    elif calib_text is not None:
+        raise InputError(f"{', '.join(modes)} calibrates nothing, so --calib-text would be ignored; leave it out, "
+                         "or choose a mode that calibrates (int8-static, or a weight-only mode with --algorithm gptq)")
     prompt = tokenizer.encode(text)[:measure.prompt_tokens]
     max_new = int(src_manifest["model"]["facts"]["max_positions"]) - len(prompt)
     if max_new < measure.new_tokens:
