@@ -11,17 +11,20 @@ from pathlib import Path
 from .errors import InputError, OutputExistsError
 
 
+def within(inner, outer) -> bool:
+    """``inner`` is ``outer`` or lies inside it (paths made absolute, links not followed)."""
+    inner, outer = Path(os.path.abspath(inner)), Path(os.path.abspath(outer))
+    return inner == outer or outer in inner.parents
+
+
 def check_output(out: Path, force: bool, inputs=()) -> None:
     """Refuse an output folder that exists (without ``force``), is a file, or whose replacement would
     delete what the command reads (``inputs``: paths; those that do not exist are skipped) or the
     folder it runs in."""
-    here = Path(os.path.abspath(out))
-    for given in [*inputs, os.getcwd()]:
-        if given is None or not Path(given).exists():
-            continue
-        source = Path(os.path.abspath(given))
-        if here == source or here in source.parents:
-            what = "the current folder" if given == os.getcwd() else f"the input {given}"
+    here = os.getcwd()
+    for given in [*inputs, here]:
+        if given is not None and Path(given).exists() and within(given, out):
+            what = "the current folder" if given is here else f"the input {given}"
             raise InputError(f"the output folder {out} is or holds {what}, which writing it would replace; "
                              "choose an output folder outside it with -o")
     if out.exists() and not force:
@@ -44,22 +47,28 @@ def atomic_output_dir(out: Path, force: bool, inputs=()):
         tmp.mkdir()
     except OSError as exc:
         raise InputError(f"cannot write in {out.parent} ({exc.strerror}); choose a writable location with -o") from None
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         yield tmp
-        if out.exists():
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the previous output back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is set aside first, put back if the rename
+    fails, and removed once it succeeded."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if not out.exists():
+        new.rename(out)
+        return
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

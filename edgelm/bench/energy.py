@@ -464,16 +464,20 @@ class StepMeter:
         if self.record is None:
             seconds = time.perf_counter() - self._started
             reading = self.meter.stop()
-            with _MEASURING_LOCK:
-                peak = max(self._peak, peak_rss_bytes())
-                if self in _MEASURING:
-                    _MEASURING.remove(self)
+            peak = self._leave()
             self.record = {"name": self.name, **self.settings, "seconds": round(seconds, 2),
                            "peak_rss_bytes": peak, "energy": reading.to_dict()}
             if not self._own_peak:
                 self.record["peak_rss_scope"] = "process"  # this system cannot reset the mark
         self.record.update(extra)
         return self.record
+
+    def _leave(self) -> int:
+        """Stop counting this step among those measured; its peak RSS."""
+        with _MEASURING_LOCK:
+            if self in _MEASURING:
+                _MEASURING.remove(self)
+            return max(self._peak, peak_rss_bytes())
 
 
 @contextmanager
@@ -489,9 +493,7 @@ def measure_step(name: str, tracker: Tracker | None = None, **settings):
     finally:
         if step.record is None:
             step.meter.stop()
-            with _MEASURING_LOCK:
-                if step in _MEASURING:
-                    _MEASURING.remove(step)
+            step._leave()
 
 
 _CURRENT_STEP: contextvars.ContextVar[StepMeter | None] = contextvars.ContextVar("edgelm_step", default=None)

@@ -136,12 +136,12 @@ def _modes_to_try(config: QuantizeConfig, target: Target, here: bool) -> list[st
 def _read_text(path: Path | str | None, default: Path, what: str) -> tuple[str, str]:
     from .evaluate import read_text
 
+    flag = {"evaluation": "eval", "calibration": "calib"}[what]
     if path is None:
         if not default.is_file():
             raise InputError(f"the default {what} text {default} is missing from this installation; pass one "
-                             f"with --{'calib' if what == 'calibration' else 'eval'}-text FILE")
+                             f"with --{flag}-text FILE")
         path = default
-    flag = {"evaluation": "eval", "calibration": "calib"}[what]
     return read_text(path, f"--{flag}-text ({flag}_text in a recipe)"), str(path)
 
 

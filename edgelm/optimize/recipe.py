@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from .._fs import check_output
+from .._fs import check_output, replace_folder
 from ..errors import InputError
 
 TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature", "alpha", "precision",
@@ -124,10 +123,9 @@ def load_recipe(path: str | Path) -> dict:
     for key in TOP_KEYS - {"step"}:
         if key in recipe:
             _check_type(str(path), key, recipe[key])
-    for key in ("eval_length", "new_tokens", "repeats"):
-        if key in recipe and recipe[key] < (2 if key in ("eval_length", "new_tokens") else 1):
-            raise InputError(f"{path}: {key} must be at least {2 if key in ('eval_length', 'new_tokens') else 1}, "
-                             f"got {recipe[key]}")
+    for key, least in {"eval_length": 2, "new_tokens": 2, "repeats": 1}.items():
+        if key in recipe and recipe[key] < least:
+            raise InputError(f"{path}: {key} must be at least {least}, got {recipe[key]}")
     seen_onnx = False
     fp16_export = None
     for n, step in enumerate(steps, 1):
@@ -355,17 +353,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     final.rename(work / "model")
     for ckpt in work.glob("*.ckpt"):
         shutil.rmtree(ckpt, ignore_errors=True)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():  # swap: the old OUT aside, the run in, the old one removed (restored on failure)
-        out.rename(old)
-    try:
-        work.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
+    replace_folder(work, out)
     (out / "state.json").unlink()
-    shutil.rmtree(old, ignore_errors=True)
     report["output"] = str(out)
     return report
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._fs import within
 from ..errors import InputError
 
 STATE_FILE = "state.pt"
@@ -114,8 +115,7 @@ def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool
     """Where a step's checkpoints go (default OUT.ckpt beside the output); refuses to start over on top of
     an earlier run's checkpoint unless asked to resume it."""
     work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
-    a, b = Path(os.path.abspath(work)), Path(os.path.abspath(out))
-    if a == b or a in b.parents or b in a.parents:
+    if within(work, out) or within(out, work):
         raise InputError(f"the checkpoint folder {work} and the output {out} must be apart (neither inside the "
                          "other): the checkpoints are deleted once the output is written; choose another --checkpoint-dir")
     if training and (work / STATE_FILE).is_file() and not resume:
@@ -241,7 +241,8 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
     from tqdm import tqdm
 
     work_dir = Path(work_dir)
-    if resume and not (work_dir / STATE_FILE).is_file():  # before the folder is made: nothing left behind
+    state = load_state(work_dir) if resume else None
+    if resume and state is None:  # before the folder is made: a failed resume leaves nothing behind
         raise InputError(f"--resume was given but {work_dir} holds no checkpoint; run without --resume")
     work_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -251,9 +252,6 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step, total, elapsed, history, resumed_from = 0, cfg.steps, 0.0, [], None
     if resume:
-        state = load_state(work_dir)
-        if state is None:
-            raise InputError(f"--resume was given but {work_dir} holds no checkpoint; run without --resume")
         saved = state["config"]
         changed = [k for k in cfg._RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if (extra_state or {}) != state.get("extra", {}):
