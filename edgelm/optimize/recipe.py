@@ -128,6 +128,7 @@ def load_recipe(path: str | Path) -> dict:
             raise InputError(f"{path}: {key} must be at least {least}, got {recipe[key]}")
     seen_onnx = False
     fp16_export = None
+    configs = []  # each step's own config, built (and range-checked) once, before any work is done
     for n, step in enumerate(steps, 1):
         if not isinstance(step, dict):
             raise InputError(f"{path}: step {n} is {step!r}, not a table; write each step as a [[step]] table "
@@ -149,7 +150,7 @@ def load_recipe(path: str | Path) -> dict:
         for key, value in step.items():
             if key != "kind":
                 _check_type(f"{path}: step {n} ({kind})", key, value)
-        _build_config(kind, step, f"{path}: step {n} ({kind})")  # ranges, before any work is done
+        configs.append(_build_config(kind, step, f"{path}: step {n} ({kind})"))
         if kind == "export" and step.get("dtype", "fp32") != "fp32":
             fp16_export = n
         if kind == "quantize" and fp16_export:
@@ -167,6 +168,7 @@ def load_recipe(path: str | Path) -> dict:
     model = str(recipe["model"])
     if not model.startswith("embedded:") and (base / model).exists():
         recipe["model"] = str(base / model)
+    recipe["_configs"] = configs
     recipe["_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     recipe["_text"] = text
     recipe["_path"] = str(path)
@@ -295,7 +297,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     export_for_measure(source_dir, Path(entry["artifact"]))
     stages.append({"name": "source", "kind": "source", "artifact": entry["artifact"], "record": None})
     model_dir, artifact = source_dir, Path(entry["artifact"])
-    for n, step in enumerate(recipe["step"], 1):
+    for n, (step, config) in enumerate(zip(recipe["step"], recipe["_configs"]), 1):
         kind, key = step["kind"], f"{n:02d}-{step['kind']}"
         folder = steps_dir / key
         settings = {k: v for k, v in step.items() if k != "kind"}
@@ -304,13 +306,13 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
         if entry is None:
             started = time.perf_counter()
             if kind == "distill":
-                record = distill_model(str(model_dir), folder, recipe["train_text"], _train_config(step),
+                record = distill_model(str(model_dir), folder, recipe["train_text"], config,
                                        student_layers=None if "student_layers" not in step else str(step["student_layers"]),
                                        student_config_file=step.get("student_config"), eval_text=eval_text,
                                        eval_length=eval_length, resume=resume and (work / f"{key}.ckpt").exists(),
                                        force=True, progress=progress, checkpoint_dir=work / f"{key}.ckpt")
             elif kind == "prune":
-                pcfg, recover = _build_config(kind, step, f"step {n} (prune)")
+                pcfg, recover = config
                 record = prune_model(str(model_dir), folder, recipe["train_text"], pcfg, recover=recover,
                                      eval_text=eval_text, eval_length=eval_length,
                                      resume=resume and (work / f"{key}.ckpt").exists(), force=True,
@@ -321,7 +323,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
                                         force=True, progress=progress)
                 record = manifest["steps"][-1]
             else:
-                manifest = quantize_artifact(artifact, folder, _build_config(kind, step, f"step {n} (quantize)"), measure,
+                manifest = quantize_artifact(artifact, folder, config, measure,
                                              calib_text=step.get("calib_text"), eval_text=eval_text, force=True,
                                              progress=progress)
                 record = manifest["steps"][-1]
