@@ -15,6 +15,7 @@ import pytest
 from edgelm.errors import DependencyError, InputError
 from edgelm.export.embedded import EMBEDDED_MODELS
 from edgelm.runtime import Generator, SamplingConfig
+from edgelm.runtime.sampling import next_tokens
 
 PROMPTS = ["It was a truth universally acknowledged, that", "Emma Woodhouse, handsome,"]
 
@@ -274,8 +275,6 @@ def test_sampling_is_reproducible_with_a_seed(embedded_artifact):
 
 
 def test_top_k_top_p_and_repetition_penalty_semantics():
-    from edgelm.runtime.sampling import next_tokens
-
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
     rng = np.random.default_rng(0)
     draws = {int(next_tokens(logits, SamplingConfig(greedy=False, top_k=2), rng)[0]) for _ in range(200)}
@@ -335,6 +334,14 @@ def test_stop_strings_and_streaming_agree(embedded_artifact):
     streamed = "".join(e.text for e in gen.stream(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop=(stop,),
                                                                               stop_at_eos=False)))
     assert streamed == result.text
+    # several stop strings: the text ends at the earliest match, whatever their order in the list
+    later = full[20:24]
+    assert later.strip() and full.find(later) > full.find(stop)
+    for stops in [(stop, later), (later, stop)]:
+        cut = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop=stops, stop_at_eos=False))
+        assert cut.text == result.text
+    # one stop string given as a plain string is that string, not its characters
+    assert SamplingConfig(stop="time").stop == ("time",)
 
 
 def test_incremental_detokenization_matches_decoding_everything(embedded_artifact):
@@ -443,6 +450,20 @@ def test_bad_sampling_settings_are_refused():
         SamplingConfig(temperature=0)
     with pytest.raises(InputError, match="top_p"):
         SamplingConfig(top_p=1.5)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(InputError, match="seed must be an integer >= 0"):
+            SamplingConfig(seed=seed)
+    with pytest.raises(InputError, match="non-empty"):
+        SamplingConfig(stop="")
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 1000)).astype(np.float32) * 10
+    cfg = SamplingConfig(greedy=False, temperature=temperature)
+    for _ in range(5):
+        assert np.array_equal(next_tokens(logits, cfg, rng), logits.argmax(axis=-1))
 
 
 def _cli(*args, timeout=300):
@@ -499,6 +520,7 @@ def test_cli_sampling_flags_reach_the_sampler(embedded_artifact):
     (["generate", "/nonexistent/artifact", "hi"], "not a folder"),
     (["generate", "{art}", "hi", "--provider", "cuda"], "CUDA"),
     (["generate", "{art}", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "{art}", "hi", "--seed", "-3"], "seed must be an integer >= 0"),
     (["generate", "{art}", "hi", "-n", "0"], "expected a number >= 1"),
     (["generate", "{art}", "hi", "--greedy", "--top-p", "0.5"], "--greedy takes the most likely token"),
 ])

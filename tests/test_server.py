@@ -122,11 +122,27 @@ def test_32_concurrent_clients_are_batched_without_errors(server):
     ({"prompt": "hi", "stream": "yes"}, None, "'stream' must be true or false"),
     (None, b"{not json", "not valid JSON"),
     (None, b"[1, 2]", "JSON object"),
+    ({"prompt": "hi", "seed": -1}, None, "seed must be an integer >= 0"),
+    ({"prompt": "hi", "logit_bias": {"50256": -100}}, None, "'logit_bias' is not supported"),
+    ({"prompt": "hi", "frequency_penalty": 0.5}, None, "'frequency_penalty' is not supported"),
+    ({"prompt": "hi", "presence_penalty": 1}, None, "'presence_penalty' is not supported"),
+    ({"prompt": "hi", "suffix": " the end"}, None, "'suffix' is not supported"),
+    ({"prompt": ["hi"] * 65}, None, "at most 64 prompts"),
 ])
 def test_bad_requests_get_a_400_with_a_json_error(server, body, raw, fragment):
     status, text = server.post(body, raw)
     assert status == 400
     assert fragment in json.loads(text)["error"]["message"]
+
+
+def test_null_and_neutral_fields_mean_the_default(server):
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "n": None, "best_of": None, "stream": None,
+            "logprobs": None, "echo": False, "suffix": None, "logit_bias": {}, "frequency_penalty": 0,
+            "presence_penalty": 0.0}
+    status, text = server.post(body)
+    assert status == 200, text
+    plain = json.loads(server.post({"prompt": PROMPT, "max_tokens": 4, "temperature": 0})[1])
+    assert json.loads(text)["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
 def test_unknown_model_and_route_are_404(server):
@@ -198,6 +214,19 @@ def test_a_bad_content_length_is_a_400(server, length):
             reply += chunk
     head, _, body = reply.decode().partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 400") and "Content-Length header" in json.loads(body)["error"]["message"]
+
+
+def test_a_chunked_body_asks_for_a_content_length_and_closes(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        body = b'{"prompt": "hi"}'
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):  # ends: the server closes the connection
+            reply += chunk
+    head, _, rest = reply.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 411") and "Content-Length header" in json.loads(rest)["error"]["message"]
+    assert "HTTP/1.1" not in rest  # the chunks were not taken for another request
 
 
 class _Gate:

@@ -82,11 +82,10 @@ class Row:
                 self.finished = "length"
             return ""
         full = self._decoded()
-        for stop in self.cfg.stop:
-            cut = full.find(stop)
-            if cut >= 0:
-                self.finished = "stop"
-                return self._emit(full[:cut])
+        cuts = [cut for cut in (full.find(stop) for stop in self.cfg.stop) if cut >= 0]
+        if cuts:  # the earliest match wins, whatever the order the stop strings were given in
+            self.finished = "stop"
+            return self._emit(full[:min(cuts)])
         if len(self.ids) >= self.cfg.max_new_tokens:
             self.finished = "length"
             return self._emit(full)

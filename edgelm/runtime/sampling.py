@@ -12,6 +12,8 @@ import numpy as np
 
 from ..errors import InputError
 
+_FLOAT32_SMALLEST = float(np.nextafter(np.float32(0), np.float32(1)))  # a temperature below is 0 in float32
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -26,6 +28,8 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
@@ -39,6 +43,9 @@ class SamplingConfig:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
+            problems.append(f"seed must be an integer >= 0 (got {self.seed!r})")
         if problems:
             raise InputError("; ".join(problems))
 
@@ -66,7 +73,10 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
         apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(axis=-1).astype(np.int64)
-    logits /= cfg.temperature
+    # the best logit becomes 0 before the division, so a tiny temperature sends the others to -inf
+    # (the greedy limit) instead of every logit to inf and the probabilities to NaN
+    logits -= logits.max(axis=-1, keepdims=True)
+    logits /= max(cfg.temperature, _FLOAT32_SMALLEST)
     vocab = logits.shape[-1]
     rng = rng or np.random.default_rng()
     u = rng.random(logits.shape[0])

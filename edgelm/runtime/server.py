@@ -165,8 +165,19 @@ class Engine:
             job.events.put(_DONE)
 
 
-def parse_completion_request(body: dict, gen: Generator, model_name: str) -> tuple[list[Row], bool]:
-    """Check an OpenAI completions request; return the prepared rows and whether to stream."""
+UNSUPPORTED = {  # OpenAI fields that would change the output, with the value that changes nothing
+    "logprobs": None, "echo": False, "suffix": None, "logit_bias": None,
+    "frequency_penalty": 0, "presence_penalty": 0,
+}
+
+
+def parse_completion_request(body: dict, gen: Generator, model_name: str,
+                             max_prompts: int = 0) -> tuple[list[Row], bool]:
+    """Check an OpenAI completions request; return the prepared rows and whether to stream.
+
+    ``max_prompts`` (0: no limit): the most prompts one request may hold, the server's queue bound,
+    since a request that can never fit the queue would otherwise get 429 forever.
+    """
     if not isinstance(body, dict):
         raise InputError("the request body must be a JSON object")
     if "model" in body and body["model"] not in (model_name, None):
@@ -177,11 +188,15 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str) -> tup
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("'prompt' must be a string or a non-empty list of strings")
+    if max_prompts and len(prompts) > max_prompts:
+        raise InputError(f"a request may hold at most {max_prompts} prompts (the server's --max-queue), "
+                         f"got {len(prompts)}; split the list over several requests")
     for key in ("n", "best_of"):
-        if body.get(key, 1) != 1:
+        if body.get(key) not in (None, 1):  # null: the default
             raise InputError(f"'{key}' other than 1 is not supported; send one request per completion")
-    if body.get("logprobs") is not None or body.get("echo"):
-        raise InputError("'logprobs' and 'echo' are not supported; leave them out")
+    for key, neutral in UNSUPPORTED.items():
+        if body.get(key) not in (None, neutral, {}, ""):
+            raise InputError(f"'{key}' is not supported; leave it out")
 
     def number(key, default, kind=(int, float)):
         value = body.get(key, default)
@@ -203,7 +218,8 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str) -> tup
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise InputError("'stop' must be a non-empty string or a list of up to 4 of them")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise InputError("'stream' must be true or false")
     seed = number("seed", None, int) if body.get("seed") is not None else None
@@ -215,6 +231,10 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str) -> tup
 
 class _NotFound(InputError):
     status = 404
+
+
+class _LengthRequired(InputError):
+    status = 411
 
 
 def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: str):
@@ -255,6 +275,9 @@ def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: s
                 self._error(404, f"no route POST {self.path}; completions are at POST /v1/completions", "not_found")
                 return
             try:
+                if self.headers.get("Transfer-Encoding"):
+                    self.close_connection = True  # the chunked body is not read: nothing more on this connection
+                    raise _LengthRequired("chunked request bodies are not supported; send the body with a Content-Length header")
                 try:
                     length = int(self.headers.get("Content-Length") or 0)
                 except ValueError:
@@ -269,12 +292,10 @@ def make_handler(gen: Generator, engine: Engine, metrics: Metrics, model_name: s
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InputError(f"the body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
-                rows, stream = parse_completion_request(body, gen, model_name)
-            except _NotFound as exc:
-                self._error(404, str(exc), "not_found")
-                return
-            except EdgelmError as exc:
-                self._error(400, str(exc))
+                rows, stream = parse_completion_request(body, gen, model_name, engine.waiting.maxsize)
+            except EdgelmError as exc:  # 400, or the status the error class names
+                status = getattr(exc, "status", 400)
+                self._error(status, str(exc), "not_found" if status == 404 else "invalid_request_error")
                 return
             jobs = [Job(r) for r in rows]
             for k, job in enumerate(jobs):
