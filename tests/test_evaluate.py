@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures import make_tiny_model
 
 from edgelm.errors import InputError
 from edgelm.export.embedded import ASSETS
@@ -55,3 +56,22 @@ def test_eval_errors(tmp_path, tiny_artifact):
     r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(tiny_artifact["gpt2"]), "--text",
                         str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no text file" in r.stderr
+
+
+def test_a_broken_model_scores_inf_not_a_traceback(tmp_path):
+    model = make_tiny_model("gpt2", tmp_path / "loud", scale=100.0)  # logits in the thousands: exp(nll) overflows
+    (tmp_path / "t.txt").write_text(TEXT[:800])
+    r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(model), "--text", str(tmp_path / "t.txt"),
+                        "--max-length", "48", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["perplexity"] == float("inf") and result["nll"] > 709
+
+
+def test_eval_provider_and_byte_order_mark(tmp_path, tiny_model_dir):
+    (tmp_path / "bom.txt").write_bytes("\ufeffIt was a truth.".encode("utf-8"))
+    assert read_text(tmp_path / "bom.txt") == "It was a truth."
+    r = subprocess.run([sys.executable, "-m", "edgelm", "eval", str(tiny_model_dir["gpt2"]), "--provider", "cuda",
+                        "--text", str(tmp_path / "bom.txt")], capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "applies to ONNX artifacts" in lines[0], r.stderr

@@ -33,6 +33,14 @@ class Perplexity:
         return dict(self.__dict__)
 
 
+def exp_or_inf(nll: float) -> float:
+    """The perplexity of a mean negative log-likelihood: inf past float range (a broken model), not an error."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 def windows(n_tokens: int, max_length: int, stride: int):
     """[(begin, end, first_scored)]: tokens 1..n-1 scored exactly once, each with at least
     max_length - stride tokens of context (less only at the start of the text)."""
@@ -50,7 +58,7 @@ def read_text(path: str | Path, option: str = "--text") -> str:
     if not path.is_file():
         raise InputError(f"no text file {path}; pass a UTF-8 text file with {option}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text to score
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; convert it first") from None
     if not text.strip():
@@ -117,7 +125,7 @@ def onnx_perplexity(artifact: str | Path, text: str, stride: int | None = None, 
         total -= float(logp.sum())
         count += end - first
     nll = total / count
-    return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
+    return Perplexity(exp_or_inf(nll), nll, count, len(wins), max_length, stride,
                       round(time.perf_counter() - started, 3), f"onnx:{artifact}")
 
 
@@ -179,7 +187,7 @@ def model_perplexity(model, ids: np.ndarray, max_length: int, stride: int, sourc
                 count += end - first
     model.train(was_training)
     nll = total / count
-    return Perplexity(math.exp(nll), nll, count, len(wins), max_length, stride,
+    return Perplexity(exp_or_inf(nll), nll, count, len(wins), max_length, stride,
                       round(time.perf_counter() - started, 3), source)
 
 
@@ -191,4 +199,7 @@ def perplexity(target: str, text: str, stride: int | None = None, max_length: in
     target = resolve_model_argument(target)
     if (Path(target) / "manifest.json").is_file():
         return onnx_perplexity(target, text, stride, max_length, provider)
+    if provider != "cpu":
+        raise InputError(f"--provider {provider} applies to ONNX artifacts; a PyTorch model folder is scored "
+                         "on the CPU, so leave --provider out or export the model first")
     return torch_perplexity(target, text, stride, max_length)
