@@ -31,6 +31,15 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
         raise OutputExistsError(f"{out} exists; choose another output folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; the output must be a folder")
+    parent = Path(os.path.abspath(out)).parent
+    existing = parent  # the folder the missing ones would be made in
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write in {parent}: {existing} is a file; choose another location with -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write in {parent} (no permission to write in {existing}); "
+                         "choose a writable location with -o")
 
 
 @contextmanager

@@ -186,6 +186,47 @@ def test_a_tracker_that_fails_to_stop_is_a_reason_not_an_error():
     assert not reading.measured and "could not stop" in reading.reason and "counter vanished" in reading.reason
 
 
+def test_a_stop_as_codecarbon_samples_counts_the_interval_once():
+    """CodeCarbon's RAM figure is a constant power, so its joules must be that power times the time.
+
+    The sampling thread fires every 0.5 s; each run stops at 1.0 s, just as it fires: measured
+    together, both counted the same second (20 J of RAM for 1 s at 10 W).
+    """
+    pytest.importorskip("codecarbon")
+    from edgelm.bench.energy import CodeCarbonTracker
+
+    for _ in range(3):
+        tracker = CodeCarbonTracker("FRA", measure_power_secs=0.5)
+        tracker.start()
+        time.sleep(1.0)
+        reading = tracker.stop()
+        if not reading.measured:
+            pytest.skip(f"CodeCarbon measures nothing here: {reading.reason}")
+        expected = reading.details["ram_watts"] * reading.seconds
+        assert expected > 0 and 0.9 < reading.components["ram_j"] / expected < 1.1, (reading.components, expected)
+
+
+def test_energy_per_token_counts_only_the_batches_measured():
+    from edgelm.bench.energy import RunningEnergy
+
+    class Counting(FakeTracker):  # 2 J more at every read
+        joules = 0.0
+
+        def read(self):
+            self.joules += 2.0
+            return EnergyReading(measured=True, joules=self.joules, seconds=1.0, method="fake", tool=self.tool)
+
+    energy = RunningEnergy(Counting())
+    with energy.busy(lambda: 100):  # the tracker is still starting: these tokens have no energy
+        pass
+    energy.start()
+    assert energy.ready.wait(10)
+    with energy.busy(lambda: 4):  # reads 2 J before and 4 J after
+        pass
+    lines = dict(line.split() for line in energy.prometheus() if line.startswith("edgelm_energy_joules_per_token"))
+    assert float(lines["edgelm_energy_joules_per_token"]) == 0.5
+
+
 def test_measure_step_records_the_step_and_stops_on_failure():
     tracker = FakeTracker()
     with measure_step("quantize", tracker, bits=8) as step:
@@ -283,6 +324,37 @@ def test_bad_input_is_one_clear_line(tiny_artifact, tmp_path, capsys, args, frag
     assert main(["bench", *(a.format(**values) for a in args)]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1 and err.startswith("edgelm bench: error:")
+
+
+@pytest.mark.parametrize("case", ["env-country", "unwritable-output"])
+def test_bad_setup_is_refused_before_the_run(tiny_artifact, tmp_path, capsys, monkeypatch, case):
+    import edgelm.bench.runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its setup was checked")
+
+    monkeypatch.setattr(edgelm.bench.runner, "run_bench", never)
+    (tmp_path / "file").write_text("in the way")
+    args = ["bench", str(tiny_artifact["gpt2"])]
+    if case == "env-country":
+        monkeypatch.setenv("EDGELM_COUNTRY", "XYZ")
+        fragment = "no grid carbon intensity for country 'XYZ' (EDGELM_COUNTRY)"
+    else:
+        args += ["-o", str(tmp_path / "file" / "report")]
+        fragment = "is a file; choose another location with -o"
+    assert main(args) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "{art}", "Hello", "-n", "2", "--energy"], ["serve", "{art}"]])
+def test_a_bad_country_in_the_environment_is_one_sentence(tiny_artifact, monkeypatch, command):
+    pytest.importorskip("codecarbon")
+    monkeypatch.setenv("EDGELM_COUNTRY", "XYZ")
+    args = [a.replace("{art}", str(tiny_artifact["gpt2"])) for a in command]
+    r = subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "no grid carbon intensity for country 'XYZ' (EDGELM_COUNTRY)" in err
 
 
 def test_bench_imports_no_torch():

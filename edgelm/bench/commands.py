@@ -69,30 +69,17 @@ def settings_from_args(args):
                          bandwidth_gib=args.bandwidth_gib, python_for=tuple(python_for))
 
 
-def check_country(code: str) -> None:
-    """A clear error for a country CodeCarbon has no grid data for (when CodeCarbon is installed)."""
-    import importlib.util
-
-    if importlib.util.find_spec("codecarbon") is None:
-        return
-    from .energy import country_codes
-
-    codes = country_codes()
-    if code not in codes:
-        raise InputError(f"CodeCarbon has no grid carbon intensity for country '{code}'; give an ISO 3166 alpha-3 "
-                         "code such as USA, FRA, DEU, GBR or IND")
-
-
 @command("bench", "Benchmark artifacts against PyTorch, Optimum and CTranslate2: speed, memory, energy.", _configure)
 def run(args: argparse.Namespace) -> int:
     from .._fs import check_output
+    from .energy import check_country
     from .report import markdown, write_report
     from .runner import run_bench
 
     settings = settings_from_args(args)
     if args.output:
         check_output(Path(args.output), args.force, inputs=args.artifacts)  # refuse before measuring anything
-    check_country(settings.country)
+    check_country(settings.country, "--country" if args.country else "EDGELM_COUNTRY")
     cmd = "edgelm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     report = run_bench(args.artifacts, settings, cache_dir=args.cache_dir, progress=not args.json, command=cmd)
     if args.output:

@@ -31,7 +31,9 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
+
+from ..errors import InputError
 
 JOULES_PER_KWH = 3.6e6
 DEFAULT_COUNTRY = "USA"  # the grid for gCO2e when neither --country nor EDGELM_COUNTRY says otherwise
@@ -203,6 +205,7 @@ class CodeCarbonTracker:
                 allow_multiple_runs=True,  # no lock file in /tmp, no signal handlers taken from us
             )
             _quiet_codecarbon()
+            _serialize_measurements(tracker)
             tracker.start()  # CodeCarbon swallows its own exceptions here: check that it really started
             if getattr(tracker, "_start_time", None) is None:
                 raise TrackerError("CodeCarbon's tracker did not start: " + self._log_tail())
@@ -214,6 +217,8 @@ class CodeCarbonTracker:
             raise TrackerError("the tracker was stopped without having started")
         seconds = time.perf_counter() - self._started
         with _setup_lock:
+            if getattr(tracker, "_scheduler", None) is not None:
+                tracker._scheduler.stop()  # no sample after the end; one in flight finishes first (the lock)
             try:  # CodeCarbon skips its last measurement when the previous one is under 50 ms old:
                 tracker._measure_power_and_energy()  # a short run would lose its end
             except Exception:  # noqa: BLE001 - stop() below reports what went wrong
@@ -249,6 +254,24 @@ class CodeCarbonTracker:
         return EnergyReading(measured=True, joules=joules, seconds=seconds,
                              gco2e=float(data.emissions or 0.0) * 1000.0, country=data.country_iso_code or self.country,
                              method=method, components=components, details=details, tool=self.tool)
+
+
+def _serialize_measurements(tracker) -> None:
+    """One measurement at a time: CodeCarbon's sampling thread and a foreground one (``stop``, ``read``).
+
+    A measurement counts the time since the previous one; two at once both count the same interval.
+    A run stopped just as the sampling thread fired reported twice its energy (1.0 s idle: 20 J of
+    RAM at CodeCarbon's constant 10 W). The lock makes the second wait, then count the few ms since.
+    """
+    measure, lock = tracker._measure_power_and_energy, threading.Lock()
+
+    def one_at_a_time():
+        with lock:
+            measure()
+
+    tracker._measure_power_and_energy = one_at_a_time  # CodeCarbon's own calls (stop, flush) included
+    if getattr(tracker, "_scheduler", None) is not None:  # made in the constructor, with the method unlocked
+        tracker._scheduler.function = one_at_a_time
 
 
 def describe_method(tracker, ram_watts: float, ram_share: float | None) -> tuple[str, dict]:
@@ -327,19 +350,31 @@ def default_country() -> str:
     return (os.environ.get("EDGELM_COUNTRY") or DEFAULT_COUNTRY).strip().upper()
 
 
+def check_country(code: str, source: str = "--country") -> None:
+    """A clear error for a country CodeCarbon has no grid data for (when CodeCarbon is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("codecarbon") is None:
+        return
+    if code.upper() not in country_codes():
+        raise InputError(f"CodeCarbon has no grid carbon intensity for country '{code}' ({source}); give an "
+                         "ISO 3166 alpha-3 code such as USA, FRA, DEU, GBR or IND")
+
+
 def default_tracker(country: str | None = None, measure_power_secs: float = 1.0) -> Tracker:
     """CodeCarbon's offline tracker, or a NullTracker that says why energy is not measured.
 
     ``country`` (ISO 3166 alpha-3) picks the grid for gCO2e; default EDGELM_COUNTRY, else USA.
+    A country CodeCarbon does not know is an InputError here, before any work is done.
     """
-    country = country or default_country()
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
         return NullTracker(f"energy tracking is switched off ({ENV_SWITCH}={os.environ[ENV_SWITCH]})")
     import importlib.util
 
     if importlib.util.find_spec("codecarbon") is None:
         return NullTracker("CodeCarbon is not installed; run  pip install 'edgelm[bench]'  to measure energy")
-    return CodeCarbonTracker(country, measure_power_secs)
+    check_country(country or default_country(), "country" if country else "EDGELM_COUNTRY")
+    return CodeCarbonTracker(country or default_country(), measure_power_secs)
 
 
 class Meter:
@@ -528,14 +563,16 @@ def current_step() -> StepMeter:
 class RunningEnergy:
     """A tracker that runs as long as a server does: total energy, and energy while decoding.
 
-    ``busy()`` wraps each batch, so energy per token excludes idle time; the total includes it.
+    ``busy(tokens)`` wraps each batch, so energy per token excludes idle time; the total includes it.
+    Only the batches it measured count, their joules and their tokens (``tokens()`` after the
+    batch): tokens generated while the tracker was still starting have no energy to share.
     The tracker starts in a background thread (CodeCarbon's first start probes the hardware for
     about 2 s) so the server answers at once.
     """
 
     def __init__(self, tracker: Tracker | None = None):
         self.meter = Meter(tracker if tracker is not None else default_tracker(measure_power_secs=5.0))
-        self.busy_joules = 0.0
+        self.busy_joules, self.busy_tokens = 0.0, 0
         self.ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -551,7 +588,7 @@ class RunningEnergy:
         return self.meter.read() if self.ready.is_set() else None
 
     @contextmanager
-    def busy(self):
+    def busy(self, tokens: Callable[[], int]):
         before = self.read()
         try:
             yield
@@ -560,11 +597,12 @@ class RunningEnergy:
             if before is not None and after is not None and before.measured and after.measured:
                 with self._lock:
                     self.busy_joules += max(0.0, after.joules - before.joules)
+                    self.busy_tokens += tokens()
 
     def stop(self) -> EnergyReading | None:
         return self.meter.stop() if self.ready.is_set() else None
 
-    def prometheus(self, generated_tokens: int) -> list[str]:
+    def prometheus(self) -> list[str]:
         """Lines for a Prometheus /metrics page."""
         reading = self.read()
         if reading is None:
@@ -575,7 +613,7 @@ class RunningEnergy:
                     "# TYPE edgelm_energy_info gauge",
                     f'edgelm_energy_info{{measured="false",reason="{_label(reading.reason)}"}} 1']
         with self._lock:
-            busy = self.busy_joules
+            busy, tokens = self.busy_joules, self.busy_tokens
         return [
             "# HELP edgelm_energy_info How the energy figures are produced (CodeCarbon, offline).",
             "# TYPE edgelm_energy_info gauge",
@@ -587,9 +625,9 @@ class RunningEnergy:
             "# HELP edgelm_energy_decoding_joules_total Energy while batches were being decoded.",
             "# TYPE edgelm_energy_decoding_joules_total counter",
             f"edgelm_energy_decoding_joules_total {busy:.6f}",
-            "# HELP edgelm_energy_joules_per_token Decoding energy per generated token.",
+            "# HELP edgelm_energy_joules_per_token Decoding energy per token generated in the measured batches.",
             "# TYPE edgelm_energy_joules_per_token gauge",
-            f"edgelm_energy_joules_per_token {busy / generated_tokens if generated_tokens else 0.0:.6f}",
+            f"edgelm_energy_joules_per_token {busy / tokens if tokens else 0.0:.6f}",
             "# HELP edgelm_emissions_grams_total gCO2e of the total energy on the chosen country's grid.",
             "# TYPE edgelm_emissions_grams_total counter",
             f"edgelm_emissions_grams_total {reading.gco2e or 0.0:.9f}",

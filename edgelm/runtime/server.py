@@ -81,9 +81,8 @@ class Metrics:
                       f"edgelm_queue_depth {queue_depth}"]
             for h in (self.latency, self.ttft, self.batch):
                 lines += h.render()
-            tokens = self.completion_tokens
         if self.energy is not None:
-            lines += self.energy.prometheus(tokens)
+            lines += self.energy.prometheus()
         return "\n".join(lines) + "\n"
 
 
@@ -134,7 +133,8 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         with self.metrics.lock:  # handler threads observe the other histograms meanwhile
             self.metrics.batch.observe(len(jobs))
-        energy = self.metrics.energy.busy() if self.metrics.energy is not None else contextlib.nullcontext()
+        energy = (contextlib.nullcontext() if self.metrics.energy is None else
+                  self.metrics.energy.busy(lambda: sum(len(j.row.ids) for j in jobs)))
         done = [False] * len(jobs)
         try:
             with energy:  # decoding energy, for energy per token in /metrics
