@@ -227,6 +227,32 @@ def test_energy_per_token_counts_only_the_batches_measured():
     assert float(lines["edgelm_energy_joules_per_token"]) == 0.5
 
 
+def test_combined_repeats_report_the_ram_share_of_the_whole():
+    from edgelm.bench.energy import combine
+
+    def reading(joules, ram_j, seconds, ram_watts):
+        return EnergyReading(measured=True, joules=joules, seconds=seconds, method="m",
+                             components={"cpu_j": joules - ram_j, "ram_j": ram_j},
+                             details={"ram_watts": ram_watts, "ram_share": ram_j / joules})
+
+    whole = combine([reading(10.0, 5.0, 1.0, 5.0), reading(30.0, 3.0, 3.0, 1.0)])
+    assert whole.joules == 40.0 and whole.components == {"cpu_j": 32.0, "ram_j": 8.0}
+    assert whole.details["ram_share"] == 8.0 / 40.0 and whole.details["ram_watts"] == 8.0 / 4.0
+
+
+def test_a_quantized_artifact_is_labelled_with_its_mode(tiny_artifact, tmp_path):
+    from edgelm.bench.runner import Target, _plan
+    from edgelm.manifest import read_manifest
+
+    manifest = read_manifest(tiny_artifact["gpt2"])
+    plain = Target(tiny_artifact["gpt2"], manifest, "plain")
+    _plan(plain, BenchSettings(peers=(), **SETTINGS), tmp_path, {})
+    manifest["graph"]["quantization"] = {"mode": "int8-dynamic"}
+    quantized = Target(tiny_artifact["gpt2"], manifest, "quantized")
+    _plan(quantized, BenchSettings(peers=(), **SETTINGS), tmp_path, {})
+    assert plain.entries[0].dtype == "fp32" and quantized.entries[0].dtype == "int8-dynamic"
+
+
 def test_measure_step_records_the_step_and_stops_on_failure():
     tracker = FakeTracker()
     with measure_step("quantize", tracker, bits=8) as step:

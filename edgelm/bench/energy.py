@@ -91,16 +91,23 @@ def combine(readings: list[EnergyReading]) -> EnergyReading:
             return r
     first = readings[0]
     keys = {k for r in readings for k in r.components}
+    components = {k: sum(r.components.get(k, 0.0) for r in readings) for k in sorted(keys)}
+    joules, seconds = sum(r.joules for r in readings), sum(r.seconds or 0.0 for r in readings)
+    details = dict(first.details)  # the method's words; the RAM figures are the whole's, not the first's
+    if "ram_share" in details:
+        details["ram_share"] = components.get("ram_j", 0.0) / joules if joules else None
+    if "ram_watts" in details and seconds and all(r.seconds and "ram_watts" in r.details for r in readings):
+        details["ram_watts"] = sum(r.details["ram_watts"] * r.seconds for r in readings) / seconds
     return EnergyReading(
         measured=True,
-        joules=sum(r.joules for r in readings),
-        seconds=sum(r.seconds or 0.0 for r in readings),
+        joules=joules,
+        seconds=seconds,
         gco2e=None if any(r.gco2e is None for r in readings) else sum(r.gco2e for r in readings),
         country=first.country,
         method=first.method if all(r.method == first.method for r in readings) else
         "; ".join(sorted({r.method for r in readings if r.method})),
-        components={k: sum(r.components.get(k, 0.0) for r in readings) for k in sorted(keys)},
-        details=first.details,
+        components=components,
+        details=details,
         tool=first.tool,
     )
 

@@ -197,7 +197,7 @@ def _plan(target: Target, settings: BenchSettings, cache: Path, env: dict) -> No
     fp32_per_token = weight_bytes_per_token(facts, "fp32")
     edgelm = Entry(S.SYSTEMS["edgelm"], target.folder,
                    size_bytes=sum(f["bytes"] for f in m["files"].values()) + (target.folder / "manifest.json").stat().st_size,
-                   dtype=graph["dtype"],
+                   dtype=(graph.get("quantization") or {}).get("mode") or graph["dtype"],  # int8-dynamic, int4-weight, ...
                    bytes_per_token=weight_bytes_per_token(facts, graph["dtype"], graph.get("weight_bytes")
                                                           if graph.get("backend") == "builder" else None))
     target.entries.append(edgelm)
