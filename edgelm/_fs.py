@@ -80,11 +80,14 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, on_block=None) -> str:
+    """The file's sha256; ``on_block(n)`` after each block of ``n`` bytes (a progress bar's update)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            if on_block is not None:
+                on_block(len(block))
     return digest.hexdigest()
 
 

@@ -564,3 +564,25 @@ def test_conv_layout_needs_fp32_and_the_builder(tiny_model_dir, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "p").exists()
     m = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "h", dtype="fp16", progress=False)
     assert m["graph"]["linear_layout"] == "matmul"  # auto: fp16 graphs are for CUDA
+
+
+def test_a_damaged_copy_is_found_by_verify_eval_and_bench(tiny_artifact, tmp_path, capsys):
+    import shutil
+
+    from edgelm.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact["gpt2"], copy)
+    files = read_manifest(copy)["files"]
+    biggest = copy / max(files, key=lambda name: files[name]["bytes"])
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte: same size, different weights
+    biggest.write_bytes(bytes(data))
+    (tmp_path / "t.txt").write_text("It was a truth universally acknowledged. " * 20)
+
+    assert main(["verify", str(tiny_artifact["gpt2"])]) == 0
+    assert "sha256 verified" in capsys.readouterr().out
+    for args in (["verify", str(copy)], ["eval", str(copy), "--text", str(tmp_path / "t.txt")], ["bench", str(copy)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{biggest} does not match its sha256" in err, err

@@ -182,7 +182,7 @@ def _load_targets(artifacts: list[str | Path]) -> list[Target]:
     targets, names = [], set()
     for a in artifacts:
         folder = Path(a)
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, verify_checksums=True)  # a damaged copy would be measured, not refused
         name = folder.resolve().name
         while name in names:
             name += "'"

@@ -61,3 +61,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"not validated: {v['reason']}")
     return 0
+
+
+def _configure_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifacts", nargs="+", help="artifact folders made by 'edgelm export' or 'edgelm optimize'")
+
+
+@command("verify", "Check artifact folders against their manifests: every file there, with its size and sha256.",
+         _configure_verify)
+def run_verify(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..manifest import read_manifest
+
+    for folder in args.artifacts:
+        files = read_manifest(folder, verify_checksums=True, progress=sys.stderr.isatty())["files"]
+        print(f"{folder}: ok, {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB, "
+              "sha256 verified")
+    return 0

@@ -198,6 +198,9 @@ def perplexity(target: str, text: str, stride: int | None = None, max_length: in
 
     target = resolve_model_argument(target)
     if (Path(target) / "manifest.json").is_file():
+        from ..manifest import read_manifest
+
+        read_manifest(target, verify_checksums=True)  # a damaged copy of the weights would score, not fail
         return onnx_perplexity(target, text, stride, max_length, provider)
     if provider != "cpu":
         raise InputError(f"--provider {provider} applies to ONNX artifacts; a PyTorch model folder is scored "
