@@ -36,7 +36,7 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"cannot write in {parent}: {existing} is a file; choose another location with -o")
+        raise InputError(f"cannot write in {parent}: {existing} is a file; choose a writable location with -o")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write in {parent} (no permission to write in {existing}); "
                          "choose a writable location with -o")

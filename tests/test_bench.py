@@ -367,7 +367,7 @@ def test_bad_setup_is_refused_before_the_run(tiny_artifact, tmp_path, capsys, mo
         fragment = "no grid carbon intensity for country 'XYZ' (EDGELM_COUNTRY)"
     else:
         args += ["-o", str(tmp_path / "file" / "report")]
-        fragment = "is a file; choose another location with -o"
+        fragment = "is a file; choose a writable location with -o"
     assert main(args) == 2
     assert fragment in capsys.readouterr().err
 
