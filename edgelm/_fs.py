@@ -12,9 +12,13 @@ from .errors import InputError, OutputExistsError
 
 
 def within(inner, outer) -> bool:
-    """``inner`` is ``outer`` or lies inside it (paths made absolute, links not followed)."""
-    inner, outer = Path(os.path.abspath(inner)), Path(os.path.abspath(outer))
-    return inner == outer or outer in inner.parents
+    """``inner`` is ``outer`` or lies inside it, as written (made absolute) or once links are followed:
+    a model reached through a link is still the folder that replacing ``outer`` would delete."""
+    for resolve in (os.path.abspath, os.path.realpath):
+        a, b = Path(resolve(inner)), Path(resolve(outer))
+        if a == b or b in a.parents:
+            return True
+    return False
 
 
 def check_output(out: Path, force: bool, inputs=()) -> None:
@@ -27,7 +31,7 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
             what = "the current folder" if given is here else f"the input {given}"
             raise InputError(f"the output folder {out} is or holds {what}, which writing it would replace; "
                              "choose an output folder outside it with -o")
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:  # a link to nothing is there too: a rename would fail on it
         raise OutputExistsError(f"{out} exists; choose another output folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; the output must be a folder")
@@ -68,16 +72,19 @@ def replace_folder(new: Path, out: Path) -> None:
     """Rename ``new`` to ``out``; an existing ``out`` is set aside first, put back if the rename
     fails, and removed once it succeeded."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if not out.exists():
+    if not os.path.lexists(out):
         new.rename(out)
         return
-    out.rename(old)
+    out.rename(old)  # a link is set aside as a link: what it points to is left alone
     try:
         new.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, on_block=None) -> str:

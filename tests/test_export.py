@@ -248,18 +248,35 @@ def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
     assert expected in lines[0]
 
 
-@pytest.mark.parametrize("where", ["itself", "its parent", "the current folder"])
+@pytest.mark.parametrize("where", ["itself", "its parent", "the current folder", "itself, through a link"])
 def test_an_output_that_would_replace_the_input_is_refused(tiny_model_dir, tmp_path, monkeypatch, where):
     import shutil
 
     src = tmp_path / "m"
     shutil.copytree(tiny_model_dir["gpt2"], src)
+    (tmp_path / "link").symlink_to("m")
     before = sorted(p.name for p in src.iterdir())
-    out = {"itself": src, "its parent": tmp_path, "the current folder": tmp_path / "m"}[where]
+    out = {"itself": src, "its parent": tmp_path, "the current folder": tmp_path / "m"}.get(where, src)
+    model = {"the current folder": "embedded:gpt2", "itself, through a link": str(tmp_path / "link")}.get(where, str(src))
     monkeypatch.chdir(src if where == "the current folder" else tmp_path)
     with pytest.raises(InputError, match="choose an output folder outside it"):
-        export_model(str(src) if where != "the current folder" else "embedded:gpt2", out, force=True, progress=False)
+        export_model(model, out, force=True, progress=False)
     assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_an_output_that_is_a_link_is_replaced_and_its_target_left_alone(tiny_model_dir, tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("not the exporter's")
+    (tmp_path / "to-target").symlink_to("target")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    with pytest.raises(OutputExistsError, match="pass --force"):  # refused up front, not at the final rename
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / "dangling", validate=False, progress=False)
+    for link in ("to-target", "dangling"):
+        export_model(str(tiny_model_dir["gpt2"]), tmp_path / link, force=True, validate=False, progress=False)
+        out = tmp_path / link
+        assert out.is_dir() and not out.is_symlink() and (out / "manifest.json").is_file()
+    assert (tmp_path / "target" / "keep.txt").read_text() == "not the exporter's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "target", "to-target"]  # no .old-PID left
 
 
 def test_sigterm_leaves_no_output_and_no_temporary_folder(tiny_model_dir, tmp_path):
