@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -246,6 +247,65 @@ def test_bad_input_is_one_clear_sentence(case, tiny_model_dir, tmp_path):
                 "inf_atol": "finite",
                 "unwritable": "choose a writable location"}[case]
     assert expected in lines[0]
+
+
+def _drop(*names):
+    def mutate(src, cfg):
+        for name in names:
+            (src / name).unlink()
+    return mutate
+
+
+CONFIG_AND_TOKENIZER_CASES = {  # case: (architecture, change to the copy of the tiny model, expected message)
+    "neo_no_window": ("gpt_neo", lambda src, cfg: cfg.pop("window_size"), "no field 'window_size'"),
+    "neo_zero_window": ("gpt_neo", lambda src, cfg: cfg.update(window_size=0), "window_size is 0"),
+    "neo_no_kinds": ("gpt_neo", lambda src, cfg: [cfg.pop("attention_layers"), cfg.pop("attention_types")],
+                     "neither attention_layers nor attention_types"),
+    "null_epsilon": ("gpt2", lambda src, cfg: cfg.update(layer_norm_epsilon=None), "layer_norm_epsilon is None"),
+    "activation_list": ("gpt2", lambda src, cfg: cfg.update(activation_function=["gelu"]), "activation"),
+    "eos_list": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=[50256, 1]), "lists several ids"),
+    "eos_outside": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=60000), "token id in [0, 50257)"),
+    "tiny_context": ("gpt2", lambda src, cfg: cfg.update(n_positions=3), "at least 8 positions"),
+    "partial_tokenizer": ("gpt2", _drop("tokenizer.json", "vocab.json"), "has merges.txt but not a whole tokenizer"),
+    "no_tokenizer_other_vocab": ("gpt2", lambda src, cfg: [cfg.update(vocab_size=1000, bos_token_id=0, eos_token_id=0),
+                                                           _drop("tokenizer.json", "vocab.json", "merges.txt")(src, cfg)],
+                                 "not GPT-2's 50257"),
+    "damaged_tokenizer": ("gpt2", lambda src, cfg: (src / "tokenizer.json").write_text("]not json"), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_AND_TOKENIZER_CASES))
+def test_config_and_tokenizer_problems_are_one_sentence_before_any_output(case, tiny_model_dir, tmp_path):
+    import shutil
+
+    from edgelm.errors import EdgelmError
+
+    arch, mutate, expected = CONFIG_AND_TOKENIZER_CASES[case]
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir[arch], src)
+    cfg = json.loads((src / "config.json").read_text())
+    mutate(src, cfg)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgelmError, match=re.escape(expected)):
+        export_model(str(src), tmp_path / "o", validate=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_model_without_tokenizer_files_takes_gpt2s_and_says_so(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir["gpt2"], src)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / name).unlink(missing_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["eos_token_id"] = [50256]  # one id as a list, as transformers may write it
+    (src / "config.json").write_text(json.dumps(cfg))
+    manifest = export_model(str(src), tmp_path / "o", validate=False, progress=False)
+    assert "GPT-2 tokenizer" in manifest["tokenizer"]["source"] and manifest["tokenizer"]["eos_token_id"] == 50256
+    assert "tokenizer.json" in manifest["tokenizer"]["files"]
+    plain = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "p", validate=False, progress=False)
+    assert plain["tokenizer"]["source"] == "the model folder"
 
 
 @pytest.mark.parametrize("where", ["itself", "its parent", "the current folder", "itself, through a link"])

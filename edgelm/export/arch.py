@@ -111,6 +111,9 @@ register(
 def _neo_kinds(cfg: dict) -> list[tuple[str, int]]:
     layers = cfg.get("attention_layers")
     if not layers:  # older configs only carry the compact form [[["global", "local"], 12]]
+        if not cfg.get("attention_types"):
+            raise UnsupportedModelError("GPT-Neo config.json has neither attention_layers nor attention_types; "
+                                        "add the kind of each layer (global or local) to it")
         layers = [kind for kinds, repeat in cfg["attention_types"] for _ in range(repeat) for kind in kinds]
     if len(layers) != cfg["num_layers"]:
         raise UnsupportedModelError(
@@ -119,7 +122,8 @@ def _neo_kinds(cfg: dict) -> list[tuple[str, int]]:
     unknown = set(layers) - {"global", "local"}
     if unknown:
         raise UnsupportedModelError(f"GPT-Neo attention kinds {sorted(unknown)} are not supported (only global, local)")
-    return [(kind, cfg["window_size"] if kind == "local" else 0) for kind in layers]
+    window = _size(cfg, "window_size", "GPTNeoForCausalLM") if "local" in layers else 0
+    return [(kind, window if kind == "local" else 0) for kind in layers]
 
 
 _NEO_ATTN = "h.{i}.attn.attention."
@@ -205,10 +209,11 @@ def layer_shapes(config: dict) -> tuple[list[int], list[int]]:
             _per_layer(config, LAYER_INNER, inner, layers, "MLP width"))
 
 
-def _size(config: dict, field: str, spec: ArchSpec) -> int:
-    """A size field of config.json: present, a whole number >= 1."""
+def _size(config: dict, field: str, spec: ArchSpec | str) -> int:
+    """A size field of config.json: present, a whole number >= 1 (``spec``: the spec or its class name)."""
     if field not in config:
-        raise UnsupportedModelError(f"config.json has no field '{field}' that a {spec.hf_class} needs")
+        name = spec if isinstance(spec, str) else spec.hf_class
+        raise UnsupportedModelError(f"config.json has no field '{field}' that a {name} needs")
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a whole number >= 1")
@@ -248,8 +253,11 @@ def resolve(config: dict) -> ModelFacts:
         raise UnsupportedModelError(
             f"head size {head_size} is not a multiple of 8, which ONNX Runtime's fused attention requires"
         )
+    if positions < MIN_POSITIONS:
+        raise UnsupportedModelError(f"config.json's {spec.max_positions} is {positions}; edgelm exports models with "
+                                    f"a context of at least {MIN_POSITIONS} positions")
     activation = config.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise UnsupportedModelError(
             f"activation '{activation}' is not supported; supported: {', '.join(ACTIVATIONS)}"
         )
@@ -264,13 +272,38 @@ def resolve(config: dict) -> ModelFacts:
         inner_size=int(config.get(spec.inner_size) or 4 * hidden),
         vocab_size=vocab,
         max_positions=positions,
-        layer_norm_eps=float(config.get(spec.layer_norm_eps, 1e-5)),
+        layer_norm_eps=_epsilon(config, spec.layer_norm_eps),
         activation=activation,
         layer_kinds=tuple(spec.layer_kinds(config)),
         layer_heads=tuple(layer_heads),
         layer_inner=tuple(layer_inner),
         attention_scales=tuple(spec.attention_scale(config, i) for i in range(layers)),
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"),
+        bos_token_id=_token_id(config, "bos_token_id", vocab),
+        eos_token_id=_token_id(config, "eos_token_id", vocab),
     )
+
+
+MIN_POSITIONS = 8  # validation feeds a prompt and decode steps; fewer positions leave it nothing to run
+
+
+def _epsilon(config: dict, field: str) -> float:
+    value = config.get(field, 1e-5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a small positive number such as 1e-5")
+    return float(value)
+
+
+def _token_id(config: dict, field: str, vocab: int) -> int | None:
+    """A special token id: absent (None), a whole number in the vocabulary, or a list of one such id."""
+    value = config.get(field)
+    if isinstance(value, list) and len(set(value)) == 1:
+        value = value[0]  # transformers also writes one id as a list
+    if value is None:
+        return None
+    if isinstance(value, list):
+        raise UnsupportedModelError(f"config.json's {field} lists several ids {value}; edgelm stops on one: set "
+                                    f"{field} to the id to stop on")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+        raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a token id in [0, {vocab})")
+    return value

@@ -21,8 +21,9 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "generation_config.json",
 )
+MODEL_SIDE_FILES = ("generation_config.json",)  # copied from the model folder whichever tokenizer it takes
+GPT2_VOCAB = 50257
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64}
 
 
@@ -51,7 +52,7 @@ def resolve_model_dir(model: str) -> Path:
             snapshot_download(
                 model,
                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                                "pytorch_model.bin.index.json", *TOKENIZER_FILES],
+                                "pytorch_model.bin.index.json", *TOKENIZER_FILES, *MODEL_SIDE_FILES],
             )
         )
     except Exception as exc:  # offline, unknown id, gated repo: one sentence, no traceback
@@ -225,30 +226,49 @@ def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "
     return ckpt
 
 
-def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
-    """Copy the tokenizer files; the runtime needs tokenizer.json or vocab.json + merges.txt.
-
-    Models without tokenizer files of their own (edgelm's embedded models) take the GPT-2
-    tokenizer shipped in edgelm/assets/tokenizer.
+def tokenizer_folder(model_dir: Path, vocab_size: int) -> Path:
+    """The folder whose tokenizer a model uses: its own (tokenizer.json, or vocab.json and merges.txt),
+    or, for a folder with no tokenizer files and GPT-2's vocabulary of 50257 tokens (edgelm's
+    embedded models, a checkpoint saved without its tokenizer), the GPT-2 tokenizer shipped with
+    edgelm, which GPT-2 and GPT-Neo share. A partial tokenizer, or none with another vocabulary, is
+    an InputError, as is one with more tokens than the model has embeddings.
     """
-    import shutil
-
+    from ..runtime.artifact import Tokenizer
     from .embedded import TOKENIZER_DIR
 
+    own = [name for name in ("tokenizer.json", "vocab.json", "merges.txt") if (model_dir / name).is_file()]
+    if "tokenizer.json" in own or {"vocab.json", "merges.txt"} <= set(own):
+        folder = model_dir
+    elif own:
+        raise InputError(f"{model_dir} has {own[0]} but not a whole tokenizer (tokenizer.json, or vocab.json and "
+                         "merges.txt); copy the missing tokenizer files into the model folder")
+    elif vocab_size == GPT2_VOCAB:
+        folder = TOKENIZER_DIR
+    else:
+        raise InputError(f"{model_dir} has no tokenizer files and its vocabulary of {vocab_size} tokens is not "
+                         f"GPT-2's {GPT2_VOCAB}; copy its tokenizer (tokenizer.json, or vocab.json and merges.txt) "
+                         "into the model folder")
+    size = Tokenizer(folder, InputError).size
+    if size > vocab_size:
+        raise InputError(f"the tokenizer in {folder} has {size} tokens but the model only {vocab_size} embeddings; "
+                         "give the model folder the tokenizer it was trained with")
+    return folder
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path, vocab_size: int) -> dict:
+    """Copy the model's tokenizer (``tokenizer_folder``) and generation config; return the manifest's
+    record of them: {"files": [names], "source": where the tokenizer came from}."""
+    import shutil
+
+    folder = tokenizer_folder(model_dir, vocab_size)
     copied = []
-    for name in TOKENIZER_FILES:
-        src = model_dir / name
-        if not src.is_file() and not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
-            src = TOKENIZER_DIR / name
+    for name, src in [(n, folder / n) for n in TOKENIZER_FILES] + [(n, model_dir / n) for n in MODEL_SIDE_FILES]:
         if src.is_file():
             shutil.copyfile(src, out_dir / name)
             copied.append(name)
-    if "tokenizer.json" not in copied and not {"vocab.json", "merges.txt"} <= set(copied):
-        raise InputError(
-            f"{model_dir} has no tokenizer (tokenizer.json, or vocab.json and merges.txt); "
-            "copy the GPT-2 tokenizer files into the model folder"
-        )
-    return copied
+    source = "the model folder" if folder == model_dir else \
+        f"edgelm's GPT-2 tokenizer (the model folder has none; the same {GPT2_VOCAB}-token vocabulary)"
+    return {"files": copied, "source": source}
 
 
 def release_memory() -> None:

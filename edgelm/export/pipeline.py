@@ -89,7 +89,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     bar = _progress if progress else None
 
     with atomic_output_dir(out, force, inputs=[model_dir]) as tmp:
-        tokenizer_files = copy_tokenizer(model_dir, tmp)
+        tokenizer = copy_tokenizer(model_dir, tmp, facts.vocab_size)
         if backend == "optimum":
             from .optimum_backend import export_with_optimum
 
@@ -119,7 +119,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                       "facts": facts.to_dict()},
             "graph": graph,
             "io": io,
-            "tokenizer": {"files": tokenizer_files, "bos_token_id": facts.bos_token_id,
+            "tokenizer": {**tokenizer, "bos_token_id": facts.bos_token_id,
                           "eos_token_id": facts.eos_token_id},
             "steps": read_lineage(model_dir) + [{  # the training steps that made the model, then this one
                 "name": "export", "backend": backend, "dtype": dtype, "source": source,

@@ -22,11 +22,11 @@ def model_dir_of(model: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    from ..export.embedded import TOKENIZER_DIR
+    """The tokenizer a model folder uses, chosen as the exporter chooses it (checkpoint.tokenizer_folder)."""
+    from ..export.checkpoint import read_config, tokenizer_folder
     from ..runtime.artifact import Tokenizer
 
-    has_own = (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()
-    return Tokenizer(model_dir if has_own else TOKENIZER_DIR)
+    return Tokenizer(tokenizer_folder(model_dir, int(read_config(model_dir).get("vocab_size", 0))))
 
 
 def load_model(model_dir: Path):
@@ -90,5 +90,5 @@ def save_model(model, config: dict, folder: Path, source_dir: Path, steps: list[
     tensors = {name: p.detach().contiguous().cpu().float() for name, p in model.named_parameters()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_tokenizer(source_dir, folder)
+    copy_tokenizer(source_dir, folder, int(config["vocab_size"]))
     (folder / LINEAGE_FILE).write_text(json.dumps(steps, indent=2) + "\n")

@@ -64,19 +64,32 @@ def check_cuda_graph(folder: Path, manifest: dict) -> None:
 class Tokenizer:
     """GPT-2 byte-level BPE through the `tokenizers` package (no transformers)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, error: type[Exception] = ArtifactError):
+        """``error``: what a missing or unreadable tokenizer raises (an artifact's, or a model folder's)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        if (folder / "tokenizer.json").is_file():
-            self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            from tokenizers import decoders, models, pre_tokenizers
+        try:
+            if (folder / "tokenizer.json").is_file():
+                self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+                from tokenizers import decoders, models, pre_tokenizers
 
-            self._tok = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-            self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            self._tok.decoder = decoders.ByteLevel()
-        else:
-            raise ArtifactError(f"{folder} has no tokenizer.json (or vocab.json + merges.txt); export the model again")
+                self._tok = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+                self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                self._tok.decoder = decoders.ByteLevel()
+            else:
+                raise error(f"{folder} has no tokenizer.json (or vocab.json + merges.txt); export the model again")
+        except Exception as exc:  # the tokenizers library's own errors: a damaged file
+            if isinstance(exc, error):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise error(f"the tokenizer in {folder} cannot be read ({first}); the copy is damaged, copy it "
+                        "again (edgelm verify checks an artifact's files)") from None
+
+    @property
+    def size(self) -> int:
+        """Token ids it can produce: its vocabulary with the added tokens."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
