@@ -147,13 +147,14 @@ def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide
     assert [e["heads"] for e in manifest["io"]["kv_cache"]] == record["layer_heads"]["after"]
 
 
-def test_prune_refuses_bad_ratios_in_one_line(wide_models, tmp_path, capsys):
+@pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed")])
+def test_prune_refuses_bad_settings_in_one_line(wide_models, tmp_path, capsys, args, expected):
     from edgelm.cli import main
 
-    rc = main(["optimize", "prune", str(wide_models["gpt2"]), "--heads", "1.2", "--train-text", str(TRAIN),
+    rc = main(["optimize", "prune", str(wide_models["gpt2"]), *args, "--train-text", str(TRAIN),
                "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
-    assert rc != 0 and len(err.splitlines()) == 1 and "--heads" in err and not (tmp_path / "x").exists()
+    assert rc != 0 and len(err.splitlines()) == 1 and expected in err and not (tmp_path / "x").exists()
 
 
 # -- distillation ------------------------------------------------------------------------------------
@@ -259,6 +260,48 @@ def test_distill_needs_a_length_and_a_student(tmp_path, capsys):
         main(["optimize", "distill", "--teacher", "embedded:gpt2", "--student-layers", "2", "--train-text",
               str(TRAIN), "-o", str(tmp_path / "s")])
     assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["teacher as checkpoint folder", "folder of other files", "negative seed",
+                                  "infinite lr", "diverging lr", "student context longer"])
+def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path, capsys, case):
+    import shutil
+
+    from edgelm.cli import main
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(wide_models["gpt2"], teacher)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a checkpoint")
+    config = json.loads((teacher / "config.json").read_text())
+    (tmp_path / "long.json").write_text(json.dumps({**config, "n_layer": 1, "n_positions": 256}))
+    extra, expected = {
+        "teacher as checkpoint folder": (["--checkpoint-dir", str(teacher)], "is or holds the input"),
+        "folder of other files": (["--checkpoint-dir", str(tmp_path / "mine")], "holds files but no checkpoint"),
+        "negative seed": (["--seed", "-1"], "--seed must be a whole number >= 0"),
+        "infinite lr": (["--lr", "inf"], "--lr must be a positive number"),
+        "diverging lr": (["--lr", "1e30"], "training diverged at step"),
+        "student context longer": (["--student-config", str(tmp_path / "long.json")], "longer than the teacher's 128"),
+    }[case]
+    student = [] if "--student-config" in extra else ["--student-layers", "1"]
+    rc = main(["optimize", "distill", "--teacher", str(teacher), *student, "--train-text", str(TRAIN),
+               "-o", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists() and (teacher / "config.json").is_file()
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_a_student_with_a_shorter_context_takes_the_teachers_first_positions(wide_models, tmp_path):
+    from edgelm.optimize.distill import make_student
+    from edgelm.optimize.models import load_model
+
+    teacher, config = load_model(wide_models["gpt2"])
+    (tmp_path / "student.json").write_text(json.dumps({**config, "n_layer": 2, "n_positions": 64}))
+    student, student_config, layers = make_student(teacher, config, student_config_file=tmp_path / "student.json")
+    assert layers is not None and student.transformer.wpe.weight.shape[0] == 64
+    assert np.array_equal(student.transformer.wpe.weight.detach().numpy(),
+                          teacher.transformer.wpe.weight.detach().numpy()[:64])
 
 
 # -- recipes -----------------------------------------------------------------------------------------

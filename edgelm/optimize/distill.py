@@ -107,6 +107,9 @@ def take_layers(teacher, layers: list[int], prefix: str = "transformer.h.") -> d
     return tensors
 
 
+POSITIONS = "transformer.wpe.weight"  # the position table, in GPT-2 and GPT-Neo alike
+
+
 def _same_width(a: dict, b: dict) -> bool:
     from ..export.arch import resolve
 
@@ -139,15 +142,20 @@ def make_student(teacher, teacher_config: dict, student_layers: str | None = Non
     if config.get("model_type") != teacher_config.get("model_type"):
         raise InputError(f"the student config is a '{config.get('model_type')}' and the teacher a "
                          f"'{teacher_config.get('model_type')}'; distill within one architecture")
-    resolve(config)  # checks the config like the exporter will
+    positions, teacher_positions = resolve(config).max_positions, resolve(teacher_config).max_positions
     if config.get("vocab_size") != teacher_config.get("vocab_size"):
         raise InputError("the student's vocab_size differs from the teacher's; they must share the tokenizer")
+    if positions > teacher_positions:
+        raise InputError(f"the student's context of {positions} positions is longer than the teacher's "
+                         f"{teacher_positions}, which it could not learn from; give it at most {teacher_positions}")
     if _same_width(config, teacher_config):
         layers = choose_layers(teacher_kinds, layer_kind_names(config))
         want_heads, want_inner = resolve(config).layer_heads, resolve(config).layer_inner
         cut = resolve(student_config(teacher_config, layers))
         if (cut.layer_heads, cut.layer_inner) == (want_heads, want_inner):
-            return build_model(config, take_layers(teacher, layers)), config, layers
+            tensors = take_layers(teacher, layers)
+            tensors[POSITIONS] = tensors[POSITIONS][:positions]  # a shorter context keeps the first positions
+            return build_model(config, tensors), config, layers
     return build_model(config, seed=0), config, None
 
 
@@ -164,8 +172,9 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
     from .models import load_model, model_dir_of, parameter_bytes, save_model, tokenizer_for
 
     out = Path(out)
-    check_output(out, force, inputs=[teacher, train_text, eval_text, student_config_file])
-    work = checkpoint_folder(out, checkpoint_dir, resume)
+    inputs = [teacher, train_text, eval_text, student_config_file]
+    check_output(out, force, inputs=inputs)
+    work = checkpoint_folder(out, checkpoint_dir, resume, inputs=inputs)
     started = time.perf_counter()
     teacher_dir = model_dir_of(teacher)
     say = print if progress else (lambda *a, **k: None)

@@ -31,7 +31,7 @@ import numpy as np
 from .._fs import atomic_output_dir, check_output
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from .train import TrainConfig, batch_at, checkpoint_folder, token_ids, train
+from .train import TrainConfig, batch_at, check_seed, checkpoint_folder, token_ids, train
 
 IMPORTANCE = ("gradient", "random")
 SCOPES = ("global", "layer")
@@ -63,6 +63,7 @@ class PruneConfig:
             raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
         if self.multiple < 1 or self.batches < 1 or self.rounds < 1:
             raise InputError("--multiple, --score-batches and --rounds must be at least 1")
+        check_seed(self.seed)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -283,8 +284,9 @@ def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: Prune
     from .models import build_model, load_model, model_dir_of, parameter_bytes, save_model, tokenizer_for
 
     out = Path(out)
-    check_output(out, force, inputs=[model, train_text, eval_text])
-    work = checkpoint_folder(out, checkpoint_dir, resume, training=recover is not None)
+    inputs = [model, train_text, eval_text]
+    check_output(out, force, inputs=inputs)
+    work = checkpoint_folder(out, checkpoint_dir, resume, training=recover is not None, inputs=inputs)
     say = print if progress else (lambda *a, **k: None)
     source_dir = model_dir_of(model)
     tokenizer = tokenizer_for(source_dir)

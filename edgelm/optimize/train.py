@@ -66,10 +66,11 @@ class TrainConfig:
             raise InputError("the batch size must be at least 1 and the sequence length at least 2 tokens")
         if not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"--alpha must be between 0 and 1, got {self.alpha}")
-        if not self.temperature > 0:
-            raise InputError(f"--temperature must be positive, got {self.temperature}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.temperature < math.inf:
+            raise InputError(f"--temperature must be a positive number, got {self.temperature}")
+        if not 0 < self.lr < math.inf:
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
+        check_seed(self.seed)
         if self.precision not in ("fp32", "bf16", "auto"):
             raise InputError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if self.checkpoint_every < 1:
@@ -105,19 +106,38 @@ class TrainResult:
         return self.history[-1]["loss"] if self.history else None
 
 
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
+
+
 class Interrupted(InputError):
     """Training stopped by the user; the checkpoint to resume from was written."""
 
     exit_code = 130
 
 
-def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool, training: bool = True) -> Path:
+def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool, training: bool = True,
+                      inputs=()) -> Path:
     """Where a step's checkpoints go (default OUT.ckpt beside the output); refuses to start over on top of
-    an earlier run's checkpoint unless asked to resume it."""
+    an earlier run's checkpoint unless asked to resume it.
+
+    The folder is deleted once the output is written, so it must be new, empty or a checkpoint folder
+    (it holds state.pt), and hold none of ``inputs`` (the models and texts the step reads).
+    """
     work = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.ckpt"
     if within(work, out) or within(out, work):
         raise InputError(f"the checkpoint folder {work} and the output {out} must be apart (neither inside the "
                          "other): the checkpoints are deleted once the output is written; choose another --checkpoint-dir")
+    for given in inputs:
+        if given is not None and Path(given).exists() and within(given, work):
+            raise InputError(f"the checkpoint folder {work} is or holds the input {given}, and it is deleted once "
+                             "the output is written; choose another --checkpoint-dir")
+    if work.is_dir() and not (work / STATE_FILE).is_file() and any(work.iterdir()):
+        raise InputError(f"{work} holds files but no checkpoint ({STATE_FILE}), and the checkpoint folder is deleted "
+                         "once the output is written; choose a new or empty --checkpoint-dir")
+    if work.exists() and not work.is_dir():
+        raise InputError(f"{work} is a file; choose a new or empty folder with --checkpoint-dir")
     if training and (work / STATE_FILE).is_file() and not resume:
         raise InputError(f"{work} holds a checkpoint of an earlier run; pass --resume to continue it, or delete "
                          "that folder to start over")
@@ -307,6 +327,9 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
             with autocast(cfg):
                 logits = student(input_ids=inputs).logits
             loss, kl, ce = distillation_loss(logits, teacher_logits, targets, cfg)
+            if not math.isfinite(loss.item()):  # the weights would be NaN from here on: stop before the step
+                raise InputError(f"training diverged at step {step + 1} (the loss is {loss.item()}); run again with "
+                                 f"a lower --lr than {cfg.lr:g}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
