@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, OutputExistsError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 
 
 def within(inner, outer) -> bool:
@@ -49,7 +52,8 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
 @contextmanager
 def atomic_output_dir(out: Path, force: bool, inputs=()):
     """Yield a temporary folder that becomes ``out`` only if the block finishes without error; on any
-    error (an interrupt included) the temporary folder is removed and ``out`` is left as it was."""
+    error (an interrupt included) the temporary folder is removed and ``out`` is left as it was; a full
+    disk or quota is then one sentence naming the output's device."""
     out = Path(os.path.abspath(out))
     check_output(out, force, inputs)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -63,9 +67,21 @@ def atomic_output_dir(out: Path, force: bool, inputs=()):
     try:
         yield tmp
         replace_folder(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = no_space(exc, out.parent)
+        if full:
+            raise full from None
         raise
+
+
+def no_space(exc: BaseException, where=None) -> InputError | None:
+    """A full disk or quota (``exc`` an OSError with ENOSPC or EDQUOT) as one sentence, else None.
+    ``where``: a folder on that device, when known."""
+    if not (isinstance(exc, OSError) and exc.errno in NO_SPACE):
+        return None
+    device = f"the device holding {where}" if where else "a device this command writes to"
+    return InputError(f"no space left on {device}; free space or choose another location with -o")
 
 
 def replace_folder(new: Path, out: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from ._fs import no_space
 from .errors import EdgelmError
 
 
@@ -92,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         previous = None
     try:
         return int(args._run(args) or 0)
-    except EdgelmError as exc:
-        print(f"edgelm {name}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (EdgelmError, OSError) as exc:
+        # a full disk outside an output folder (atomic_output_dir names the output's device itself)
+        error = exc if isinstance(exc, EdgelmError) else no_space(exc)
+        if error is None:
+            raise
+        print(f"edgelm {name}: error: {error}", file=sys.stderr)
+        return error.exit_code
     except Terminated:
         print(f"edgelm {name}: terminated; no output was written", file=sys.stderr)
         return 143

@@ -28,6 +28,8 @@ SCHEMA_VERSION = 1
 # The exporter puts them first in the manifest's ``steps``, so an artifact carries its whole lineage.
 LINEAGE_FILE = "edgelm_steps.json"
 REQUIRED = ("format", "schema_version", "model", "graph", "io", "tokenizer", "steps", "validation", "files")
+SECTIONS = {"model": dict, "graph": dict, "io": dict, "tokenizer": dict, "steps": list, "validation": dict,
+            "files": dict}  # their JSON types
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
@@ -37,7 +39,8 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
 
 
 def read_manifest(folder: str | Path, verify_checksums: bool = False, progress: bool = False) -> dict:
-    """Read and check an artifact's manifest: every required key, every listed file present with its size.
+    """Read and check an artifact's manifest: every required key with its type, the graph's files listed,
+    every listed file present with its size.
 
     ``verify_checksums``: also hash every file against its sha256 (about 1 GiB/s here, so 6 s for
     gpt2-xl's weights): ``edgelm verify``, ``bench`` and ``eval`` do, since a damaged copy of the
@@ -53,9 +56,7 @@ def read_manifest(folder: str | Path, verify_checksums: bool = False, progress: 
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); export the model again") from None
-    missing = [k for k in REQUIRED if k not in manifest]
-    if manifest.get("format") != FORMAT or missing:
-        raise ArtifactError(f"{path} is not an edgelm manifest (missing {missing or ['format']}); export the model again")
+    _check_structure(path, manifest)
     if manifest["schema_version"] > SCHEMA_VERSION:
         raise ArtifactError(
             f"{path} has schema version {manifest['schema_version']}, newer than this edgelm understands "
@@ -70,6 +71,36 @@ def read_manifest(folder: str | Path, verify_checksums: bool = False, progress: 
     if verify_checksums:
         _verify_checksums(folder, manifest["files"], progress)
     return manifest
+
+
+def _check_structure(path: Path, manifest) -> None:
+    """The keys and types every command relies on, so that a damaged or hand-edited manifest is refused here
+    in one sentence, not met as a traceback wherever a command first reads the bad part."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(manifest, dict):
+        problem = "not a JSON object"
+    elif manifest.get("format") != FORMAT or any(k not in manifest for k in REQUIRED):
+        problem = f"missing {[k for k in REQUIRED if k not in manifest] or ['format']}"
+    elif not whole(manifest["schema_version"]):
+        problem = f"schema_version is {manifest['schema_version']!r}, not a whole number"
+    elif wrong := [key for key, kind in SECTIONS.items() if not isinstance(manifest[key], kind)]:
+        problem = f"{wrong[0]} is not a JSON {'array' if SECTIONS[wrong[0]] is list else 'object'}"
+    else:
+        files, graph = manifest["files"], manifest["graph"]
+        bad = [name for name, meta in files.items()
+               if name in ("", ".", "..") or Path(name).name != name  # a file of this folder, not a path out of it
+               or not isinstance(meta, dict) or not whole(meta.get("bytes")) or not isinstance(meta.get("sha256"), str)]
+        graph_files = [graph.get("file")] + ([graph["external_data"]] if graph.get("external_data") is not None else [])
+        unlisted = [name for name in graph_files if not isinstance(name, str) or name not in files]
+        if bad:
+            problem = f"its files entry {bad[0]!r} is not a file name with bytes and sha256"
+        elif unlisted:
+            problem = f"the graph's file {unlisted[0]!r} is not among its files"
+        else:
+            return
+    raise ArtifactError(f"{path} is damaged or not an edgelm manifest ({problem}); export the model again")
 
 
 def _verify_checksums(folder: Path, files: dict, progress: bool) -> None:

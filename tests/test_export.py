@@ -663,3 +663,104 @@ def test_a_damaged_copy_is_found_by_verify_eval_and_bench(tiny_artifact, tmp_pat
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{biggest} does not match its sha256" in err, err
+
+
+MANIFEST_DAMAGE = {  # case: (change to a copy of the artifact's manifest and folder, expected words)
+    "a list": (None, "not a JSON object"),  # the whole manifest inside a list
+    "text schema version": (lambda m, folder: m.update(schema_version="2"), "schema_version is '2', not a whole number"),
+    "files as a list": (lambda m, folder: m.update(files=list(m["files"])), "files is not a JSON object"),
+    "io as text": (lambda m, folder: m.update(io="inputs"), "io is not a JSON object"),
+    "file without bytes": (lambda m, folder: m["files"]["model.onnx"].pop("bytes"),
+                           "files entry 'model.onnx' is not a file name with bytes and sha256"),
+    "file outside the folder": (lambda m, folder: m["files"].update({"../x": m["files"]["model.onnx"]}),
+                                "files entry '../x' is not a file name"),
+    "graph without file": (lambda m, folder: m["graph"].pop("file"), "the graph's file None is not among its files"),
+    "graph file unlisted and gone": (lambda m, folder: [m["files"].pop("model.onnx"), (folder / "model.onnx").unlink()],
+                                     "the graph's file 'model.onnx' is not among its files"),
+    "external data unlisted": (lambda m, folder: m["graph"].update(external_data="model.onnx.data"),
+                               "the graph's file 'model.onnx.data' is not among its files"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
+def test_a_damaged_manifest_is_one_sentence(case, tiny_artifact, tmp_path, capsys):
+    import shutil
+
+    from edgelm.cli import main
+    from edgelm.errors import ArtifactError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact["gpt2"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change, expected = MANIFEST_DAMAGE[case]
+    if change is None:
+        manifest = [manifest]
+    else:
+        change(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("edgelm verify: error: ") and "is damaged or not an edgelm manifest" in err
+    assert expected in err and err.endswith("export the model again"), err
+    with pytest.raises(ArtifactError, match=re.escape(expected)):
+        read_manifest(copy)
+
+
+@pytest.mark.parametrize("where", ["in the output", "elsewhere"])
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(where, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    from edgelm.cli import main
+
+    def disk_full(src, dst, *args, **kwargs):
+        open(dst, "wb").write(b"half a file")  # the write that filled the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def over_quota(model):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    if where == "in the output":  # copying the tokenizer into the temporary output folder
+        monkeypatch.setattr(shutil, "copyfile", disk_full)
+    else:  # before any output folder, as a download into a full cache would
+        monkeypatch.setattr("edgelm.export.pipeline.resolve_model_dir", over_quota)
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dir["gpt2"]), "-o", str(out), "--no-validate"]) == 2
+    device = f"the device holding {tmp_path}" if where == "in the output" else "a device this command writes to"
+    err = capsys.readouterr().err.strip()
+    assert err == f"edgelm export: error: no space left on {device}; free space or choose another location with -o"
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+EMBEDDING_CASES = {  # the tiny GPT-2: 50257 tokens (its tokenizer's: a smaller vocab_size is refused earlier),
+    # 128 positions, 32 wide; bos/eos (50256) stay inside the larger vocabulary
+    "positions": (dict(n_positions=256), "the checkpoint's wpe.weight is [128, 32] where config.json implies "
+                                         "[256, 32] (n_positions 256, n_embd 32); correct config.json"),
+    "vocabulary": (dict(vocab_size=50304), "the checkpoint's wte.weight is [50257, 32] where config.json implies "
+                                           "[50304, 32] (vocab_size 50304, n_embd 32); correct config.json"),
+    "untied lm_head": (None, "the checkpoint's lm_head.weight is [50000, 32] where config.json implies "
+                             "[50257, 32] (vocab_size 50257, n_embd 32); correct config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_CASES))
+def test_embeddings_that_disagree_with_config_are_refused(case, tiny_model_dir, tmp_path):
+    import shutil
+
+    change, expected = EMBEDDING_CASES[case]
+    src = tmp_path / "m"
+    if change is None:  # an untied model whose lm_head has fewer rows than config.json's vocabulary
+        from safetensors.numpy import load_file, save_file
+
+        make_tiny_model("gpt2", src, tie_word_embeddings=False)
+        weights = load_file(src / "model.safetensors")
+        weights["lm_head.weight"] = weights["lm_head.weight"][:50000]
+        save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    else:
+        shutil.copytree(tiny_model_dir["gpt2"], src)
+        cfg = {**json.loads((src / "config.json").read_text()), **change}
+        (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=re.escape(expected)):
+        export_model(str(src), tmp_path / "o", validate=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

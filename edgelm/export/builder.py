@@ -207,14 +207,25 @@ def _skip_layer_norm(g: GraphBuilder, x: str, norm: tuple, p: str) -> tuple[str,
     return out, resid
 
 
-def _check_shape(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
-    """The graph is built from the weights' shapes, the cache from the config's: they must agree."""
+def _check_shape(what: str, weight: np.ndarray, expected: tuple[int, int], implied: str, fix: str) -> None:
+    """The graph is built from the weights' shapes, the cache and the manifest from the config's: they must agree."""
     if weight.shape != expected:
-        raise UnsupportedModelError(
-            f"layer {i}'s {what} weight is {list(weight.shape)} ([in, out]) where config.json implies "
-            f"{list(expected)} ({facts.layer_heads[i]} heads of {facts.head_size}, MLP width {facts.layer_inner[i]}); "
-            f"a pruned model's config.json needs {LAYER_HEADS} and {LAYER_INNER} that match its weights"
-        )
+        raise UnsupportedModelError(f"{what} is {list(weight.shape)} where config.json implies {list(expected)} "
+                                    f"({implied}); {fix}")
+
+
+def _check_layer(facts: ModelFacts, i: int, what: str, weight: np.ndarray, expected: tuple[int, int]) -> None:
+    _check_shape(f"layer {i}'s {what} weight", weight, expected,
+                 f"[in, out]: {facts.layer_heads[i]} heads of {facts.head_size}, MLP width {facts.layer_inner[i]}",
+                 f"a pruned model's config.json needs {LAYER_HEADS} and {LAYER_INNER} that match its weights")
+
+
+def _check_embedding(spec: ArchSpec, facts: ModelFacts, name: str, weight: np.ndarray, field: str, rows: int) -> None:
+    """wte, wpe, lm_head: [config's ``field``, hidden]. More rows are logits the manifest does not list;
+    fewer, token or position ids that ONNX Runtime's Gather refuses at generate time."""
+    _check_shape(f"the checkpoint's {name}", weight, (rows, facts.hidden_size),
+                 f"{field} {rows}, {spec.hidden_size} {facts.hidden_size}",
+                 "correct config.json to match the checkpoint, or download the model again")
 
 
 def attention_metadata(g: GraphBuilder, ids: str, mask: str, dtype: str, padding: str = "left"):
@@ -286,6 +297,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
         # -- embeddings: the tied [D, V] weight is gathered by column ------------------------
         p = "/model/embed_tokens"
         wte = ckpt.read(spec.wte).astype(np_dtype)  # (V, D)
+        _check_embedding(spec, facts, spec.wte, wte, "vocab_size", facts.vocab_size)
         if facts.tied_embeddings and linear_layout == "packed":
             emb_table = g.weight("model.embed_tokens.weight_panels", pack_panels(wte.T))  # (V/16, D, 16)
             tok = g.node("PackedEmbedding", [ids, emb_table], name=f"{p}/PackedEmbedding", n=facts.vocab_size)
@@ -297,12 +309,17 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             lm_head = emb_table
         else:
             tok = g.node("Gather", [g.weight("model.embed_tokens.weight", wte), ids], name=f"{p}/Gather")
-            head = ckpt.read("lm_head.weight").astype(np_dtype).T  # (D, V)
+            head = ckpt.read("lm_head.weight").astype(np_dtype)
+            _check_embedding(spec, facts, "lm_head.weight", head, "vocab_size", facts.vocab_size)
+            head = head.T  # (D, V)
             lm_head = (g.weight("lm_head.weight_panels", pack_panels(head)) if linear_layout == "packed"
                        else g.weight("lm_head.weight_t", head))
         del wte
-        pos = g.node("Gather", [g.weight("model.embed_positions.weight", ckpt.read(spec.wpe).astype(np_dtype)),
-                                pos_ids], name="/model/embed_positions/Gather")
+        wpe = ckpt.read(spec.wpe).astype(np_dtype)  # (P, D)
+        _check_embedding(spec, facts, spec.wpe, wpe, spec.max_positions, facts.max_positions)
+        pos = g.node("Gather", [g.weight("model.embed_positions.weight", wpe), pos_ids],
+                     name="/model/embed_positions/Gather")
+        del wpe
 
         eps = facts.layer_norm_eps
         stream_in, stream_skip, stream_bias = tok, pos, None
@@ -317,7 +334,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                     eps, f"{p}/ln_1/output_3")
             # attention
             wq, bq = w.linear(spec.qkv, i)
-            _check_shape(facts, i, "attention QKV", wq, (d, 3 * n * h))
+            _check_layer(facts, i, "attention QKV", wq, (d, 3 * n * h))
             if linear_layout == "packed":  # the LayerNorm runs inside the projection's operator
                 qkv, resid = linear(stream_in, f"{p}.attn.qkv_proj", wq, bq, f"{p}/attn/qkv_proj", norm=ln_1)
             else:
@@ -334,14 +351,14 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
             attn, _, _ = g.node(op, inputs, [f"{p}/attn/{op}/output_0", f"present.{i}.key", f"present.{i}.value"],
                                 name=f"{p}/attn/{op}", **attrs)
             wo, bo = w.linear(spec.attn_out, i)
-            _check_shape(facts, i, "attention output", wo, (n * h, d))
+            _check_layer(facts, i, "attention output", wo, (n * h, d))
             o = linear(attn, f"{p}.attn.o_proj", wo, None, f"{p}/attn/o_proj")
             gamma, beta = w.norm(spec.ln_2, i)
             ln_2 = (resid, g.weight(f"{p}.ln_2.weight", gamma), g.weight(f"{p}.ln_2.bias", beta),
                     g.weight(f"{p}.attn.o_proj.bias", bo), eps, f"{p}/ln_2/output_3")
             # MLP
             wf, bf = w.linear(spec.fc, i)
-            _check_shape(facts, i, "MLP input", wf, (d, m))
+            _check_layer(facts, i, "MLP input", wf, (d, m))
             if linear_layout == "packed":  # LayerNorm, bias and (GELU's tanh form) inside the operator
                 fused = act_op == "FastGelu"
                 a, resid = linear(o, f"{p}.mlp.fc", wf, bf, f"{p}/mlp/fc", gelu=fused, norm=ln_2)
@@ -356,7 +373,7 @@ def build_graph(spec: ArchSpec, facts: ModelFacts, ckpt: Checkpoint, dtype: str,
                     f = g.node("Add", [f, g.weight(f"{p}.mlp.fc.bias", bf)], name=f"{p}/mlp/fc/Add")
                     a = g.node(act_op, [f], name=f"{p}/mlp/act/{act_op}")
             wp, bp = w.linear(spec.proj, i)
-            _check_shape(facts, i, "MLP output", wp, (m, d))
+            _check_layer(facts, i, "MLP output", wp, (m, d))
             stream_in = linear(a, f"{p}.mlp.proj", wp, None, f"{p}/mlp/proj")
             stream_skip, stream_bias = resid, g.weight(f"{p}.mlp.proj.bias", bp)
 
