@@ -383,6 +383,56 @@ def test_recipe_problems_are_refused_before_any_work(tmp_path):
     for ckpt in (tmp_path / "o", tmp_path / "o" / "ckpt", tmp_path):
         with pytest.raises(InputError, match="must be apart"):
             checkpoint_folder(tmp_path / "o", ckpt, resume=False)
+    recipe.write_text('model = "embedded:gpt2"\nnew_tokens = 500\n[[step]]\nkind = "export"\n')
+    with pytest.raises(InputError, match="new_tokens 500 after the 32-token prompt pass the model's context of 512"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    # a run left unfinished: --resume continues it, --force starts over (it used to refuse both ways)
+    recipe.write_text('model = "embedded:gpt2"\n[[step]]\nkind = "export"\n')
+    with pytest.raises(InputError, match="pass --resume to continue it, or --force to start over"):
+        _Run(stale, load_recipe(recipe), resume=False)
+    (stale / "steps" / "left-over").mkdir()
+    fresh = _Run(stale, load_recipe(recipe), resume=False, force=True)
+    assert fresh.state["done"] == {} and not (stale / "steps" / "left-over").exists()
+
+
+def test_a_recipe_step_killed_before_its_first_checkpoint_starts_again_on_resume(wide_models, tmp_path, monkeypatch):
+    import edgelm.optimize.distill as distill
+    from edgelm.optimize.recipe import run_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "{wide_models["gpt2"]}"\ntrain_text = "{TRAIN}"\neval_length = 32\nrepeats = 1\n'
+                      'new_tokens = 4\n[[step]]\nkind = "distill"\nstudent_layers = "1"\nsteps = 2\n'
+                      'batch_size = 2\nseq_len = 16\n')
+    calls = []
+    real = distill.distill_model
+
+    def killed_once(*args, **kwargs):
+        calls.append(kwargs["resume"])
+        if len(calls) == 1:  # as if killed after making the checkpoint folder, before writing a checkpoint
+            kwargs["checkpoint_dir"].mkdir(parents=True)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "distill_model", killed_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    run_recipe(recipe, tmp_path / "out", resume=True, progress=False)
+    assert calls == [False, False] and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_a_recipe_with_force_keeps_its_step_inputs(tmp_path):
+    from edgelm.errors import InputError
+    from edgelm.optimize.recipe import run_recipe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text(TRAIN.read_text()[:4000])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\n'
+                      'mode = "int8-static"\ncalib_text = "data/calib.txt"\n')
+    with pytest.raises(InputError, match="is or holds the input"):
+        run_recipe(recipe, data, force=True, progress=False)
+    assert (data / "calib.txt").is_file()
 
 
 def test_recipe_errors_name_the_step_and_key(tmp_path):
@@ -407,6 +457,14 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
             "step 1 (prune) has no setting(s) steps",
         'model = "embedded:gpt2"\n[[step]]\nkind = "export"\ndtype = "fp16"\n[[step]]\nkind = "quantize"\n':
             "quantization takes fp32",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\n[[step]]\nkind = "quantize"\n':
+            "step 3 quantizes a model that an earlier step quantized",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nmode = "int8-weight"\n'
+        'calib_text = "c.txt"\n': "step 2 (quantize): int8-weight calibrates nothing",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nmode = "auto"\n'
+        'target = "arm64"\n': "step 2 (quantize): --mode auto measures speed, so it must run on the target machine",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\nlinear_layout = "convv"\n':
+            "step 1 (export): linear_layout must be one of auto, matmul, conv, packed",
     }
     for text, message in cases.items():
         path = tmp_path / "r.toml"

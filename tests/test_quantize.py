@@ -407,6 +407,27 @@ def test_errors(tiny_artifact, tmp_path, eval_text):
     assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
 
 
+def test_a_damaged_or_broken_source_is_refused(tiny_artifact, tmp_path, eval_text):
+    from fixtures import make_tiny_model
+
+    from edgelm.errors import ArtifactError
+    from edgelm.export import export_model
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_artifact["gpt2"], damaged)
+    data = bytearray((damaged / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF  # a weight byte: same size, and ONNX still parses it
+    (damaged / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        quantize(damaged, tmp_path / "x", eval_text, mode="int8-weight")
+    loud = export_model(str(make_tiny_model("gpt2", tmp_path / "loud-hf", scale=100.0)), tmp_path / "loud",
+                        validate=False, progress=False)
+    assert loud["validation"]["status"] != "passed"
+    with pytest.raises(InputError, match="scores a perplexity of inf"):
+        quantize(tmp_path / "loud", tmp_path / "x", eval_text, mode="int8-weight")
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli(tiny_artifact, tmp_path, eval_text):
     def edgelm(*args):
         return subprocess.run([sys.executable, "-m", "edgelm", "optimize", "quantize", str(tiny_artifact["gpt2"]),

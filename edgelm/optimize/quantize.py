@@ -120,6 +120,18 @@ def _check_source(folder: Path, manifest: dict) -> None:
         raise InputError(f"{folder} is {graph.get('dtype')}; quantize an fp32 artifact (edgelm export --dtype fp32)")
 
 
+def plan(config: QuantizeConfig, calib_text=None) -> tuple[Target, bool, list[str]]:
+    """(target, whether it is this machine, the modes to try): what a run would do, checked before any
+    work (a recipe checks its quantize steps with it before its first step)."""
+    target, here = resolve_target(config.target)
+    modes = _modes_to_try(config, target, here)
+    if calib_text is not None and not any(MODES[m].needs_calibration(config) for m in modes):
+        raise InputError(f"{', '.join(modes)} calibrates nothing, so --calib-text (calib_text in a recipe) would be "
+                         "ignored; leave it out, or choose a mode that calibrates (int8-static, or a weight-only "
+                         "mode with --algorithm gptq)")
+    return target, here, modes
+
+
 def _modes_to_try(config: QuantizeConfig, target: Target, here: bool) -> list[str]:
     if config.mode == "auto":
         if not here:
@@ -222,11 +234,10 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
     say = say if progress else (lambda *a, **k: None)
     started = time.perf_counter()
     source, out = Path(source), Path(out)
-    src_manifest = read_manifest(source)
+    src_manifest = read_manifest(source, verify_checksums=True)  # a damaged source would be quantized and pass
     _check_source(source, src_manifest)
     check_output(out, force, inputs=[source, calib_text, eval_text])
-    target, here = resolve_target(config.target)
-    modes = _modes_to_try(config, target, here)
+    target, here, modes = plan(config, calib_text)
     text, text_path = _read_text(eval_text, DEFAULT_EVAL_TEXT, "evaluation")
     tokenizer = Tokenizer(source)
     calibration = None
@@ -235,9 +246,6 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
         windows = make_windows(tokenizer, calib, min(config.calib_length, int(src_manifest["model"]["facts"]["max_positions"])),
                                config.calib_windows, calib_path)
         calibration = Calibration(windows, src_manifest, progress)
-    elif calib_text is not None:
-        raise InputError(f"{', '.join(modes)} calibrates nothing, so --calib-text would be ignored; leave it out, "
-                         "or choose a mode that calibrates (int8-static, or a weight-only mode with --algorithm gptq)")
     prompt = tokenizer.encode(text)[:measure.prompt_tokens]
     max_new = int(src_manifest["model"]["facts"]["max_positions"]) - len(prompt)
     if max_new < measure.new_tokens:
@@ -245,6 +253,9 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
 
     say(f"measuring the source: perplexity on {text_path}")
     before = perplexity(source, text, measure)
+    if not math.isfinite(before.perplexity):  # no increase could be measured against it
+        raise InputError(f"{source} scores a perplexity of {before.perplexity} on the evaluation text: the model or "
+                         "the text is broken; check it with edgelm eval before quantizing")
     bytes_before = model_bytes(source)
     common = dict(source=source, src_manifest=src_manifest, config=config, target=target, here=here,
                   text_path=text_path, before=before, bytes_before=bytes_before, calibration=calibration,

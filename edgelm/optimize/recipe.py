@@ -50,6 +50,7 @@ from pathlib import Path
 
 from .._fs import check_output, replace_folder
 from ..errors import InputError
+from .train import STATE_FILE
 
 TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature", "alpha", "precision",
                  "checkpoint_every", "seed"}
@@ -147,6 +148,8 @@ def load_recipe(path: str | Path) -> dict:
             raise InputError(f"{path}: step {n} ({kind}) needs train_text at the top of the recipe")
         if kind == "export" and seen_onnx:
             raise InputError(f"{path}: step {n} exports a model that is already ONNX; remove the second export")
+        if kind == "quantize" and any(s.get("kind") == "quantize" for s in steps[:n - 1]):
+            raise InputError(f"{path}: step {n} quantizes a model that an earlier step quantized; keep one quantize step")
         for key, value in step.items():
             if key != "kind":
                 _check_type(f"{path}: step {n} ({kind})", key, value)
@@ -191,16 +194,22 @@ def _build_config(kind: str, step: dict, where: str):
                 raise InputError(f"recover_steps must be 0 or more, got {recover}")
             return pcfg, (_train_config(step, recover) if recover else None)
         if kind == "quantize":
-            from .quantize import QuantizeConfig, parse_percent
+            from .quantize import QuantizeConfig, parse_percent, plan
 
             qkeys = {k: step[k] for k in STEP_KEYS["quantize"] - {"calib_text"} if k in step}
             if "max_ppl_increase" in qkeys:
                 qkeys["max_ppl_increase"] = parse_percent(str(qkeys["max_ppl_increase"]))
-            return QuantizeConfig(**qkeys)
+            qcfg = QuantizeConfig(**qkeys)
+            plan(qcfg, step.get("calib_text"))  # a target, mode and calibration text that go together
+            return qcfg
+        from ..export.builder import LINEAR_LAYOUTS
         from ..export.validate import DEFAULT_ATOL  # export: the rest is checked as it starts
 
         if step.get("dtype", "fp32") not in DEFAULT_ATOL:
             raise InputError(f"dtype must be one of {', '.join(DEFAULT_ATOL)}, got {step['dtype']!r}")
+        if step.get("linear_layout", "auto") not in ("auto", *LINEAR_LAYOUTS):
+            raise InputError(f"linear_layout must be one of auto, {', '.join(LINEAR_LAYOUTS)}, got "
+                             f"{step['linear_layout']!r}")
         return None
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
@@ -223,18 +232,18 @@ def _train_config(step: dict, length_default: int | None = None):
 class _Run:
     """The working folder of one recipe run: what is done, where it is (for --resume)."""
 
-    def __init__(self, work: Path, recipe: dict, resume: bool):
+    def __init__(self, work: Path, recipe: dict, resume: bool, force: bool = False):
         self.work, self.state_path = work, work / "state.json"
-        if work.exists() and not self.state_path.is_file():  # interrupted before its first record: nothing to resume
-            shutil.rmtree(work)
+        if work.exists() and (not self.state_path.is_file() or (force and not resume)):
+            shutil.rmtree(work)  # interrupted before its first record (nothing to resume), or --force: start over
         if work.exists() and not resume:
-            raise InputError(f"an unfinished run of a recipe is in {work}; pass --resume to continue it, or delete "
-                             "that folder to start over")
+            raise InputError(f"an unfinished run of a recipe is in {work}; pass --resume to continue it, or --force "
+                             "to start over")
         if resume and self.state_path.is_file():
             self.state = json.loads(self.state_path.read_text())
             if self.state["recipe_sha256"] != recipe["_sha256"]:
                 raise InputError(f"the unfinished run in {work} was made from another version of the recipe; "
-                                 "restore that recipe, or delete the folder to start over")
+                                 "restore that recipe, or run without --resume and with --force to start over")
         else:
             if resume:
                 raise InputError(f"--resume was given but there is no unfinished run in {work}; run without --resume")
@@ -271,19 +280,25 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
 
     recipe = load_recipe(recipe_path)
     out = Path(out)
-    check_output(out, force, inputs=[recipe["model"], recipe_path, recipe.get("train_text"), recipe.get("eval_text")])
+    step_inputs = [step.get(k) for step in recipe["step"] for k in ("calib_text", "student_config")]
+    check_output(out, force, inputs=[recipe["model"], recipe_path, recipe.get("train_text"), recipe.get("eval_text"),
+                                     *step_inputs])
     eval_length = int(recipe.get("eval_length", 128))
     source_dir = model_dir_of(recipe["model"])
     context = resolve(read_config(source_dir)).max_positions
     if eval_length > context:
         raise InputError(f"{recipe['_path']}: eval_length {eval_length} is longer than the model's context of "
                          f"{context}; choose eval_length <= {context}")
-    work = out.parent / f".{out.name}.recipe-run"
-    run = _Run(work, recipe, resume)
-    say = print if progress else (lambda *a, **k: None)
-    steps_dir = work / "steps"
     measure = MeasureConfig(max_length=eval_length, stride=max(1, eval_length // 2),
                             new_tokens=int(recipe.get("new_tokens", 64)), repeats=int(recipe.get("repeats", 3)))
+    if measure.prompt_tokens + measure.new_tokens > context:
+        raise InputError(f"{recipe['_path']}: new_tokens {measure.new_tokens} after the {measure.prompt_tokens}-token "
+                         f"prompt pass the model's context of {context}; choose new_tokens <= "
+                         f"{context - measure.prompt_tokens}")
+    work = out.parent / f".{out.name}.recipe-run"
+    run = _Run(work, recipe, resume, force)
+    say = print if progress else (lambda *a, **k: None)
+    steps_dir = work / "steps"
     eval_text = recipe.get("eval_text")
 
     def export_for_measure(model_dir: Path, folder: Path) -> None:
@@ -305,18 +320,20 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
         entry = run.done(key)
         if entry is None:
             started = time.perf_counter()
+            checkpoints = work / f"{key}.ckpt"  # a run killed before its first checkpoint leaves it empty
+            has_checkpoint = (checkpoints / STATE_FILE).is_file()
             if kind == "distill":
                 record = distill_model(str(model_dir), folder, recipe["train_text"], config,
                                        student_layers=None if "student_layers" not in step else str(step["student_layers"]),
                                        student_config_file=step.get("student_config"), eval_text=eval_text,
-                                       eval_length=eval_length, resume=resume and (work / f"{key}.ckpt").exists(),
-                                       force=True, progress=progress, checkpoint_dir=work / f"{key}.ckpt")
+                                       eval_length=eval_length, resume=resume and has_checkpoint,
+                                       force=True, progress=progress, checkpoint_dir=checkpoints)
             elif kind == "prune":
                 pcfg, recover = config
                 record = prune_model(str(model_dir), folder, recipe["train_text"], pcfg, recover=recover,
                                      eval_text=eval_text, eval_length=eval_length,
-                                     resume=resume and (work / f"{key}.ckpt").exists(), force=True,
-                                     progress=progress, checkpoint_dir=work / f"{key}.ckpt")
+                                     resume=resume and has_checkpoint, force=True,
+                                     progress=progress, checkpoint_dir=checkpoints)
             elif kind == "export":
                 manifest = export_model(str(model_dir), folder, dtype=step.get("dtype", "fp32"), atol=step.get("atol"),
                                         rtol=step.get("rtol"), linear_layout=step.get("linear_layout", "auto"),
