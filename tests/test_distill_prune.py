@@ -351,6 +351,8 @@ max_ppl_increase = "50%"
     assert sizes[0] > sizes[1] > sizes[2] and sizes[4] < 0.6 * sizes[3]
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["steps"]] == ["distill", "prune", "export", "quantize"]
+    assert ".recipe-run" not in json.dumps(manifest["steps"])  # the lineage names folders that exist
+    assert Path(manifest["steps"][-1]["source"]) == out / "steps" / "03-export"
     assert manifest["recipe"]["report"][-1]["stage"] == "04-quantize"
     export = json.loads((out / "steps" / "03-export" / "manifest.json").read_text())
     assert export["graph"]["linear_layout"] == "matmul"  # the recipe's setting, not the fp32 default (conv)

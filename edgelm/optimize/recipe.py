@@ -48,7 +48,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .._fs import check_output, replace_folder
+from .._fs import check_output, replace_folder, within
 from ..errors import InputError
 from .train import STATE_FILE
 
@@ -357,12 +357,19 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
     say("measuring every stage: perplexity, size, decode speed")
     report = measure_stages(stages, recipe, measure, progress)
     final = Path(stages[-1]["artifact"])
-    # the final artifact goes to OUT/model and the work folder becomes OUT: the report names the
-    # folders where they will be
+    # the final artifact goes to OUT/model and the work folder becomes OUT: the report and the
+    # lineage's step records name the folders where they will be
+    def moved(path: str) -> str:
+        here = work / "model" if path == str(final) else Path(path)
+        return str(out / here.relative_to(work)) if within(here, work) else path
+
     for row in report["rows"]:
-        here = work / "model" if row["artifact"] == str(final) else Path(row["artifact"])
-        row["artifact"] = str(out / here.relative_to(work))
+        row["artifact"] = moved(row["artifact"])
     manifest = read_manifest(final)
+    for record in manifest["steps"]:
+        for key, value in record.items():
+            if isinstance(value, str) and value.startswith(str(work)):
+                record[key] = moved(value)
     manifest["recipe"] = {"file": Path(recipe["_path"]).name, "sha256": recipe["_sha256"], "text": recipe["_text"],
                           "report": report["rows"]}
     write_manifest(final, manifest)
