@@ -147,7 +147,8 @@ def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide
     assert [e["heads"] for e in manifest["io"]["kv_cache"]] == record["layer_heads"]["after"]
 
 
-@pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed")])
+@pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed"),
+                                           (["--mlp", "0.5", "--multiple", "256"], "--multiple 256 is not below the MLP width")])
 def test_prune_refuses_bad_settings_in_one_line(wide_models, tmp_path, capsys, args, expected):
     from edgelm.cli import main
 

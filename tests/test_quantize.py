@@ -382,7 +382,7 @@ def test_errors(tiny_artifact, tmp_path, eval_text):
     with pytest.raises(InputError, match="no text file"):
         quantize_artifact(src, tmp_path / "x", QuantizeConfig(mode="int8-static"), MEASURE,
                           calib_text=tmp_path / "missing.txt", eval_text=eval_text, progress=False)
-    with pytest.raises(InputError, match="int8-weight calibrates nothing, so --calib-text would be ignored"):
+    with pytest.raises(InputError, match="int8-weight calibrates nothing, so --calib-text"):
         quantize_artifact(src, tmp_path / "x", QuantizeConfig(mode="int8-weight"), MEASURE,
                           calib_text=eval_text, eval_text=eval_text, progress=False)
     (tmp_path / "short.txt").write_text("Too short.")
@@ -391,6 +391,8 @@ def test_errors(tiny_artifact, tmp_path, eval_text):
                           calib_text=tmp_path / "short.txt", eval_text=eval_text, progress=False)
     with pytest.raises(InputError, match="does not divide the hidden size 32"):
         quantize(src, tmp_path / "x", eval_text, mode="int4-weight", block_size=64)
+    with pytest.raises(InputError, match="--block-size 64 is larger than the hidden size 32"):  # it grew the model
+        quantize(src, tmp_path / "x", eval_text, mode="int4-weight", block_size=64, embeddings="keep")
     with pytest.raises(InputError, match="power of two"):
         QuantizeConfig(block_size=48)
     fp16 = tmp_path / "fp16"

@@ -136,6 +136,8 @@ def _weight_only(job: Job, bits: int) -> tuple[onnx.ModelProto, dict]:
     if quantize_head and hidden % cfg.block_size:
         raise InputError(f"--block-size {cfg.block_size} does not divide the hidden size {hidden}, which the "
                          "quantized embedding lookup needs; choose a block size that divides it, or --embeddings keep")
+    if cfg.block_size > hidden:  # every block would be mostly padding: a bigger model than the fp32 one
+        raise InputError(f"--block-size {cfg.block_size} is larger than the hidden size {hidden}; choose at most {hidden}")
     targets = [m for m in g.constant_matmuls() if quantize_head or m is not emb.head]
 
     from tqdm import tqdm

@@ -184,6 +184,9 @@ def choose_units(model, config: dict, ids: np.ndarray | None, cfg: PruneConfig, 
     from ..export.arch import resolve
 
     facts = resolve(config)
+    if cfg.mlp > 0 and cfg.multiple >= max(facts.layer_inner):
+        raise InputError(f"--multiple {cfg.multiple} is not below the MLP width {max(facts.layer_inner)}, so widths "
+                         "rounded up to it keep every neuron; choose a smaller --multiple")
     minimum = min(cfg.multiple, min(facts.layer_inner))
 
     def select(heads, neurons, fraction):
