@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -56,6 +57,7 @@ def atomic_output_dir(out: Path, force: bool, inputs=()):
     disk or quota is then one sentence naming the output's device."""
     out = Path(os.path.abspath(out))
     check_output(out, force, inputs)
+    remove_abandoned(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,28 @@ def atomic_output_dir(out: Path, force: bool, inputs=()):
         if full:
             raise full from None
         raise
+
+
+def remove_abandoned(out: Path) -> None:
+    """Remove the temporary folders (``.NAME.tmp-PID``, ``.NAME.old-PID``) of earlier runs for ``out``
+    whose process is gone: killed (SIGKILL, the OOM killer) before it could clean up."""
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = folder.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            if folder.is_symlink():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def no_space(exc: BaseException, where=None) -> InputError | None:

@@ -73,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that partial outputs are removed as on Ctrl-C."""
+    """SIGTERM or SIGHUP (a closed terminal or SSH session), raised where the program is, so that
+    partial outputs are removed as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args._name
     try:  # `edgelm serve` sets its own handler (finish the requests in flight)
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
-        previous = None
+        previous = {}
     try:
         return int(args._run(args) or 0)
     except (EdgelmError, OSError) as exc:
@@ -100,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edgelm {name}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except Terminated:
+    except Terminated as exc:
         print(f"edgelm {name}: terminated; no output was written", file=sys.stderr)
-        return 143
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"edgelm {name}: interrupted; no output was written", file=sys.stderr)
         return 130
@@ -111,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -339,10 +340,12 @@ def test_an_output_that_is_a_link_is_replaced_and_its_target_left_alone(tiny_mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "target", "to-target"]  # no .old-PID left
 
 
-def test_sigterm_leaves_no_output_and_no_temporary_folder(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_sigterm_leaves_no_output_and_no_temporary_folder(tiny_model_dir, tmp_path, signum):
     import signal
     import time
 
+    signum = getattr(signal, signum)
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "edgelm", "export", str(tiny_model_dir["gpt2"]), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -350,10 +353,19 @@ def test_sigterm_leaves_no_output_and_no_temporary_folder(tiny_model_dir, tmp_pa
     while not list(tmp_path.glob(".o.tmp-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the export ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "terminated; no output was written" in err and "Traceback" not in err
+    assert proc.returncode == 128 + signum and "terminated; no output was written" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next(tiny_model_dir, tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended: its folders were abandoned
+    for name in (f".o.tmp-{dead}", f".o.old-{dead}", f".o.tmp-{os.getpid()}x", ".other.tmp-1"):
+        (tmp_path / name).mkdir()
+    export_model(str(tiny_model_dir["gpt2"]), tmp_path / "o", validate=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".o.tmp-{os.getpid()}x", ".other.tmp-1", "o"]
 
 
 def test_non_float_buffers_are_ignored_and_local_sources_recorded_whole(tiny_model_dir, tmp_path, monkeypatch):
