@@ -83,6 +83,30 @@ def test_every_kernel_matches_numpy(isa):
     assert out.stdout.split()[-1] in (isa, "generic")  # a CPU without AVX2 runs the generic kernel
 
 
+def _decode_outputs() -> np.ndarray:
+    """One row against every shape of SHAPES (every tail of 1 to 4 panels at once), with and without bias."""
+    rng = np.random.default_rng(2)
+    out = []
+    for k, n in SHAPES:
+        packed = native.pack_panels(rng.standard_normal((k, n)).astype(np.float32))
+        b, x = rng.standard_normal(n).astype(np.float32), rng.standard_normal((1, k)).astype(np.float32)
+        out += [_linear(x, packed, b, n).ravel(), _linear(x, packed, None, n).ravel()]
+    return np.concatenate(out)
+
+
+def test_avx512_decode_gives_the_avx2_kernels_bits(tmp_path):
+    """Both decode loops read 4 panels at once and add in the same order: the same floats, bit for bit."""
+    if native.kernel_isa() != "avx512f":
+        pytest.skip("this CPU has no AVX-512")
+    code = ("import numpy as np, sys, tests.test_native as t; from edgelm.runtime import native; "
+            "assert native.kernel_isa() == 'avx2'; np.save(sys.argv[1], t._decode_outputs())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2.npy")],
+                         env={**os.environ, "EDGELM_KERNEL_ISA": "avx2"}, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.array_equal(_decode_outputs(), np.load(tmp_path / "avx2.npy"))
+
+
 def test_read_sum_reads_every_float():
     x = np.random.default_rng(2).standard_normal(1000 * 64 + 13).astype(np.float32)
     total = native.kernels().edgelm_read_sum(x.ctypes.data, x.size)
