@@ -386,6 +386,10 @@ def test_recipe_problems_are_refused_before_any_work(tmp_path):
     for ckpt in (tmp_path / "o", tmp_path / "o" / "ckpt", tmp_path):
         with pytest.raises(InputError, match="must be apart"):
             checkpoint_folder(tmp_path / "o", ckpt, resume=False)
+    killed = tmp_path / "killed.ckpt"  # killed while writing its first checkpoint: still a checkpoint folder
+    killed.mkdir()
+    (killed / "state.pt.tmp-123").write_bytes(b"half")
+    assert checkpoint_folder(tmp_path / "o", killed, resume=False) == killed
     recipe.write_text('model = "embedded:gpt2"\nnew_tokens = 500\n[[step]]\nkind = "export"\n')
     with pytest.raises(InputError, match="new_tokens 500 after the 32-token prompt pass the model's context of 512"):
         run_recipe(recipe, tmp_path / "out", progress=False)

@@ -133,7 +133,9 @@ def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool
         if given is not None and Path(given).exists() and within(given, work):
             raise InputError(f"the checkpoint folder {work} is or holds the input {given}, and it is deleted once "
                              "the output is written; choose another --checkpoint-dir")
-    if work.is_dir() and not (work / STATE_FILE).is_file() and any(work.iterdir()):
+    # a checkpoint's own files: state.pt, and state.pt.tmp-PID from a run killed while writing its first one
+    if work.is_dir() and not (work / STATE_FILE).is_file() and any(
+            not p.name.startswith(STATE_FILE) for p in work.iterdir()):
         raise InputError(f"{work} holds files but no checkpoint ({STATE_FILE}), and the checkpoint folder is deleted "
                          "once the output is written; choose a new or empty --checkpoint-dir")
     if work.exists() and not work.is_dir():
