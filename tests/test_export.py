@@ -776,3 +776,19 @@ def test_embeddings_that_disagree_with_config_are_refused(case, tiny_model_dir, 
     with pytest.raises(UnsupportedModelError, match=re.escape(expected)):
         export_model(str(src), tmp_path / "o", validate=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_the_validation_spill_lives_in_the_outputs_temporary_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """So a full disk names the output's device, and a killed export's spill goes with its temporary folder."""
+    import edgelm.export.validate as V
+
+    spills, real = [], V.torch_reference
+
+    def recording(*args, spill_to=None, **kwargs):
+        spills.append(spill_to)
+        return real(*args, spill_to=spill_to, **kwargs)
+
+    monkeypatch.setattr(V, "torch_reference", recording)
+    export_model(str(tiny_model_dir["gpt2"]), tmp_path / "o", progress=False)
+    assert spills and all(s.parent.parent.name.startswith(".o.tmp-") for s in spills), spills
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")) == []

@@ -142,8 +142,10 @@ def _validate(model_dir: Path, facts, onnx_path: Path, dtype: str, atol: float, 
         f"{len(sched.steps) - 1} decode steps")
     kinds = [c["kind"] for c in io["kv_cache"]]
     large_blocks_from_the_os()  # each step's freed tensors leave the resident set at once
-    # The reference waits on disk while ONNX Runtime runs: out of the peak of that phase.
-    with tempfile.TemporaryDirectory(prefix="edgelm-validate-") as spill:
+    # The reference waits on disk while ONNX Runtime runs: out of the peak of that phase. It waits in
+    # the output's temporary folder: on the output's device (a full disk names it), and removed with
+    # that folder on any error, or by the next run for that output when this one is killed outright.
+    with tempfile.TemporaryDirectory(prefix=".validate-", dir=onnx_path.parent) as spill:
         reference = V.torch_reference(model_dir, facts, sched, kinds, spill_to=Path(spill) / "fp32")
         own = None
         if dtype == "fp16":  # how far PyTorch's own fp16 is from its fp32: what fp16 arithmetic allows
