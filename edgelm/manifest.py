@@ -28,6 +28,8 @@ SCHEMA_VERSION = 1
 # The exporter puts them first in the manifest's ``steps``, so an artifact carries its whole lineage.
 LINEAGE_FILE = "edgelm_steps.json"
 REQUIRED = ("format", "schema_version", "model", "graph", "io", "tokenizer", "steps", "validation", "files")
+CACHE_KINDS = ("full", "window", "concat")  # io.kv_cache[].kind
+CACHE_NAMES = ("past_key", "past_value", "present_key", "present_value")  # io.kv_cache[]: the graph's names
 SECTIONS = {"model": dict, "graph": dict, "io": dict, "tokenizer": dict, "steps": list, "validation": dict,
             "files": dict}  # their JSON types
 
@@ -94,10 +96,20 @@ def _check_structure(path: Path, manifest) -> None:
                or not isinstance(meta, dict) or not whole(meta.get("bytes")) or not isinstance(meta.get("sha256"), str)]
         graph_files = [graph.get("file")] + ([graph["external_data"]] if graph.get("external_data") is not None else [])
         unlisted = [name for name in graph_files if not isinstance(name, str) or name not in files]
+        io, tokenizer = manifest["io"], manifest["tokenizer"]
+        caches = io.get("kv_cache")
         if bad:
             problem = f"its files entry {bad[0]!r} is not a file name with bytes and sha256"
         elif unlisted:
             problem = f"the graph's file {unlisted[0]!r} is not among its files"
+        elif not isinstance(io.get("kv_dtype"), str) or not all(isinstance(io.get(k), list) for k in ("inputs", "outputs")):
+            problem = "its io lacks kv_dtype, inputs or outputs"
+        elif not isinstance(caches, list) or not all(
+                isinstance(c, dict) and c.get("kind") in CACHE_KINDS and all(isinstance(c.get(k), str) for k in CACHE_NAMES)
+                for c in caches):
+            problem = f"its io.kv_cache is not a list of {{kind, {', '.join(CACHE_NAMES)}}}"
+        elif any(tokenizer.get(k) is not None and not whole(tokenizer.get(k)) for k in ("bos_token_id", "eos_token_id")):
+            problem = "its tokenizer's bos_token_id or eos_token_id is not one token id"
         else:
             return
     raise ArtifactError(f"{path} is damaged or not an edgelm manifest ({problem}); export the model again")
