@@ -25,16 +25,23 @@ def within(inner, outer) -> bool:
     return False
 
 
+def input_within(folder, inputs):
+    """The first of ``inputs`` (paths; None and those that do not exist skipped) that is ``folder`` or
+    lies inside it, else None: what deleting ``folder`` would delete."""
+    return next((given for given in inputs if given is not None and Path(given).exists() and within(given, folder)),
+                None)
+
+
 def check_output(out: Path, force: bool, inputs=()) -> None:
     """Refuse an output folder that exists (without ``force``), is a file, or whose replacement would
     delete what the command reads (``inputs``: paths; those that do not exist are skipped) or the
     folder it runs in."""
     here = os.getcwd()
-    for given in [*inputs, here]:
-        if given is not None and Path(given).exists() and within(given, out):
-            what = "the current folder" if given is here else f"the input {given}"
-            raise InputError(f"the output folder {out} is or holds {what}, which writing it would replace; "
-                             "choose an output folder outside it with -o")
+    given = input_within(out, [*inputs, here])
+    if given is not None:
+        what = "the current folder" if given is here else f"the input {given}"
+        raise InputError(f"the output folder {out} is or holds {what}, which writing it would replace; "
+                         "choose an output folder outside it with -o")
     if os.path.lexists(out) and not force:  # a link to nothing is there too: a rename would fail on it
         raise OutputExistsError(f"{out} exists; choose another output folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -83,10 +90,7 @@ def remove_abandoned(out: Path) -> None:
     for folder in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, pid = folder.name[len(out.name) + 2:].rpartition("-")
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            if folder.is_symlink():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
+            _remove(folder)
 
 
 def _alive(pid: int) -> bool:
@@ -121,10 +125,15 @@ def replace_folder(new: Path, out: Path) -> None:
     except BaseException:
         old.rename(out)
         raise
-    if old.is_symlink():
-        old.unlink()
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or a link as a link (what it points to is left alone)."""
+    if path.is_symlink():
+        path.unlink()
     else:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, on_block=None) -> str:

@@ -380,8 +380,9 @@ def default_tracker(country: str | None = None, measure_power_secs: float = 1.0)
 
     if importlib.util.find_spec("codecarbon") is None:
         return NullTracker("CodeCarbon is not installed; run  pip install 'edgelm[bench]'  to measure energy")
-    check_country(country or default_country(), "country" if country else "EDGELM_COUNTRY")
-    return CodeCarbonTracker(country or default_country(), measure_power_secs)
+    code = country or default_country()
+    check_country(code, "country" if country else "EDGELM_COUNTRY")
+    return CodeCarbonTracker(code, measure_power_secs)
 
 
 class Meter:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._fs import within
+from .._fs import input_within, within
 from ..errors import InputError
 
 STATE_FILE = "state.pt"
@@ -129,10 +129,10 @@ def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool
     if within(work, out) or within(out, work):
         raise InputError(f"the checkpoint folder {work} and the output {out} must be apart (neither inside the "
                          "other): the checkpoints are deleted once the output is written; choose another --checkpoint-dir")
-    for given in inputs:
-        if given is not None and Path(given).exists() and within(given, work):
-            raise InputError(f"the checkpoint folder {work} is or holds the input {given}, and it is deleted once "
-                             "the output is written; choose another --checkpoint-dir")
+    given = input_within(work, inputs)
+    if given is not None:
+        raise InputError(f"the checkpoint folder {work} is or holds the input {given}, and it is deleted once "
+                         "the output is written; choose another --checkpoint-dir")
     # a checkpoint's own files: state.pt, and state.pt.tmp-PID from a run killed while writing its first one
     if work.is_dir() and not (work / STATE_FILE).is_file() and any(
             not p.name.startswith(STATE_FILE) for p in work.iterdir()):
