@@ -7,7 +7,8 @@ Schema (version 1), all keys always present unless marked optional:
     graph:      file, external_data (file name or null), dtype, backend, opset, operators {op: count}
     io:         inputs/outputs [{name, dtype, shape}], kv_cache [{layer, past_key, past_value,
                 present_key, present_value, kind: full|window|concat, window, share_buffer}], kv_dtype
-    tokenizer:  files, bos_token_id, eos_token_id
+    tokenizer:  files, bos_token_id, eos_token_id, eos_token_ids (optional: every id generation ends on,
+                eos_token_id first; older artifacts have eos_token_id alone)
     steps:      [{name, ... settings, seconds, peak_rss_bytes, versions, energy}]  (the lineage, in order;
                 energy: edgelm.bench.energy's record of the step, measured or not and why)
     validation: status (passed|not_validated), reason (optional), atol, provider, schedule,
@@ -110,6 +111,9 @@ def _check_structure(path: Path, manifest) -> None:
             problem = f"its io.kv_cache is not a list of {{kind, {', '.join(CACHE_NAMES)}}}"
         elif any(tokenizer.get(k) is not None and not whole(tokenizer.get(k)) for k in ("bos_token_id", "eos_token_id")):
             problem = "its tokenizer's bos_token_id or eos_token_id is not one token id"
+        elif tokenizer.get("eos_token_ids") is not None and not (
+                isinstance(tokenizer["eos_token_ids"], list) and all(whole(i) for i in tokenizer["eos_token_ids"])):
+            problem = "its tokenizer's eos_token_ids is not a list of token ids"
         else:
             return
     raise ArtifactError(f"{path} is damaged or not an edgelm manifest ({problem}); export the model again")

@@ -264,12 +264,20 @@ CONFIG_AND_TOKENIZER_CASES = {  # case: (architecture, change to the copy of the
                      "neither attention_layers nor attention_types"),
     "null_epsilon": ("gpt2", lambda src, cfg: cfg.update(layer_norm_epsilon=None), "layer_norm_epsilon is None"),
     "activation_list": ("gpt2", lambda src, cfg: cfg.update(activation_function=["gelu"]), "activation"),
-    "eos_list": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=[50256, 1]), "lists several ids"),
+    "bos_list": ("gpt2", lambda src, cfg: cfg.update(bos_token_id=[50256, 1]), "lists several ids"),
     "eos_outside": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=60000), "token id in [0, 50257)"),
+    "eos_list_outside": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=[50256, 60000]),
+                         "config.json's eos_token_id is [50256, 60000]; it must be a token id in [0, 50257) or a list"),
+    "eos_empty_list": ("gpt2", lambda src, cfg: cfg.update(eos_token_id=[]), "eos_token_id is []"),
+    "generation_eos_text": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text('{"eos_token_id": "2"}'),
+                            "generation_config.json's eos_token_id is '2'"),
+    "generation_not_json": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text("{"),
+                            "generation_config.json is not valid JSON"),
     "tiny_context": ("gpt2", lambda src, cfg: cfg.update(n_positions=3), "at least 8 positions"),
     "partial_tokenizer": ("gpt2", _drop("tokenizer.json", "vocab.json"), "has merges.txt but not a whole tokenizer"),
-    "no_tokenizer_other_vocab": ("gpt2", lambda src, cfg: [cfg.update(vocab_size=1000, bos_token_id=0, eos_token_id=0),
-                                                           _drop("tokenizer.json", "vocab.json", "merges.txt")(src, cfg)],
+    "no_tokenizer_other_vocab": ("gpt2", lambda src, cfg: [
+        cfg.update(vocab_size=1000, bos_token_id=0, eos_token_id=0),
+        _drop("tokenizer.json", "vocab.json", "merges.txt", "generation_config.json")(src, cfg)],
                                  "not GPT-2's 50257"),
     "damaged_tokenizer": ("gpt2", lambda src, cfg: (src / "tokenizer.json").write_text("]not json"), "cannot be read"),
 }
@@ -307,6 +315,24 @@ def test_a_model_without_tokenizer_files_takes_gpt2s_and_says_so(tiny_model_dir,
     assert "tokenizer.json" in manifest["tokenizer"]["files"]
     plain = export_model(str(tiny_model_dir["gpt2"]), tmp_path / "p", validate=False, progress=False)
     assert plain["tokenizer"]["source"] == "the model folder"
+
+
+def test_every_end_of_text_id_reaches_the_manifest_generation_config_first(tiny_model_dir, tmp_path):
+    # transformers' generate ends on any id of a list, and takes generation_config.json's over config.json's
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir["gpt2"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["eos_token_id"] = [50256, 13, 50256]
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "generation_config.json").unlink(missing_ok=True)
+    listed = export_model(str(src), tmp_path / "a", validate=False, progress=False)["tokenizer"]
+    assert (listed["eos_token_id"], listed["eos_token_ids"]) == (50256, [50256, 13])
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [198, 50256]}))
+    taken = export_model(str(src), tmp_path / "b", validate=False, progress=False)["tokenizer"]
+    assert (taken["eos_token_id"], taken["eos_token_ids"]) == (198, [198, 50256])
+    assert "generation_config.json" in taken["files"]
 
 
 @pytest.mark.parametrize("where", ["itself", "its parent", "the current folder", "itself, through a link"])
@@ -689,6 +715,8 @@ MANIFEST_DAMAGE = {  # case: (change to a copy of the artifact's manifest and fo
                              "its io.kv_cache is not a list of {kind, past_key"),
     "eos as a list": (lambda m, folder: m["tokenizer"].update(eos_token_id=[50256, 1]),
                       "bos_token_id or eos_token_id is not one token id"),
+    "eos ids as text": (lambda m, folder: m["tokenizer"].update(eos_token_ids="50256"),
+                        "its tokenizer's eos_token_ids is not a list of token ids"),
     "file without bytes": (lambda m, folder: m["files"]["model.onnx"].pop("bytes"),
                            "files entry 'model.onnx' is not a file name with bytes and sha256"),
     "file outside the folder": (lambda m, folder: m["files"].update({"../x": m["files"]["model.onnx"]}),

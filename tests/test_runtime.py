@@ -71,6 +71,45 @@ def test_left_padded_batch_matches_transformers(embedded_artifact, name, kernels
     assert len({len(r.prompt_ids) for r in ours}) == 2  # the prompts really had different lengths
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_generation_ends_on_any_listed_end_of_text_id_as_transformers_does(embedded_artifact, name, tmp_path):
+    """generation_config.json lists end ids besides <|endoftext|>: one that the first prompt's greedy run
+    reaches a few tokens in, and the second's where it does not end the first row sooner (the embedded
+    GPT-Neo repeats itself, so its second row runs to its length). Each row of the batch ends where
+    transformers' generate ends it, and the end id itself is not part of the result."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from edgelm.export import export_model
+
+    free = [r.token_ids for r in Generator.load(embedded_artifact[name]).generate(
+        PROMPTS, SamplingConfig(max_new_tokens=40, stop_at_eos=False))]
+    first_new = [next((i, t) for i, t in enumerate(row) if i >= 1 and t not in row[:i]) for row in free]
+    ends = {50256, first_new[0][1]} | ({first_new[1][1]} if first_new[1][1] not in free[0][:first_new[0][0]] else set())
+    stop = [next((i for i, t in enumerate(row) if t in ends), None) for row in free]
+    assert stop[0] == first_new[0][0] >= 1 and (name == "gpt-neo" or stop[1] >= 1)
+    src = tmp_path / "m"
+    shutil.copytree(EMBEDDED_MODELS[name], src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(ends)}))
+    gen = Generator.load(export_model(str(src), tmp_path / "a", validate=False, progress=False) and tmp_path / "a")
+    assert gen.art.eos_token_ids == ends
+    ours = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=40))
+    assert [(r.finish_reason, r.token_ids) for r in ours] == [
+        ("length", row) if at is None else ("eos", row[:at]) for row, at in zip(free, stop)]
+
+    tok = transformers.AutoTokenizer.from_pretrained(EMBEDDED_MODELS["gpt2"].parent.parent / "tokenizer")
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=50256)
+    theirs = [row[enc["input_ids"].shape[1]:].tolist() for row in out]
+    for mine, their, row, at in zip(ours, theirs, free, stop):  # transformers keeps the end id, then pads
+        assert their == (row if at is None else mine.token_ids + [row[at]] + [50256] * (len(their) - at - 1))
+
+
 @pytest.fixture(scope="module")
 def right_padded_artifact(tmp_path_factory):
     """{name: artifact} of the embedded models with right padding (fp16 graphs' contract, for CUDA), in fp32."""
@@ -355,7 +394,7 @@ def test_incremental_detokenization_matches_decoding_everything(embedded_artifac
     text = "Caf\u00e9 cr\u00e8me \u2014 na\u00efve \u00fcber \U0001F389\U0001F680 \u4e2d\u6587\u5b57 and plain words. " * 4
     ids = tok.encode(text)
     assert len(ids) > 40 and any(tok.decode([i]).endswith("\ufffd") for i in ids)  # split characters
-    row = Row(tok, "", [1], SamplingConfig(max_new_tokens=len(ids), stop_at_eos=False), None)
+    row = Row(tok, "", [1], SamplingConfig(max_new_tokens=len(ids), stop_at_eos=False), frozenset())
     streamed = ""
     for n, i in enumerate(ids, 1):
         streamed += row.push(i)
@@ -429,10 +468,14 @@ def test_a_batch_streams_each_rows_tokens(embedded_artifact):
 def test_eos_ends_a_row(embedded_artifact, monkeypatch):
     gen = Generator.load(embedded_artifact["gpt2"])
     first = gen.generate(PROMPTS[0], SamplingConfig(max_new_tokens=3, stop_at_eos=False)).token_ids
-    monkeypatch.setitem(gen.art.manifest["tokenizer"], "eos_token_id", first[1])
-    gen2 = Generator(gen.art)
-    r = gen2.generate(PROMPTS[0], SamplingConfig(max_new_tokens=20))
+    monkeypatch.setitem(gen.art.manifest["tokenizer"], "eos_token_ids", [first[1]])
+    r = Generator(gen.art).generate(PROMPTS[0], SamplingConfig(max_new_tokens=20))
     assert r.finish_reason == "eos" and r.token_ids == first[:1]
+    # a manifest written before eos_token_ids ends on its one eos_token_id
+    monkeypatch.delitem(gen.art.manifest["tokenizer"], "eos_token_ids")
+    monkeypatch.setitem(gen.art.manifest["tokenizer"], "eos_token_id", first[2])
+    r = Generator(gen.art).generate(PROMPTS[0], SamplingConfig(max_new_tokens=20))
+    assert r.finish_reason == "eos" and r.token_ids == first[:2]
 
 
 def test_context_overflow_is_an_error_or_the_chosen_policy(embedded_artifact):

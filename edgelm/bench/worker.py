@@ -89,7 +89,14 @@ class PytorchSystem(_HFGenerate):
         self.device = "cuda" if spec.get("provider") == "cuda" else "cpu"
         self.model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32)
         self.model = self.model.to(self.device).eval()
-        self.pad_id = self.model.config.eos_token_id or 0
+        self.pad_id = _pad_id(self.model.config)
+
+
+def _pad_id(config) -> int:
+    """The first end-of-text id (config.json may list several), or 0: only padding, never read back."""
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return eos if isinstance(eos, int) else 0
 
 
 class OptimumSystem(_HFGenerate):
@@ -104,7 +111,7 @@ class OptimumSystem(_HFGenerate):
         self.device = "cuda" if spec.get("provider") == "cuda" else "cpu"
         self.model = ORTModelForCausalLM.from_pretrained(spec["model"], use_io_binding=True, provider=provider,
                                                          session_options=opts)
-        self.pad_id = self.model.config.eos_token_id or 0
+        self.pad_id = _pad_id(self.model.config)
 
 
 class Ctranslate2System:

@@ -169,7 +169,8 @@ class ModelFacts:
     attention_scales: tuple[float, ...]
     tied_embeddings: bool
     bos_token_id: int | None
-    eos_token_id: int | None
+    eos_token_id: int | None  # the first of eos_token_ids (what pads a batch's rows)
+    eos_token_ids: tuple[int, ...]  # generation ends on any of them
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -241,8 +242,9 @@ def _per_layer(config: dict, key: str, default: int, layers: int, what: str) -> 
     return list(values)
 
 
-def resolve(config: dict) -> ModelFacts:
-    """Check a Hugging Face config.json (as a dict) and resolve it into ModelFacts."""
+def resolve(config: dict, generation: dict | None = None) -> ModelFacts:
+    """Check a Hugging Face config.json (as a dict) and resolve it into ModelFacts; ``generation``, the
+    model's generation_config.json where it has one, names the end-of-text ids."""
     spec = arch_for(config)
     hidden, heads, layers, vocab, positions = (_size(config, f, spec) for f in (
         spec.hidden_size, spec.num_heads, spec.num_layers, "vocab_size", spec.max_positions))
@@ -256,6 +258,7 @@ def resolve(config: dict) -> ModelFacts:
     if positions < MIN_POSITIONS:
         raise UnsupportedModelError(f"config.json's {spec.max_positions} is {positions}; edgelm exports models with "
                                     f"a context of at least {MIN_POSITIONS} positions")
+    eos = _stop_ids(config, generation or {}, vocab)
     activation = config.get("activation_function", "gelu_new")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise UnsupportedModelError(
@@ -280,7 +283,8 @@ def resolve(config: dict) -> ModelFacts:
         attention_scales=tuple(spec.attention_scale(config, i) for i in range(layers)),
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
         bos_token_id=_token_id(config, "bos_token_id", vocab),
-        eos_token_id=_token_id(config, "eos_token_id", vocab),
+        eos_token_id=eos[0] if eos else None,
+        eos_token_ids=eos,
     )
 
 
@@ -302,8 +306,25 @@ def _token_id(config: dict, field: str, vocab: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, list):
-        raise UnsupportedModelError(f"config.json's {field} lists several ids {value}; edgelm stops on one: set "
-                                    f"{field} to the id to stop on")
+        raise UnsupportedModelError(f"config.json's {field} lists several ids {value}; edgelm takes one: set "
+                                    f"{field} to one of them")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
         raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a token id in [0, {vocab})")
     return value
+
+
+def _stop_ids(config: dict, generation: dict, vocab: int) -> tuple[int, ...]:
+    """The ids generation ends on, as transformers' generate takes them: generation_config.json's
+    eos_token_id where that file has the field, else config.json's (checked either way); one id or a
+    list of ids."""
+    def ids(source: str, value) -> tuple[int, ...]:
+        if value is None:
+            return ()
+        listed = value if isinstance(value, list) else [value]
+        if not listed or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in listed):
+            raise UnsupportedModelError(f"{source}'s eos_token_id is {value!r}; it must be a token id in "
+                                        f"[0, {vocab}) or a list of such ids")
+        return tuple(dict.fromkeys(listed))
+
+    configured = ids("config.json", config.get("eos_token_id"))
+    return ids("generation_config.json", generation["eos_token_id"]) if "eos_token_id" in generation else configured

@@ -79,6 +79,12 @@ def read_config(model_dir: Path) -> dict:
     return _read_json_object(path)
 
 
+def read_generation_config(model_dir: Path) -> dict:
+    """The folder's generation_config.json as a dict ({} when it has none)."""
+    path = model_dir / "generation_config.json"
+    return _read_json_object(path) if path.is_file() else {}
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -227,8 +233,13 @@ def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "
 
 
 def tokenizer_folder(model_dir: Path, vocab_size: int) -> Path:
-    """The folder whose tokenizer a model uses: its own (tokenizer.json, or vocab.json and merges.txt),
-    or, for a folder with no tokenizer files and GPT-2's vocabulary of 50257 tokens (edgelm's
+    """The folder whose tokenizer a model uses (checked_tokenizer's first half)."""
+    return checked_tokenizer(model_dir, vocab_size)[0]
+
+
+def checked_tokenizer(model_dir: Path, vocab_size: int):
+    """(folder, runtime.artifact.Tokenizer): the tokenizer a model uses, read once. Its folder is the
+    model's own (tokenizer.json, or vocab.json and merges.txt), or, for a folder with no tokenizer files and GPT-2's vocabulary of 50257 tokens (edgelm's
     embedded models, a checkpoint saved without its tokenizer), the GPT-2 tokenizer shipped with
     edgelm, which GPT-2 and GPT-Neo share. A partial tokenizer, or none with another vocabulary, is
     an InputError, as is one with more tokens than the model has embeddings.
@@ -248,11 +259,11 @@ def tokenizer_folder(model_dir: Path, vocab_size: int) -> Path:
         raise InputError(f"{model_dir} has no tokenizer files and its vocabulary of {vocab_size} tokens is not "
                          f"GPT-2's {GPT2_VOCAB}; copy its tokenizer (tokenizer.json, or vocab.json and merges.txt) "
                          "into the model folder")
-    size = Tokenizer(folder, InputError).size
-    if size > vocab_size:
+    tokenizer = Tokenizer(folder, InputError)
+    if (size := tokenizer.size) > vocab_size:
         raise InputError(f"the tokenizer in {folder} has {size} tokens but the model only {vocab_size} embeddings; "
                          "give the model folder the tokenizer it was trained with")
-    return folder
+    return folder, tokenizer
 
 
 def copy_tokenizer(model_dir: Path, out_dir: Path, vocab_size: int) -> dict:

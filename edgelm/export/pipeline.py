@@ -19,7 +19,8 @@ from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
 from .builder import LINEAR_LAYOUTS, OPSET_NOTE, PADDINGS, build_graph, count_ops, default_linear_layout, io_spec
-from .checkpoint import large_blocks_from_the_os, release_memory, copy_tokenizer, open_checkpoint, read_config, resolve_model_dir
+from .checkpoint import (large_blocks_from_the_os, release_memory, copy_tokenizer, open_checkpoint, read_config,
+                         read_generation_config, resolve_model_dir)
 
 BACKENDS = ("builder", "optimum")
 
@@ -82,7 +83,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     source = str(model_dir.resolve()) if Path(model).expanduser().exists() else str(model)
     config = read_config(model_dir)
     spec = arch_for(config)
-    facts = resolve(config)
+    facts = resolve(config, read_generation_config(model_dir))
     ckpt = open_checkpoint(model_dir)
     atol = atol or V.DEFAULT_ATOL[dtype]
     rtol = V.DEFAULT_RTOL[dtype] if rtol is None else rtol
@@ -120,7 +121,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             "graph": graph,
             "io": io,
             "tokenizer": {**tokenizer, "bos_token_id": facts.bos_token_id,
-                          "eos_token_id": facts.eos_token_id},
+                          "eos_token_id": facts.eos_token_id, "eos_token_ids": list(facts.eos_token_ids)},
             "steps": read_lineage(model_dir) + [{  # the training steps that made the model, then this one
                 "name": "export", "backend": backend, "dtype": dtype, "source": source,
                 "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),

@@ -23,10 +23,9 @@ def model_dir_of(model: str) -> Path:
 
 def tokenizer_for(model_dir: Path):
     """The tokenizer a model folder uses, chosen as the exporter chooses it (checkpoint.tokenizer_folder)."""
-    from ..export.checkpoint import read_config, tokenizer_folder
-    from ..runtime.artifact import Tokenizer
+    from ..export.checkpoint import checked_tokenizer, read_config
 
-    return Tokenizer(tokenizer_folder(model_dir, int(read_config(model_dir).get("vocab_size", 0))))
+    return checked_tokenizer(model_dir, int(read_config(model_dir).get("vocab_size", 0)))[1]
 
 
 def load_model(model_dir: Path):

@@ -5,7 +5,6 @@ Imports only onnxruntime, numpy and tokenizers (a test pins that torch and trans
 
 from __future__ import annotations
 
-import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +169,15 @@ class Artifact:
     def eos_token_id(self) -> int | None:
         return self.manifest["tokenizer"].get("eos_token_id")
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id generation ends on (older manifests name eos_token_id alone)."""
+        tokenizer = self.manifest["tokenizer"]
+        ids = tokenizer.get("eos_token_ids")
+        if ids is None:
+            ids = [] if tokenizer.get("eos_token_id") is None else [tokenizer["eos_token_id"]]
+        return frozenset(ids)
+
 
 def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None,
                   weights: str = "mapped", kernels: str = "auto") -> Artifact:
@@ -321,7 +329,3 @@ def _cuda_failed(why: str) -> DependencyError:
         "GPU and driver, and the CUDA and cuDNN libraries onnxruntime-gpu was built for "
         "(pip install 'onnxruntime-gpu[cuda,cudnn]'); or use --provider cpu")
 
-
-def read_generation_defaults(folder: Path) -> dict:
-    path = folder / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -53,7 +53,7 @@ class StreamEvent:
 class Row:
     """Per-row state: generated ids, the text emitted so far, stop strings, finish reason."""
 
-    def __init__(self, tokenizer, prompt: str, prompt_ids: list[int], cfg: SamplingConfig, eos: int | None,
+    def __init__(self, tokenizer, prompt: str, prompt_ids: list[int], cfg: SamplingConfig, eos: frozenset[int],
                  live_text: bool = True):
         self.tokenizer, self.prompt, self.prompt_ids, self.cfg, self.eos = tokenizer, prompt, prompt_ids, cfg, eos
         # False: nobody reads the text before the row ends (generate() without stop strings), so no
@@ -73,7 +73,7 @@ class Row:
         Text is held back while it ends in an incomplete UTF-8 character or in what could be the
         start of a stop string, so a stream never shows text that a stop string later removes.
         """
-        if self.cfg.stop_at_eos and self.eos is not None and token == self.eos:
+        if self.cfg.stop_at_eos and token in self.eos:
             self.finished = "eos"
             return self._emit(self._decoded()) if self.live_text else ""
         self.ids.append(token)
@@ -217,7 +217,7 @@ class Generator:
                     f"more than the model's context of {self.max_positions}; shorten the prompt, ask for fewer "
                     "tokens, or choose the 'truncate' context policy (keeps the end of the prompt)"
                 )
-        return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_id, live_text)
+        return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_ids, live_text)
 
     def result(self, row: Row) -> GenerationResult:
         return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.final_text(), row.finished or "length",
