@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from common import machine  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 
@@ -288,7 +288,8 @@ def write_report(data: dict, out: Path) -> None:
     lines = [
         "# Runtime benchmark: decode speed against Optimum and PyTorch (CPU, fp32)",
         "",
-        f"Machine: {data['machine']['cpus']} cores, {data['machine']['ram_gb']:.0f} GB RAM, "
+        f"Machine: {data['machine'].get('cpu', 'CPU not recorded')} ({data['machine'].get('isa') or 'no AVX2'}), "
+        f"{data['machine']['cpus']} cores, {data['machine']['ram_gb']:.0f} GB RAM, "
         f"{data['machine']['platform']}. Date: {data['date']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
         "",
@@ -417,8 +418,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 1e9,
-                        "platform": platform.platform()},
+            "machine": {**machine(), "ram_gb": psutil.virtual_memory().total / 1e9},
             "versions": versions(), "bandwidth_gbps": bandwidth, "bandwidth_samples_gbps": [bandwidth], "rows": []}
     measured = set(args.models.split(","))
     if args.merge and Path(args.out).is_file():  # keep the rows of models this run does not measure

@@ -49,7 +49,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's end-of-text tokens")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--json", action="store_true", help="print prompt and new token ids, text and timings as JSON")
     p.add_argument("--energy", action="store_true",
