@@ -16,6 +16,11 @@ in edgelm is allowed to reach the user as a traceback.
 from __future__ import annotations
 
 
+def is_whole(value, at_least: int | None = None) -> bool:
+    """A whole number as JSON or Python gives it (True and False are not), ``>= at_least`` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (at_least is None or value >= at_least)
+
+
 class EdgelmError(Exception):
     """Base class: a refusal with a message that tells the user what to do."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, is_whole
 
 FORMAT = "edgelm-artifact"
 SCHEMA_VERSION = 1
@@ -79,14 +79,11 @@ def read_manifest(folder: str | Path, verify_checksums: bool = False, progress: 
 def _check_structure(path: Path, manifest) -> None:
     """The keys and types every command relies on, so that a damaged or hand-edited manifest is refused here
     in one sentence, not met as a traceback wherever a command first reads the bad part."""
-    def whole(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     if not isinstance(manifest, dict):
         problem = "not a JSON object"
     elif manifest.get("format") != FORMAT or any(k not in manifest for k in REQUIRED):
         problem = f"missing {[k for k in REQUIRED if k not in manifest] or ['format']}"
-    elif not whole(manifest["schema_version"]):
+    elif not is_whole(manifest["schema_version"]):
         problem = f"schema_version is {manifest['schema_version']!r}, not a whole number"
     elif wrong := [key for key, kind in SECTIONS.items() if not isinstance(manifest[key], kind)]:
         problem = f"{wrong[0]} is not a JSON {'array' if SECTIONS[wrong[0]] is list else 'object'}"
@@ -94,7 +91,7 @@ def _check_structure(path: Path, manifest) -> None:
         files, graph = manifest["files"], manifest["graph"]
         bad = [name for name, meta in files.items()
                if name in ("", ".", "..") or Path(name).name != name  # a file of this folder, not a path out of it
-               or not isinstance(meta, dict) or not whole(meta.get("bytes")) or not isinstance(meta.get("sha256"), str)]
+               or not isinstance(meta, dict) or not is_whole(meta.get("bytes")) or not isinstance(meta.get("sha256"), str)]
         graph_files = [graph.get("file")] + ([graph["external_data"]] if graph.get("external_data") is not None else [])
         unlisted = [name for name in graph_files if not isinstance(name, str) or name not in files]
         io, tokenizer = manifest["io"], manifest["tokenizer"]
@@ -109,10 +106,10 @@ def _check_structure(path: Path, manifest) -> None:
                 isinstance(c, dict) and c.get("kind") in CACHE_KINDS and all(isinstance(c.get(k), str) for k in CACHE_NAMES)
                 for c in caches):
             problem = f"its io.kv_cache is not a list of {{kind, {', '.join(CACHE_NAMES)}}}"
-        elif any(tokenizer.get(k) is not None and not whole(tokenizer.get(k)) for k in ("bos_token_id", "eos_token_id")):
+        elif any(tokenizer.get(k) is not None and not is_whole(tokenizer.get(k)) for k in ("bos_token_id", "eos_token_id")):
             problem = "its tokenizer's bos_token_id or eos_token_id is not one token id"
         elif tokenizer.get("eos_token_ids") is not None and not (
-                isinstance(tokenizer["eos_token_ids"], list) and all(whole(i) for i in tokenizer["eos_token_ids"])):
+                isinstance(tokenizer["eos_token_ids"], list) and all(is_whole(i) for i in tokenizer["eos_token_ids"])):
             problem = "its tokenizer's eos_token_ids is not a list of token ids"
         else:
             return

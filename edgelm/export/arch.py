@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, is_whole
 
 # Activation name in the HF config -> ONNX op that computes it (com.microsoft unless noted).
 ACTIVATIONS = {
@@ -216,7 +216,7 @@ def _size(config: dict, field: str, spec: ArchSpec | str) -> int:
         name = spec if isinstance(spec, str) else spec.hf_class
         raise UnsupportedModelError(f"config.json has no field '{field}' that a {name} needs")
     value = config[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole(value, 1):
         raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a whole number >= 1")
     return value
 
@@ -235,7 +235,7 @@ def _per_layer(config: dict, key: str, default: int, layers: int, what: str) -> 
             "or remove the field"
         )
     for i, v in enumerate(values):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_whole(v, 1):
             raise UnsupportedModelError(
                 f"config.json's {key} gives layer {i} the {what} {v!r}; every layer needs a whole number >= 1"
             )
@@ -308,7 +308,7 @@ def _token_id(config: dict, field: str, vocab: int) -> int | None:
     if isinstance(value, list):
         raise UnsupportedModelError(f"config.json's {field} lists several ids {value}; edgelm takes one: set "
                                     f"{field} to one of them")
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+    if not is_whole(value, 0) or value >= vocab:
         raise UnsupportedModelError(f"config.json's {field} is {value!r}; it must be a token id in [0, {vocab})")
     return value
 
@@ -321,7 +321,7 @@ def _stop_ids(config: dict, generation: dict, vocab: int) -> tuple[int, ...]:
         if value is None:
             return ()
         listed = value if isinstance(value, list) else [value]
-        if not listed or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in listed):
+        if not listed or any(not is_whole(i, 0) or i >= vocab for i in listed):
             raise UnsupportedModelError(f"{source}'s eos_token_id is {value!r}; it must be a token id in "
                                         f"[0, {vocab}) or a list of such ids")
         return tuple(dict.fromkeys(listed))

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from .._fs import check_output, replace_folder, within
-from ..errors import InputError
+from ..errors import InputError, is_whole
 from .train import STATE_FILE
 
 TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature", "alpha", "precision",
@@ -74,7 +74,7 @@ _TEXT = {"model", "train_text", "eval_text", "precision", "importance", "scope",
 
 def _check_type(where: str, key: str, value) -> None:
     if key in _WHOLE:
-        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        ok, want = is_whole(value), "a whole number"
     elif key in _NUMBER:
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif key in _TEXT:

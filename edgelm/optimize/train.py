@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .._fs import input_within, within
-from ..errors import InputError
+from ..errors import InputError, is_whole
 
 STATE_FILE = "state.pt"
 
@@ -107,7 +107,7 @@ class TrainResult:
 
 
 def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_whole(seed, 0):
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, is_whole
 
 _FLOAT32_SMALLEST = float(np.nextafter(np.float32(0), np.float32(1)))  # a temperature below is 0 in float32
 
@@ -43,8 +43,7 @@ class SamplingConfig:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or self.seed < 0):
+        if self.seed is not None and not is_whole(self.seed, 0):
             problems.append(f"seed must be an integer >= 0 (got {self.seed!r})")
         if problems:
             raise InputError("; ".join(problems))
