@@ -509,8 +509,9 @@ def test_a_tiny_temperature_is_greedy_not_nan(temperature):
         assert np.array_equal(next_tokens(logits, cfg, rng), logits.argmax(axis=-1))
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=timeout)
+def _cli(*args, timeout=300, stdin=""):
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=timeout,
+                          input=stdin)
 
 
 def test_cli_generate_json(embedded_artifact):
@@ -527,6 +528,34 @@ def test_cli_stream_prints_the_same_text(embedded_artifact):
     streamed = _cli("generate", art, PROMPTS[0], "-n", "10", "--ignore-eos", "--stream")
     assert plain.returncode == 0 and streamed.returncode == 0
     assert streamed.stdout.strip() == plain.stdout.strip()
+
+
+def test_cli_generates_several_prompts_as_one_batch_and_reads_a_prompt_from_stdin(embedded_artifact):
+    art = str(embedded_artifact["gpt2"])
+    expected = Generator.load(art).generate(PROMPTS, SamplingConfig(max_new_tokens=10, stop_at_eos=False))
+    r = _cli("generate", art, PROMPTS[0], "-", "-n", "10", "--ignore-eos", "--json", stdin=PROMPTS[1])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [o["prompt"] for o in out] == PROMPTS and [o["token_ids"] for o in out] == [e.token_ids for e in expected]
+    assert out[0]["timings"]["batch"] == 2
+    plain = _cli("generate", art, "-", PROMPTS[1], "-n", "10", "--ignore-eos", stdin=PROMPTS[0])
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == "".join(("\n" if i else "") + p + e.text + "\n" for i, (p, e) in enumerate(zip(PROMPTS, expected)))
+    assert "in 2 rows" in plain.stderr
+
+
+@pytest.mark.parametrize("case", ["stream", "stdin twice", "not utf-8"])
+def test_cli_prompt_problems_are_one_sentence(embedded_artifact, case):
+    art = str(embedded_artifact["gpt2"])
+    args, stdin, words = {
+        "stream": ([PROMPTS[0], PROMPTS[1], "--stream"], b"", "give one prompt, or drop --stream"),
+        "stdin twice": (["-", "-"], b"x", "give - once"),
+        "not utf-8": (["-"], b"caf\xe9", "standard input is not UTF-8 text"),
+    }[case]
+    r = subprocess.run([sys.executable, "-m", "edgelm", "generate", art, *args], capture_output=True, input=stdin,
+                       timeout=300)
+    lines = [line for line in r.stderr.decode().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])

@@ -39,7 +39,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(p)
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", nargs="+", help="the prompt text; several prompts are generated together, as one "
+                                             "batch; - reads a prompt from standard input")
     p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=64)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
@@ -76,6 +77,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
 
     cfg = sampling_from_args(args)
+    prompts = _prompts(args.prompt)
+    if args.stream and not args.json and len(prompts) > 1:
+        raise InputError("--stream prints one prompt's tokens as they come; give one prompt, or drop --stream to "
+                         "generate several together")
     gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights, args.kernels)
     meter = None
     if args.energy:
@@ -83,9 +88,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
         meter = Meter().start()
     if args.stream and not args.json:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(prompts[0])
         tokens = 0
-        for event in gen.stream(args.prompt, cfg):
+        for event in gen.stream(prompts[0], cfg):
             tokens += 1
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -93,23 +98,39 @@ def run_generate(args: argparse.Namespace) -> int:
         if meter:
             _print_energy(meter.stop().to_dict(tokens=tokens))
         return 0
-    result = gen.generate(args.prompt, cfg)
-    energy = meter.stop().to_dict(tokens=len(result.token_ids)) if meter else None
-    if args.json:
-        out = result.to_dict()
-        out.update(artifact=str(args.artifact), provider=args.provider, kernels=gen.art.kernels, sampling=cfg.to_dict())
-        if energy is not None:
-            out["energy"] = energy
-        print(json.dumps(out, indent=2))
+    results = gen.generate(prompts, cfg)
+    energy = meter.stop().to_dict(tokens=sum(len(r.token_ids) for r in results)) if meter else None
+    if args.json:  # one object for one prompt, a list of them for several
+        outs = [dict(r.to_dict(), artifact=str(args.artifact), provider=args.provider, kernels=gen.art.kernels,
+                     sampling=cfg.to_dict()) for r in results]
+        if energy is not None:  # the batch's, on each of its rows
+            for out in outs:
+                out["energy"] = energy
+        print(json.dumps(outs[0] if len(outs) == 1 else outs, indent=2))
     else:
-        print(args.prompt + result.text)
-        t = result.timings
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
+            print(("" if i == 0 else "\n") + prompt + result.text)
+        t = results[0].timings  # the batch's
         rate = f"{t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else "n/a"
-        print(f"[{t['new_tokens']} tokens, first after {t['time_to_first_token_s'] * 1000:.0f} ms, decode {rate}, "
-              f"finish: {result.finish_reason}]", file=sys.stderr)
+        finish = ", ".join(r.finish_reason for r in results)
+        print(f"[{t['new_tokens']} tokens{f' in {len(results)} rows' if len(results) > 1 else ''}, first after "
+              f"{t['time_to_first_token_s'] * 1000:.0f} ms, decode {rate}, finish: {finish}]", file=sys.stderr)
         if energy is not None:
             _print_energy(energy)
     return 0
+
+
+def _prompts(given: list[str]) -> list[str]:
+    """The prompts as given, with - read from standard input (once)."""
+    if given.count("-") > 1:
+        raise InputError("- reads a prompt from standard input, which holds one; give - once")
+    if "-" not in given:
+        return given
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"standard input is not UTF-8 text (byte {exc.start}); convert the prompt to UTF-8") from None
+    return [text if p == "-" else p for p in given]
 
 
 def _print_energy(energy: dict) -> None:
