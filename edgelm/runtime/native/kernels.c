@@ -183,13 +183,14 @@ static double read_generic(const float *x, size_t n) {
  * weight load serves every row. */
 __attribute__((target("avx512f"), always_inline))
 static inline void block_avx512(const float *xr, size_t k, const float *wp, __m512 bias, __mmask16 mask,
-                                float *y, size_t n, int rows) {
+                                float *y, size_t n, int rows, int ahead) {
     __m512 a[8], total[8];
     for (int j = 0; j < rows; j++) total[j] = bias;
     for (size_t i0 = 0; i0 < k; i0 += KBLOCK) {
         size_t i1 = i0 + KBLOCK < k ? i0 + KBLOCK : k;
         for (int j = 0; j < rows; j++) a[j] = _mm512_setzero_ps();
         for (size_t i = i0; i < i1; i++) {
+            if (ahead) AHEAD(wp, k, i);
             __m512 wv = _mm512_loadu_ps(wp + i * 16);
             for (int j = 0; j < rows; j++) a[j] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[j * k + i]), a[j]);
         }
@@ -199,14 +200,20 @@ static inline void block_avx512(const float *xr, size_t k, const float *wp, __m5
 }
 
 /* One panel for m > 1 rows (a prompt, a batch): blocks of 8 rows, then 4, then 1. The panel (64 K
- * bytes) stays in L1/L2 from one block to the next, so memory is read once. */
+ * bytes) stays in L1/L2 from one block to the next, so memory is read once. A batch of at most
+ * AHEAD_ROWS rows also pulls the next panel into L2, as the AVX2 blocks do (AHEAD above). */
+#define BLOCKS_AVX512(ahead)                                                                           \
+    do {                                                                                               \
+        size_t r = 0;                                                                                  \
+        for (; r + 8 <= m; r += 8) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 8, ahead); \
+        for (; r + 4 <= m; r += 4) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 4, ahead); \
+        for (; r < m; r++) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 1, ahead);         \
+    } while (0)
 __attribute__((target("avx512f")))
 static void rows_avx512(const float *x, size_t m, size_t k, const float *wp, __m512 bias, __mmask16 mask,
                         float *y, size_t n) {
-    size_t r = 0;
-    for (; r + 8 <= m; r += 8) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 8);
-    for (; r + 4 <= m; r += 4) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 4);
-    for (; r < m; r++) block_avx512(x + r * k, k, wp, bias, mask, y + r * n, n, 1);
+    if (m <= AHEAD_ROWS) BLOCKS_AVX512(1);
+    else BLOCKS_AVX512(0);
 }
 
 /* Decode (one row) against `q` adjacent panels at once (at most 4; a constant at each call): q streams
