@@ -292,3 +292,17 @@ def test_busy_port_is_one_sentence(server, embedded_artifact):
                         str(server.port)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "choose another --port" in r.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--port", "99999"], "expected a port from 0 to 65535, got 99999"),
+    (["--port", "http"], "expected a port number, got 'http'"),
+    (["--host", "no-such-host.invalid", "--port", "0"], "cannot listen on no-such-host.invalid:0"),
+    (["--port", "BUSY"], "cannot listen on 127.0.0.1:"),  # refused before the (missing) model is read
+])
+def test_a_bad_address_is_one_sentence_before_the_model_loads(server, tmp_path, args, words):
+    args = [str(server.port) if a == "BUSY" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "edgelm", "serve", str(tmp_path / "no-artifact"), *args],
+                       capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr

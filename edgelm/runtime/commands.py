@@ -11,6 +11,16 @@ from ..errors import InputError
 from .options import CONTEXT_POLICIES, KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -145,7 +155,7 @@ def _print_energy(energy: dict) -> None:
 def _configure_serve(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one, printed)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests waiting beyond that; more get HTTP 429 (default 64)")

@@ -399,18 +399,29 @@ class _HTTPServer(ThreadingHTTPServer):
 def serve(args) -> int:
     from pathlib import Path
 
-    gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights, args.kernels)
+    # the address first: a busy port is refused before the model loads, and the port stays ours while it
+    # does (bound, not yet listening: a client is refused, not left waiting, until the model is ready)
+    httpd = _HTTPServer((args.host, args.port), None, bind_and_activate=False)
+    try:
+        httpd.server_bind()
+    except OSError as exc:
+        httpd.server_close()
+        raise InputError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); check --host, "
+                         "choose another --port, or stop the program using it") from None
+    try:
+        gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights,
+                             args.kernels)
+    except BaseException:
+        httpd.server_close()
+        raise
     model_name = args.model_name or Path(args.artifact).resolve().name
     metrics = Metrics()
     from ..bench.energy import RunningEnergy
 
     metrics.energy = RunningEnergy().start()  # energy and energy per token in /metrics (CodeCarbon, offline)
     engine = Engine(gen, args.max_batch, args.max_queue, metrics)
-    try:
-        httpd = _HTTPServer((args.host, args.port), make_handler(gen, engine, metrics, model_name))
-    except OSError as exc:
-        raise InputError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
-                         "choose another --port or stop the program using it") from None
+    httpd.RequestHandlerClass = make_handler(gen, engine, metrics, model_name)
+    httpd.server_activate()
     engine.thread.start()
 
     def stop(signum, frame):
