@@ -148,7 +148,8 @@ def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide
 
 
 @pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed"),
-                                           (["--mlp", "0.5", "--multiple", "256"], "--multiple 256 is not below the MLP width")])
+                                           (["--mlp", "0.5", "--multiple", "256"], "--multiple 256 is not below the MLP width"),
+                                           (["--heads", "0.25", "--batch-size", "10000000"], "lower --batch-size or --seq-len")])
 def test_prune_refuses_bad_settings_in_one_line(wide_models, tmp_path, capsys, args, expected):
     from edgelm.cli import main
 
@@ -264,7 +265,7 @@ def test_distill_needs_a_length_and_a_student(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["teacher as checkpoint folder", "folder of other files", "negative seed",
-                                  "infinite lr", "diverging lr", "student context longer"])
+                                  "infinite lr", "diverging lr", "student context longer", "batch past memory"])
 def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path, capsys, case):
     import shutil
 
@@ -283,6 +284,7 @@ def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path
         "infinite lr": (["--lr", "inf"], "--lr must be a positive number"),
         "diverging lr": (["--lr", "1e30"], "training diverged at step"),
         "student context longer": (["--student-config", str(tmp_path / "long.json")], "longer than the teacher's 128"),
+        "batch past memory": (["--batch-size", "10000000"], "of memory free; lower --batch-size or --seq-len"),
     }[case]
     student = [] if "--student-config" in extra else ["--student-layers", "1"]
     rc = main(["optimize", "distill", "--teacher", str(teacher), *student, "--train-text", str(TRAIN),

@@ -22,7 +22,7 @@ from pathlib import Path
 from .._fs import atomic_output_dir, check_output
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from .train import TrainConfig, checkpoint_folder, token_ids, train
+from .train import TrainConfig, check_batch_fits, checkpoint_folder, token_ids, train
 
 EVAL_TEXT = Path(__file__).resolve().parent.parent / "assets" / "text" / "heldout.txt"
 
@@ -187,6 +187,7 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
     facts = resolve(teacher_config)
     if cfg.seq_len > facts.max_positions:
         raise InputError(f"--seq-len {cfg.seq_len} is longer than the model's context ({facts.max_positions})")
+    check_batch_fits(cfg, facts.vocab_size, teacher=True)  # before the evaluations: a batch too large for memory
     length = min(eval_length or cfg.seq_len, facts.max_positions)
     stride = max(1, length // 2)
     for p in teacher_model.parameters():

@@ -31,7 +31,7 @@ import numpy as np
 from .._fs import atomic_output_dir, check_output
 from ..bench.energy import current_step, measured_step
 from ..errors import InputError
-from .train import TrainConfig, batch_at, check_seed, checkpoint_folder, token_ids, train
+from .train import TrainConfig, batch_at, check_batch_fits, check_seed, checkpoint_folder, token_ids, train
 
 IMPORTANCE = ("gradient", "random")
 SCOPES = ("global", "layer")
@@ -134,6 +134,8 @@ def importance_scores(model, config: dict, ids: np.ndarray | None, cfg: PruneCon
     if cfg.importance == "random":
         rng = np.random.default_rng(cfg.seed)
         return [rng.random(n) for n in facts.layer_heads], [rng.random(m) for m in facts.layer_inner]
+    tcfg = TrainConfig(steps=1, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 7919)
+    check_batch_fits(tcfg, facts.vocab_size, teacher=False)
     masks = UnitMasks(model, config, requires_grad=True, rows=cfg.batch_size)
     dead = removed or ([np.zeros(n, bool) for n in facts.layer_heads], [np.zeros(m, bool) for m in facts.layer_inner])
     with torch.no_grad():
@@ -145,7 +147,6 @@ def importance_scores(model, config: dict, ids: np.ndarray | None, cfg: PruneCon
     for p in model.parameters():
         p.requires_grad_(False)  # only the masks need gradients
     model.eval()
-    tcfg = TrainConfig(steps=1, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 7919)
     try:
         for b in tqdm(range(batches or cfg.batches), desc="scoring importance", unit="batch", disable=not progress,
                       leave=False):

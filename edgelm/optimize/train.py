@@ -117,6 +117,31 @@ class Interrupted(InputError):
     exit_code = 130
 
 
+def check_batch_fits(cfg: TrainConfig, vocab: int, teacher: bool) -> None:
+    """Refuse a batch whose logits alone cannot fit in the memory free now, in one sentence, instead of
+    running until the system kills the process. A step holds the student's logits, their gradient and
+    their log-softmax, and with a teacher its logits and soft targets too: at least 3 (5) float32
+    tensors of batch x sequence x vocabulary (the estimate leaves out the activations: a floor)."""
+    need = cfg.batch_size * cfg.seq_len * vocab * 4 * (5 if teacher else 3)
+    free = available_memory()
+    if free is not None and need > free:
+        raise InputError(f"a batch of {cfg.batch_size} x {cfg.seq_len} tokens needs at least {need / 1e9:.1f} GB "
+                         f"for its logits over the {vocab}-token vocabulary, more than the {free / 1e9:.1f} GB "
+                         "of memory free; lower --batch-size or --seq-len")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool, training: bool = True,
                       inputs=()) -> Path:
     """Where a step's checkpoints go (default OUT.ckpt beside the output); refuses to start over on top of
@@ -263,6 +288,7 @@ def train(student, teacher, ids: np.ndarray, cfg: TrainConfig, work_dir: Path, r
     from tqdm import tqdm
 
     work_dir = Path(work_dir)
+    check_batch_fits(cfg, int(student.config.vocab_size), teacher is not None)
     state = load_state(work_dir) if resume else None
     if resume and state is None:  # before the folder is made: a failed resume leaves nothing behind
         raise InputError(f"--resume was given but {work_dir} holds no checkpoint; run without --resume")
