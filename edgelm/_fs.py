@@ -112,6 +112,15 @@ def no_space(exc: BaseException, where=None) -> InputError | None:
     return InputError(f"no space left on {device}; free space or choose another location with -o")
 
 
+def os_error(exc: OSError) -> InputError:
+    """Any other OSError (a name too long, a folder that cannot be made, a file that cannot be read) as
+    one sentence that names the path."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    path = f" ({exc.filename})" if exc.filename else ""
+    return InputError(f"{what}{path}; check the paths and folders given: each must exist and be readable, "
+                      "and an output's folder writable")
+
+
 def replace_folder(new: Path, out: Path) -> None:
     """Rename ``new`` to ``out``; an existing ``out`` is set aside first, put back if the rename
     fails, and removed once it succeeded."""

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from ._fs import no_space
+from ._fs import no_space, os_error
 from .errors import EdgelmError
 
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except (EdgelmError, OSError) as exc:
         # a full disk outside an output folder (atomic_output_dir names the output's device itself)
-        error = exc if isinstance(exc, EdgelmError) else no_space(exc)
-        if error is None:
-            raise
+        error = exc if isinstance(exc, EdgelmError) else no_space(exc) or os_error(exc)
         print(f"edgelm {name}: error: {error}", file=sys.stderr)
         return error.exit_code
     except Terminated as exc:

@@ -28,6 +28,8 @@ SCHEMA_VERSION = 1
 # Beside a Hugging Face folder made by a training step (distill, prune): the steps that made it.
 # The exporter puts them first in the manifest's ``steps``, so an artifact carries its whole lineage.
 LINEAGE_FILE = "edgelm_steps.json"
+FACT_SIZES = ("num_layers", "num_heads", "head_size", "hidden_size", "vocab_size", "max_positions")
+KV_DTYPES = ("float32", "float16")
 REQUIRED = ("format", "schema_version", "model", "graph", "io", "tokenizer", "steps", "validation", "files")
 CACHE_KINDS = ("full", "window", "concat")  # io.kv_cache[].kind
 CACHE_NAMES = ("past_key", "past_value", "present_key", "present_value")  # io.kv_cache[]: the graph's names
@@ -96,12 +98,23 @@ def _check_structure(path: Path, manifest) -> None:
         unlisted = [name for name in graph_files if not isinstance(name, str) or name not in files]
         io, tokenizer = manifest["io"], manifest["tokenizer"]
         caches = io.get("kv_cache")
+        facts = manifest["model"].get("facts")
+        sizes = facts if isinstance(facts, dict) else {}
+        vocab = sizes.get("vocab_size")
+        ids = [tokenizer.get(k) for k in ("bos_token_id", "eos_token_id")] + (
+            tokenizer["eos_token_ids"] if isinstance(tokenizer.get("eos_token_ids"), list) else [])
         if bad:
             problem = f"its files entry {bad[0]!r} is not a file name with bytes and sha256"
         elif unlisted:
             problem = f"the graph's file {unlisted[0]!r} is not among its files"
-        elif not isinstance(io.get("kv_dtype"), str) or not all(isinstance(io.get(k), list) for k in ("inputs", "outputs")):
-            problem = "its io lacks kv_dtype, inputs or outputs"
+        elif not isinstance(facts, dict) or not all(is_whole(sizes.get(k), 1) for k in FACT_SIZES):
+            problem = f"its model.facts lacks whole numbers {', '.join(FACT_SIZES)}"
+        elif io.get("kv_dtype") not in KV_DTYPES or not all(isinstance(io.get(k), list) for k in ("inputs", "outputs")):
+            problem = f"its io lacks kv_dtype ({' or '.join(KV_DTYPES)}), inputs or outputs"
+        elif not all(isinstance(t, dict) and isinstance(t.get("name"), str) for k in ("inputs", "outputs") for t in io[k]):
+            problem = "its io.inputs or io.outputs has an entry without a name"
+        elif not caches:
+            problem = "its io.kv_cache lists no layer"
         elif not isinstance(caches, list) or not all(
                 isinstance(c, dict) and c.get("kind") in CACHE_KINDS and all(isinstance(c.get(k), str) for k in CACHE_NAMES)
                 for c in caches):
@@ -111,6 +124,8 @@ def _check_structure(path: Path, manifest) -> None:
         elif tokenizer.get("eos_token_ids") is not None and not (
                 isinstance(tokenizer["eos_token_ids"], list) and all(is_whole(i) for i in tokenizer["eos_token_ids"])):
             problem = "its tokenizer's eos_token_ids is not a list of token ids"
+        elif any(i is not None and not 0 <= i < vocab for i in ids):
+            problem = f"a token id of its tokenizer is outside the model's vocabulary of {vocab}"
         else:
             return
     raise ArtifactError(f"{path} is damaged or not an edgelm manifest ({problem}); export the model again")

@@ -339,6 +339,7 @@ def test_cli_bench_with_codecarbon_writes_the_report(tiny_artifact, tmp_path):
     (["{art}", "--country", "France"], "3-letter ISO code"),
     (["{art}", "--new-tokens", "500"], "context of 128"),
     (["{art}", "--repeats", "0"], "repeats must be at least 1"),
+    (["{art}", "--threads", "100000"], "(4 per core), got 100000"),
     (["{art}", "-o", "{exists}"], "pass --force"),
     (["{art}", "--python-for", "ctranslate2"], "PEER=PYTHON"),
     (["{art}", "-o", "{art}", "--force"], "is or holds the input"),

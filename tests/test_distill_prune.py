@@ -265,7 +265,8 @@ def test_distill_needs_a_length_and_a_student(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["teacher as checkpoint folder", "folder of other files", "negative seed",
-                                  "infinite lr", "diverging lr", "student context longer", "batch past memory"])
+                                  "infinite lr", "diverging lr", "student context longer", "batch past memory",
+                                  "student config a list", "checkpoint folder that cannot be made"])
 def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path, capsys, case):
     import shutil
 
@@ -285,7 +286,11 @@ def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path
         "diverging lr": (["--lr", "1e30"], "training diverged at step"),
         "student context longer": (["--student-config", str(tmp_path / "long.json")], "longer than the teacher's 128"),
         "batch past memory": (["--batch-size", "10000000"], "of memory free; lower --batch-size or --seq-len"),
+        "student config a list": (["--student-config", str(tmp_path / "list.json")], "holds a JSON list, not an object"),
+        "checkpoint folder that cannot be made": (["--checkpoint-dir", "/proc/edgelm-ckpt"],
+                                                  "(/proc/edgelm-ckpt); check the paths and folders given"),
     }[case]
+    (tmp_path / "list.json").write_text("[]")
     student = [] if "--student-config" in extra else ["--student-layers", "1"]
     rc = main(["optimize", "distill", "--teacher", str(teacher), *student, "--train-text", str(TRAIN),
                "-o", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--quiet", *extra])
@@ -293,6 +298,17 @@ def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path
     assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "out").exists() and (teacher / "config.json").is_file()
     assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_a_training_length_must_be_finite():
+    import math
+
+    from edgelm.errors import InputError
+    from edgelm.optimize.train import TrainConfig
+
+    for minutes in (math.inf, math.nan, 0):
+        with pytest.raises(InputError, match="--minutes must be a positive number"):
+            TrainConfig(minutes=minutes)
 
 
 def test_a_student_with_a_shorter_context_takes_the_teachers_first_positions(wide_models, tmp_path):
@@ -392,6 +408,9 @@ def test_recipe_problems_are_refused_before_any_work(tmp_path):
     killed.mkdir()
     (killed / "state.pt.tmp-123").write_bytes(b"half")
     assert checkpoint_folder(tmp_path / "o", killed, resume=False) == killed
+    recipe.write_bytes(b'model = "embedded:gpt2"  # caf\xe9\n')
+    with pytest.raises(InputError, match="is not UTF-8 text .byte 30.; save the recipe as UTF-8"):
+        load_recipe(recipe)
     recipe.write_text('model = "embedded:gpt2"\nnew_tokens = 500\n[[step]]\nkind = "export"\n')
     with pytest.raises(InputError, match="new_tokens 500 after the 32-token prompt pass the model's context of 512"):
         run_recipe(recipe, tmp_path / "out", progress=False)

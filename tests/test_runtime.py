@@ -544,13 +544,17 @@ def test_cli_generates_several_prompts_as_one_batch_and_reads_a_prompt_from_stdi
     assert "in 2 rows" in plain.stderr
 
 
-@pytest.mark.parametrize("case", ["stream", "stdin twice", "not utf-8"])
+@pytest.mark.parametrize("case", ["stream", "stdin twice", "not utf-8", "threads", "truncate without room"])
 def test_cli_prompt_problems_are_one_sentence(embedded_artifact, case):
     art = str(embedded_artifact["gpt2"])
     args, stdin, words = {
         "stream": ([PROMPTS[0], PROMPTS[1], "--stream"], b"", "give one prompt, or drop --stream"),
         "stdin twice": (["-", "-"], b"x", "give - once"),
         "not utf-8": (["-"], b"caf\xe9", "standard input is not UTF-8 text"),
+        "threads": (["hi", "--threads", "100000"], b"", "(4 per core), got 100000"),
+        "truncate without room": (["hi", "-n", "512", "--context-policy", "truncate"], b"",
+                                  "512 new tokens leave no room for the prompt in the model's context of 512; ask for "
+                                  "at most 511"),
     }[case]
     r = subprocess.run([sys.executable, "-m", "edgelm", "generate", art, *args], capture_output=True, input=stdin,
                        timeout=300)

@@ -76,16 +76,16 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
-    return _read_json_object(path)
+    return read_json_object(path)
 
 
 def read_generation_config(model_dir: Path) -> dict:
     """The folder's generation_config.json as a dict ({} when it has none)."""
     path = model_dir / "generation_config.json"
-    return _read_json_object(path) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -195,7 +195,7 @@ def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "
     files: list[Path] = []
     if single.is_file() or index.is_file():
         if index.is_file():
-            weight_map = _read_json_object(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise InputError(f"{index} has no weight_map of tensor names to shard files; "
                                  "restore the file from the model's source")

@@ -120,9 +120,8 @@ def _same_width(a: dict, b: dict) -> bool:
 def make_student(teacher, teacher_config: dict, student_layers: str | None = None,
                  student_config_file: str | Path | None = None):
     """(student model, student config, teacher layers it came from or None when initialised from scratch)."""
-    import json
-
     from ..export.arch import resolve
+    from ..export.checkpoint import read_json_object
     from .models import build_model
 
     teacher_kinds = layer_kind_names(teacher_config)
@@ -135,10 +134,7 @@ def make_student(teacher, teacher_config: dict, student_layers: str | None = Non
     path = Path(student_config_file)
     if not path.is_file():
         raise InputError(f"no student config {path}; pass a config.json of the student architecture")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); fix the student config") from None
+    config = read_json_object(path)  # not JSON, or not an object: one sentence
     if config.get("model_type") != teacher_config.get("model_type"):
         raise InputError(f"the student config is a '{config.get('model_type')}' and the teacher a "
                          f"'{teacher_config.get('model_type')}'; distill within one architecture")

@@ -107,7 +107,10 @@ def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no recipe {path}; pass a TOML file (see edgelm optimize run --help)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     try:
         recipe = _toml().loads(text)
     except Exception as exc:  # tomllib.TOMLDecodeError

@@ -60,7 +60,7 @@ class TrainConfig:
             raise InputError("give either --steps or --minutes (exactly one) for the training length")
         if self.steps is not None and self.steps < 1:
             raise InputError(f"--steps must be at least 1, got {self.steps}")
-        if self.minutes is not None and not self.minutes > 0:
+        if self.minutes is not None and not 0 < self.minutes < math.inf:
             raise InputError(f"--minutes must be a positive number, got {self.minutes}")
         if self.batch_size < 1 or self.seq_len < 2:
             raise InputError("the batch size must be at least 1 and the sequence length at least 2 tokens")

@@ -211,6 +211,9 @@ class Generator:
         if len(ids) > room:
             if self.context_policy == "truncate" and room >= 1:
                 ids = ids[-room:]
+            elif self.context_policy == "truncate":  # no room even for one prompt token
+                raise InputError(f"{cfg.max_new_tokens} new tokens leave no room for the prompt in the model's "
+                                 f"context of {self.max_positions}; ask for at most {self.max_positions - 1}")
             else:
                 raise InputError(
                     f"the prompt has {len(ids)} tokens and {cfg.max_new_tokens} new tokens were asked for, "

@@ -22,3 +22,11 @@ WEIGHT_PLACEMENTS = ("mapped", "memory")
 KERNELS = ("auto", "edgelm", "onnxruntime")
 # When the prompt plus the new tokens exceed the model's context: fail, or drop the prompt's start
 CONTEXT_POLICIES = ("error", "truncate")
+
+
+def max_threads() -> int:
+    """The most intra-op threads a command takes: 4 per core (at least 16). Tens of thousands of
+    threads hang the process while ONNX Runtime starts them."""
+    import os
+
+    return max(16, 4 * (os.cpu_count() or 1))
