@@ -266,7 +266,8 @@ def test_distill_needs_a_length_and_a_student(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["teacher as checkpoint folder", "folder of other files", "negative seed",
                                   "infinite lr", "diverging lr", "student context longer", "batch past memory",
-                                  "student config a list", "checkpoint folder that cannot be made"])
+                                  "student config a list", "checkpoint folder that cannot be made",
+                                  "student context under the sequence", "evaluation text too short"])
 def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path, capsys, case):
     import shutil
 
@@ -289,8 +290,14 @@ def test_distill_refuses_what_would_lose_data_or_write_nan(wide_models, tmp_path
         "student config a list": (["--student-config", str(tmp_path / "list.json")], "holds a JSON list, not an object"),
         "checkpoint folder that cannot be made": (["--checkpoint-dir", "/proc/edgelm-ckpt"],
                                                   "(/proc/edgelm-ckpt); check the paths and folders given"),
+        "student context under the sequence": (["--student-config", str(tmp_path / "short.json")],
+                                               "--seq-len 16 is longer than the student's context (8)"),
+        "evaluation text too short": (["--eval-text", str(tmp_path / "one.txt")],
+                                      "the --eval-text text has 1 tokens, fewer than the 3 a score needs"),
     }[case]
     (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "short.json").write_text(json.dumps({**config, "n_layer": 1, "n_positions": 8}))
+    (tmp_path / "one.txt").write_text("Hello")
     student = [] if "--student-config" in extra else ["--student-layers", "1"]
     rc = main(["optimize", "distill", "--teacher", str(teacher), *student, "--train-text", str(TRAIN),
                "-o", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--quiet", *extra])

@@ -177,18 +177,22 @@ def distill_model(teacher: str, out: str | Path, train_text: str | Path, cfg: Tr
     tokenizer = tokenizer_for(teacher_dir)
     train_ids = token_ids(tokenizer, read_text(train_text, "--train-text (train_text in a recipe)"), cfg.seq_len)
     eval_path = Path(eval_text) if eval_text else EVAL_TEXT
-    eval_ids = token_ids(tokenizer, read_text(eval_path, "--eval-text (eval_text in a recipe)"), 2)
+    eval_ids = token_ids(tokenizer, read_text(eval_path, "--eval-text (eval_text in a recipe)"), 2, "--eval-text")
 
     teacher_model, teacher_config = load_model(teacher_dir)
     facts = resolve(teacher_config)
     if cfg.seq_len > facts.max_positions:
         raise InputError(f"--seq-len {cfg.seq_len} is longer than the model's context ({facts.max_positions})")
     check_batch_fits(cfg, facts.vocab_size, teacher=True)  # before the evaluations: a batch too large for memory
-    length = min(eval_length or cfg.seq_len, facts.max_positions)
-    stride = max(1, length // 2)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     student, config, layers = make_student(teacher_model, teacher_config, student_layers, student_config_file)
+    positions = resolve(config).max_positions  # a student config may give the student a shorter context
+    if cfg.seq_len > positions:
+        raise InputError(f"--seq-len {cfg.seq_len} is longer than the student's context ({positions}); lower "
+                         "--seq-len or give the student config more positions")
+    length = min(eval_length or cfg.seq_len, positions)
+    stride = max(1, length // 2)
     kinds = layer_kind_names(config)
     say(f"student: {len(kinds)} layers ({', '.join(kinds)})"
         + (f" from teacher layers {layers}" if layers is not None else " initialised from scratch"))

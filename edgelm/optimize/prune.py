@@ -297,7 +297,7 @@ def prune_model(model: str, out: str | Path, train_text: str | Path, pcfg: Prune
     seq_len = recover.seq_len if recover else pcfg.seq_len
     ids = token_ids(tokenizer, read_text(train_text, "--train-text (train_text in a recipe)"), seq_len)
     eval_path = Path(eval_text) if eval_text else EVAL_TEXT
-    eval_ids = token_ids(tokenizer, read_text(eval_path, "--eval-text (eval_text in a recipe)"), 2)
+    eval_ids = token_ids(tokenizer, read_text(eval_path, "--eval-text (eval_text in a recipe)"), 2, "--eval-text")
 
     original, config = load_model(source_dir)
     facts = resolve(config)

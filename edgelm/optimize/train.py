@@ -171,9 +171,13 @@ def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None, resume: bool
     return work
 
 
-def token_ids(tokenizer, text: str, seq_len: int) -> np.ndarray:
+def token_ids(tokenizer, text: str, seq_len: int, flag: str = "--train-text") -> np.ndarray:
+    """The text's token ids; ``flag`` names the text given (--train-text, --eval-text) when it is too short."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     if len(ids) < seq_len + 1:
+        if flag != "--train-text":
+            raise InputError(f"the {flag} text has {len(ids)} tokens, fewer than the {seq_len + 1} a score needs; "
+                             f"pass a longer {flag}")
         raise InputError(f"the training text has {len(ids)} tokens, fewer than one sequence of {seq_len}; "
                          "pass a longer --train-text or a smaller --seq-len")
     return ids
