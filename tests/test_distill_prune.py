@@ -415,6 +415,10 @@ def test_recipe_problems_are_refused_before_any_work(tmp_path):
     killed.mkdir()
     (killed / "state.pt.tmp-123").write_bytes(b"half")
     assert checkpoint_folder(tmp_path / "o", killed, resume=False) == killed
+    for damaged in ("{", "{}", "[]"):  # a record of the unfinished run that cannot be read
+        (stale / "state.json").write_text(damaged)
+        with pytest.raises(InputError, match="state.json is damaged; run without --resume and with --force"):
+            _Run(stale, load_recipe(recipe), resume=True)
     recipe.write_bytes(b'model = "embedded:gpt2"  # caf\xe9\n')
     with pytest.raises(InputError, match="is not UTF-8 text .byte 30.; save the recipe as UTF-8"):
         load_recipe(recipe)

@@ -491,6 +491,9 @@ def test_context_overflow_is_an_error_or_the_chosen_policy(embedded_artifact):
 def test_bad_sampling_settings_are_refused():
     with pytest.raises(InputError, match="temperature"):
         SamplingConfig(temperature=0)
+    for field in ("temperature", "repetition_penalty"):  # inf made every token equally likely, or none
+        with pytest.raises(InputError, match=f"{field} must be a finite number > 0"):
+            SamplingConfig(**{field: float("inf")})
     with pytest.raises(InputError, match="top_p"):
         SamplingConfig(top_p=1.5)
     for seed in (-1, 1.5, True):

@@ -243,7 +243,14 @@ class _Run:
             raise InputError(f"an unfinished run of a recipe is in {work}; pass --resume to continue it, or --force "
                              "to start over")
         if resume and self.state_path.is_file():
-            self.state = json.loads(self.state_path.read_text())
+            try:
+                self.state = json.loads(self.state_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.state = None
+            if not (isinstance(self.state, dict) and isinstance(self.state.get("recipe_sha256"), str)
+                    and isinstance(self.state.get("done"), dict)):
+                raise InputError(f"the unfinished run's record {self.state_path} is damaged; run without --resume "
+                                 "and with --force to start over")
             if self.state["recipe_sha256"] != recipe["_sha256"]:
                 raise InputError(f"the unfinished run in {work} was made from another version of the recipe; "
                                  "restore that recipe, or run without --resume and with --force to start over")

@@ -6,6 +6,7 @@ argmax (greedy) or a draw from the seeded generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -33,14 +34,14 @@ class SamplingConfig:
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0 (got {self.temperature!r})")
+        if not 0 < self.temperature < math.inf:
+            problems.append(f"temperature must be a finite number > 0 (got {self.temperature!r})")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"repetition_penalty must be a finite number > 0 (got {self.repetition_penalty!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if self.seed is not None and not is_whole(self.seed, 0):
