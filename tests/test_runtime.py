@@ -547,6 +547,11 @@ def test_cli_generates_several_prompts_as_one_batch_and_reads_a_prompt_from_stdi
     assert "in 2 rows" in plain.stderr
 
 
+def test_too_many_threads_are_refused_by_the_python_api_too(embedded_artifact):
+    with pytest.raises(InputError, match=r"\(4 per core\), got 100000"):
+        Generator.load(embedded_artifact["gpt2"], threads=100000)
+
+
 @pytest.mark.parametrize("case", ["stream", "stdin twice", "not utf-8", "threads", "truncate without room"])
 def test_cli_prompt_problems_are_one_sentence(embedded_artifact, case):
     art = str(embedded_artifact["gpt2"])

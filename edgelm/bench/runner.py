@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.options import max_threads
+from ..runtime.options import check_threads
 from . import systems as S
 from .energy import DEFAULT_COUNTRY, EnergyReading, Meter, Tracker, combine, default_tracker
 from .machine import machine_info, measure_bandwidth, parameter_count, versions, weight_bytes_per_token
@@ -68,8 +68,9 @@ class BenchSettings:
             raise InputError(f"provider '{self.provider}' is not supported; choose cpu or cuda")
         if len(self.country) != 3 or not self.country.isalpha():
             raise InputError(f"country must be a 3-letter ISO code such as USA, FRA or DEU, got '{self.country}'")
-        if self.threads is not None and not 1 <= self.threads <= max_threads():
-            raise InputError(f"threads must be from 1 to {max_threads()} (4 per core), got {self.threads}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         if self.settle_s < 0:
             raise InputError(f"the pause between runs must be zero or more seconds, got {self.settle_s}")
         if not 0 < self.bandwidth_gib <= 64:

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ArtifactError, DependencyError, InputError, UnsupportedModelError
 from ..manifest import read_manifest
 from . import native
-from .options import KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
+from .options import KERNELS, PROVIDERS, WEIGHT_PLACEMENTS, check_threads
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -185,6 +185,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS)."""
     if weights not in WEIGHT_PLACEMENTS:
         raise InputError(f"weights '{weights}' is unknown; choose one of {', '.join(WEIGHT_PLACEMENTS)}")
+    check_threads(threads)
     folder = Path(folder)
     manifest = read_manifest(folder)
     packed = manifest["graph"].get("linear_layout") == "packed"

@@ -8,7 +8,7 @@ import sys
 
 from ..cli import command
 from ..errors import InputError
-from .options import CONTEXT_POLICIES, KERNELS, PROVIDERS, WEIGHT_PLACEMENTS, max_threads
+from .options import CONTEXT_POLICIES, KERNELS, PROVIDERS, WEIGHT_PLACEMENTS
 
 
 def _port(text: str) -> int:
@@ -18,13 +18,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
-    return value
-
-
-def _threads(text: str) -> int:
-    value = _positive_int(text)
-    if value > max_threads():
-        raise argparse.ArgumentTypeError(f"expected at most {max_threads()} (4 per core), got {value}")
     return value
 
 
@@ -41,7 +34,7 @@ def _positive_int(text: str) -> int:
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder made by 'edgelm export'")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="ONNX Runtime provider (default cpu)")
-    p.add_argument("--threads", type=_threads, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--context-policy", choices=CONTEXT_POLICIES, default="error",
                    help="when prompt + new tokens exceed the context: fail (default) or drop the prompt's start")
     p.add_argument("--weights", choices=WEIGHT_PLACEMENTS, default="mapped",

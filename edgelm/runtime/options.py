@@ -30,3 +30,11 @@ def max_threads() -> int:
     import os
 
     return max(16, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads: int | None) -> None:
+    """None or 0 (ONNX Runtime's own choice), else 1 to max_threads()."""
+    from ..errors import InputError
+
+    if threads and not 1 <= threads <= max_threads():
+        raise InputError(f"threads must be from 1 to {max_threads()} (4 per core), got {threads}")
