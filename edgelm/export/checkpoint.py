@@ -232,11 +232,6 @@ def open_checkpoint(model_dir: Path, weight_prefix_candidates=("transformer.", "
     return ckpt
 
 
-def tokenizer_folder(model_dir: Path, vocab_size: int) -> Path:
-    """The folder whose tokenizer a model uses (checked_tokenizer's first half)."""
-    return checked_tokenizer(model_dir, vocab_size)[0]
-
-
 def checked_tokenizer(model_dir: Path, vocab_size: int):
     """(folder, runtime.artifact.Tokenizer): the tokenizer a model uses, read once. Its folder is the
     model's own (tokenizer.json, or vocab.json and merges.txt), or, for a folder with no tokenizer files and GPT-2's vocabulary of 50257 tokens (edgelm's
@@ -267,11 +262,11 @@ def checked_tokenizer(model_dir: Path, vocab_size: int):
 
 
 def copy_tokenizer(model_dir: Path, out_dir: Path, vocab_size: int) -> dict:
-    """Copy the model's tokenizer (``tokenizer_folder``) and generation config; return the manifest's
+    """Copy the model's tokenizer (``checked_tokenizer``) and generation config; return the manifest's
     record of them: {"files": [names], "source": where the tokenizer came from}."""
     import shutil
 
-    folder = tokenizer_folder(model_dir, vocab_size)
+    folder = checked_tokenizer(model_dir, vocab_size)[0]
     copied = []
     for name, src in [(n, folder / n) for n in TOKENIZER_FILES] + [(n, model_dir / n) for n in MODEL_SIDE_FILES]:
         if src.is_file():

@@ -22,7 +22,7 @@ def model_dir_of(model: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """The tokenizer a model folder uses, chosen as the exporter chooses it (checkpoint.tokenizer_folder)."""
+    """The tokenizer a model folder uses, chosen as the exporter chooses it (checkpoint.checked_tokenizer)."""
     from ..export.checkpoint import checked_tokenizer, read_config
 
     return checked_tokenizer(model_dir, int(read_config(model_dir).get("vocab_size", 0)))[1]
