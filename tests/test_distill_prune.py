@@ -510,3 +510,52 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
         path.write_text(text)
         with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_recipe(path)
+
+
+def test_recipe_step_inputs_are_checked_before_the_run_starts(tmp_path, monkeypatch):
+    """What a step would refuse only once running (a missing or short text, layers the model no longer
+    has after an earlier distill, a window past the context, a NaN tolerance) is refused before the work
+    folder exists, in the recipe's own words; an input error inside the first step leaves no work folder
+    that the next run would have to --force away."""
+    import edgelm.optimize.distill as distill
+    from edgelm.errors import InputError
+    from edgelm.optimize.recipe import run_recipe
+
+    (tmp_path / "short.txt").write_text("Hi")
+    top = f'model = "embedded:gpt2"\ntrain_text = "{TRAIN}"\n'
+    distill_1 = '[[step]]\nkind = "distill"\nstudent_layers = 1\nsteps = 1\n'
+    quantize = '[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nmode = "int8-static"\n'
+    cases = {
+        top.replace(str(TRAIN), "missing.txt") + distill_1: "no text file .*missing.txt; pass a UTF-8 text file "
+                                                            "with train_text in the recipe",
+        top + 'eval_text = "short.txt"\n' + distill_1: "eval_text has 1 tokens, too few to score",
+        top + distill_1.replace("1\nsteps", '"1,x"\nsteps'): r"step 1 \(distill\): student_layers takes a number of "
+                                                             "layers or a list",
+        top + distill_1 + distill_1.replace("= 1\nsteps", "= 3\nsteps"): r"step 2 \(distill\): student_layers must "
+                                                                         r"be from 1 to 1 \(the teacher's depth\)",
+        top + distill_1.replace("student_layers = 1", 'student_config = "none.json"'): r"step 1 \(distill\): no "
+                                                                                       "student config",
+        top + distill_1 + '[[step]]\nkind = "prune"\nheads = 0.2\nseq_len = 600\n':
+            r"step 2 \(prune\): seq_len 600 is longer than the model's context of 512",
+        top.replace(str(TRAIN), "short.txt") + '[[step]]\nkind = "prune"\nheads = 0.2\n':
+            r"step 1 \(prune\): train_text has 1 tokens, fewer than one sequence of 129",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\natol = nan\n':
+            r"step 1 \(export\): atol must be a finite number",
+        'model = "embedded:gpt2"\n' + quantize + 'calib_text = "short.txt"\n':
+            r"step 2 \(quantize\): calib_text has fewer than the \d+ tokens calibration needs",
+    }
+    recipe = tmp_path / "r.toml"
+    for text, message in cases.items():
+        recipe.write_text(text)
+        with pytest.raises(InputError, match=message):
+            run_recipe(recipe, tmp_path / "out", progress=False)
+        assert not list(tmp_path.glob(".out*")), text
+
+    def refused(*args, **kwargs):
+        raise InputError("a problem only the step could see")
+
+    monkeypatch.setattr(distill, "distill_model", refused)
+    recipe.write_text(top + distill_1)
+    with pytest.raises(InputError, match="only the step could see"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    assert not list(tmp_path.glob(".out*"))  # the next run needs no --force

@@ -56,22 +56,23 @@ def choose_layers(teacher_kinds: list[str], student_kinds: list[str]) -> list[in
     return chosen
 
 
-def parse_layers(value: str, teacher_kinds: list[str]) -> list[int]:
-    """``"6"`` (a depth: layers chosen for you) or ``"0,3,5"`` (teacher layers to keep, in order)."""
+def parse_layers(value: str, teacher_kinds: list[str], name: str = "--student-layers") -> list[int]:
+    """``"6"`` (a depth: layers chosen for you) or ``"0,3,5"`` (teacher layers to keep, in order);
+    ``name`` is what the user wrote it as (the flag, or a recipe's key)."""
     value = str(value).strip()
     try:
         if "," not in value:
             n = int(value)
             if not 1 <= n <= len(teacher_kinds):
-                raise InputError(f"--student-layers must be from 1 to {len(teacher_kinds)} (the teacher's depth), "
+                raise InputError(f"{name} must be from 1 to {len(teacher_kinds)} (the teacher's depth), "
                                  f"got {n}")
             # the student follows the teacher's own pattern of kinds (GPT-Neo: global, local, ...)
             return choose_layers(teacher_kinds, teacher_kinds[:n])
         layers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise InputError(f"--student-layers takes a number of layers or a list such as 0,3,5; got '{value}'") from None
+        raise InputError(f"{name} takes a number of layers or a list such as 0,3,5; got '{value}'") from None
     if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= len(teacher_kinds):
-        raise InputError(f"--student-layers must list distinct teacher layers in increasing order, each from 0 "
+        raise InputError(f"{name} must list distinct teacher layers in increasing order, each from 0 "
                          f"to {len(teacher_kinds) - 1}; got '{value}'")
     return layers
 
@@ -117,21 +118,13 @@ def _same_width(a: dict, b: dict) -> bool:
     return (fa.hidden_size, fa.head_size, fa.vocab_size) == (fb.hidden_size, fb.head_size, fb.vocab_size)
 
 
-def make_student(teacher, teacher_config: dict, student_layers: str | None = None,
-                 student_config_file: str | Path | None = None):
-    """(student model, student config, teacher layers it came from or None when initialised from scratch)."""
+def read_student_config(path: str | Path, teacher_config: dict) -> dict:
+    """A student's config.json, checked against its teacher's config: one architecture, one vocabulary,
+    a context no longer than the teacher's."""
     from ..export.arch import resolve
     from ..export.checkpoint import read_json_object
-    from .models import build_model
 
-    teacher_kinds = layer_kind_names(teacher_config)
-    if (student_layers is None) == (student_config_file is None):
-        raise InputError("give either --student-layers or --student-config (exactly one)")
-    if student_layers is not None:
-        layers = parse_layers(student_layers, teacher_kinds)
-        config = student_config(teacher_config, layers)
-        return build_model(config, take_layers(teacher, layers)), config, layers
-    path = Path(student_config_file)
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"no student config {path}; pass a config.json of the student architecture")
     config = read_json_object(path)  # not JSON, or not an object: one sentence
@@ -144,6 +137,24 @@ def make_student(teacher, teacher_config: dict, student_layers: str | None = Non
     if positions > teacher_positions:
         raise InputError(f"the student's context of {positions} positions is longer than the teacher's "
                          f"{teacher_positions}, which it could not learn from; give it at most {teacher_positions}")
+    return config
+
+
+def make_student(teacher, teacher_config: dict, student_layers: str | None = None,
+                 student_config_file: str | Path | None = None):
+    """(student model, student config, teacher layers it came from or None when initialised from scratch)."""
+    from ..export.arch import resolve
+    from .models import build_model
+
+    teacher_kinds = layer_kind_names(teacher_config)
+    if (student_layers is None) == (student_config_file is None):
+        raise InputError("give either --student-layers or --student-config (exactly one)")
+    if student_layers is not None:
+        layers = parse_layers(student_layers, teacher_kinds)
+        config = student_config(teacher_config, layers)
+        return build_model(config, take_layers(teacher, layers)), config, layers
+    config = read_student_config(student_config_file, teacher_config)
+    positions = resolve(config).max_positions
     if _same_width(config, teacher_config):
         layers = choose_layers(teacher_kinds, layer_kind_names(config))
         want_heads, want_inner = resolve(config).layer_heads, resolve(config).layer_inner

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -185,7 +186,10 @@ def _build_config(kind: str, step: dict, where: str):
     """The step's own config object (its checks are the CLI's); a problem names the step."""
     try:
         if kind == "distill":
-            return _train_config(step)
+            train = _train_config(step)
+            if ("student_layers" in step) == ("student_config" in step):
+                raise InputError("give student_layers or student_config (exactly one)")
+            return train
         if kind == "prune":
             from .prune import PruneConfig
 
@@ -213,9 +217,64 @@ def _build_config(kind: str, step: dict, where: str):
         if step.get("linear_layout", "auto") not in ("auto", *LINEAR_LAYOUTS):
             raise InputError(f"linear_layout must be one of auto, {', '.join(LINEAR_LAYOUTS)}, got "
                              f"{step['linear_layout']!r}")
+        for key in ("atol", "rtol"):
+            if key in step and not (math.isfinite(step[key]) and step[key] >= 0):
+                raise InputError(f"{key} must be a finite number of 0 or more, got {step[key]!r}")
         return None
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
+
+
+def check_inputs(recipe: dict, source_dir: Path) -> None:
+    """What the steps would refuse only once running, checked before the run starts: the texts and
+    files they read, and, following the model through the chain, the layers each distill keeps and each
+    training window against the texts and the contexts. A problem names the step and the recipe's key."""
+    from ..export.arch import resolve
+    from ..export.checkpoint import read_config
+    from .calibration import MIN_TOKENS
+    from .distill import EVAL_TEXT, layer_kind_names, parse_layers, read_student_config, student_config
+    from .evaluate import read_text
+    from .models import tokenizer_for
+
+    path = recipe["_path"]
+    tokenizer = tokenizer_for(source_dir)
+
+    def tokens(key: str, file) -> int:
+        try:
+            return len(tokenizer.encode(read_text(file, f"{key} in the recipe")))
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+
+    eval_tokens = tokens("eval_text", recipe.get("eval_text") or EVAL_TEXT)
+    if eval_tokens < 3:  # the fewest a score before and after training takes
+        raise InputError(f"{path}: eval_text has {eval_tokens} tokens, too few to score; give a longer eval_text")
+    train_tokens = tokens("train_text", recipe["train_text"]) if "train_text" in recipe else None
+    config = read_config(source_dir)  # the model each step starts from
+    for n, (step, built) in enumerate(zip(recipe["step"], recipe["_configs"]), 1):
+        where, kind = f"{path}: step {n} ({step['kind']})", step["kind"]
+        try:
+            if kind in TORCH_STEPS:
+                train = built if kind == "distill" else built[0]  # a prune step scores with its own seq_len
+                teacher_context = resolve(config).max_positions
+                if kind == "distill":
+                    if "student_layers" in step:
+                        kinds = layer_kind_names(config)
+                        config = student_config(config, parse_layers(str(step["student_layers"]), kinds,
+                                                                     "student_layers"))
+                    else:
+                        config = read_student_config(step["student_config"], config)
+                context = min(teacher_context, resolve(config).max_positions)
+                if train.seq_len > context:
+                    raise InputError(f"seq_len {train.seq_len} is longer than the model's context of {context}; "
+                                     f"choose seq_len <= {context}")
+                if train_tokens < train.seq_len + 1:
+                    raise InputError(f"train_text has {train_tokens} tokens, fewer than one sequence of "
+                                     f"{train.seq_len + 1}; give a longer train_text or a smaller seq_len")
+            if kind == "quantize" and "calib_text" in step and tokens("calib_text", step["calib_text"]) < MIN_TOKENS:
+                raise InputError(f"calib_text has fewer than the {MIN_TOKENS} tokens calibration needs; give a "
+                                 "longer text")
+        except InputError as exc:
+            raise InputError(exc.args[0] if str(exc).startswith(path) else f"{where}: {exc}") from None
 
 
 def _relative(value, base: Path) -> Path:
@@ -278,15 +337,10 @@ class _Run:
 def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, resume: bool = False,
                progress: bool = True) -> dict:
     """Run every step of a recipe into ``out``; return the report (also written as report.json)."""
-    from ..export import export_model
-    from ..manifest import read_manifest, write_manifest
-    from .distill import distill_model
-    from .measure import MeasureConfig
-    from .models import model_dir_of
     from ..export.arch import resolve
     from ..export.checkpoint import read_config
-    from .prune import prune_model
-    from .quantize import quantize_artifact
+    from .measure import MeasureConfig
+    from .models import model_dir_of
 
     recipe = load_recipe(recipe_path)
     out = Path(out)
@@ -305,8 +359,26 @@ def run_recipe(recipe_path: str | Path, out: str | Path, force: bool = False, re
         raise InputError(f"{recipe['_path']}: new_tokens {measure.new_tokens} after the {measure.prompt_tokens}-token "
                          f"prompt pass the model's context of {context}; choose new_tokens <= "
                          f"{context - measure.prompt_tokens}")
+    check_inputs(recipe, source_dir)
     work = out.parent / f".{out.name}.recipe-run"
     run = _Run(work, recipe, resume, force)
+    try:
+        return _run_steps(recipe, run, out, source_dir, measure, eval_length, resume, progress)
+    except InputError:
+        if set(run.state["done"]) <= {"source"}:  # no step finished: nothing for --resume to keep
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _run_steps(recipe: dict, run: _Run, out: Path, source_dir: Path, measure, eval_length: int, resume: bool,
+               progress: bool) -> dict:
+    from ..export import export_model
+    from ..manifest import read_manifest, write_manifest
+    from .distill import distill_model
+    from .prune import prune_model
+    from .quantize import quantize_artifact
+
+    work = run.work
     say = print if progress else (lambda *a, **k: None)
     steps_dir = work / "steps"
     eval_text = recipe.get("eval_text")
