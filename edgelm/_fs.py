@@ -7,6 +7,7 @@ import glob
 import hashlib
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,9 +53,11 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"cannot write in {parent}: {existing} is a file; choose a writable location with -o")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write in {parent} (no permission to write in {existing}); "
-                         "choose a writable location with -o")
+    try:  # a real write: permission bits say nothing to root, nor about /proc or a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".edgelm-write-check-", dir=existing))
+    except OSError as exc:
+        raise InputError(f"cannot write in {parent} ({exc.strerror or exc} in {existing}); "
+                         "choose a writable location with -o") from None
 
 
 @contextmanager

@@ -353,7 +353,7 @@ def test_bad_input_is_one_clear_line(tiny_artifact, tmp_path, capsys, args, frag
     assert fragment in err and len(err.splitlines()) == 1 and err.startswith("edgelm bench: error:")
 
 
-@pytest.mark.parametrize("case", ["env-country", "unwritable-output"])
+@pytest.mark.parametrize("case", ["env-country", "unwritable-output", "proc-output"])
 def test_bad_setup_is_refused_before_the_run(tiny_artifact, tmp_path, capsys, monkeypatch, case):
     import edgelm.bench.runner
 
@@ -366,9 +366,12 @@ def test_bad_setup_is_refused_before_the_run(tiny_artifact, tmp_path, capsys, mo
     if case == "env-country":
         monkeypatch.setenv("EDGELM_COUNTRY", "XYZ")
         fragment = "no grid carbon intensity for country 'XYZ' (EDGELM_COUNTRY)"
-    else:
+    elif case == "unwritable-output":
         args += ["-o", str(tmp_path / "file" / "report")]
         fragment = "is a file; choose a writable location with -o"
+    else:  # a folder no one can make anything in, whatever its permission bits say (to root, all is allowed)
+        args += ["-o", "/proc/edgelm-report"]
+        fragment = "cannot write in /proc ("
     assert main(args) == 2
     assert fragment in capsys.readouterr().err
 
@@ -437,3 +440,19 @@ def test_the_read_probe_readers_read_the_whole_buffer():
     if native.library_path():  # chunks t, t + 3, ... of three readers cover the buffer once
         lib = native.kernels()
         assert sum(lib.edgelm_read_chunks(buf.ctypes.data, buf.size, 1000, t, 3) for t in range(3)) == buf.size
+
+
+def test_a_worker_killed_by_the_kernel_is_reported_as_out_of_memory(tiny_artifact, tmp_path):
+    """SIGKILL leaves no log line; the out-of-memory killer is what sends it, so the note says so."""
+    import os
+    import signal
+
+    from edgelm.bench.runner import Worker, WorkerError
+
+    worker = Worker("edgelm", {"model": str(tiny_artifact["gpt2"]), "provider": "cpu", "threads": 1}, sys.executable,
+                    dict(os.environ), tmp_path)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    with pytest.raises(WorkerError, match=r"killed \(SIGKILL\), most likely because the machine ran out of memory; "
+                                          "lower --batch"):
+        worker.run([[1, 2, 3]], 2)
+    worker.close()

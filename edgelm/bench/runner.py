@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,20 +124,28 @@ class Worker:
             self.close()
             raise WorkerError(f"no answer within {timeout:.0f} s") from None
         if line is None:
-            self.proc.wait(timeout=10)
-            raise WorkerError(f"its process ended (exit code {self.proc.returncode}): {S.log_tail(self.log)}")
+            raise self._ended()
         msg = json.loads(line)
         if "error" in msg:
             raise WorkerError(msg["error"])
         return msg
+
+    def _ended(self) -> WorkerError:
+        """Why the process is gone: its exit code and its log's last lines; a SIGKILL, which leaves no log,
+        is most often the kernel's out-of-memory killer."""
+        self.proc.wait(timeout=10)
+        code = self.proc.returncode
+        if code == -signal.SIGKILL:
+            return WorkerError("its process was killed (SIGKILL), most likely because the machine ran out of "
+                               f"memory; lower --batch, the prompt or the new tokens: {S.log_tail(self.log)}")
+        return WorkerError(f"its process ended (exit code {code}): {S.log_tail(self.log)}")
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> dict:
         try:
             self.proc.stdin.write(json.dumps({"cmd": "run", "prompts": prompts, "new_tokens": new_tokens}) + "\n")
             self.proc.stdin.flush()
         except OSError:  # the process is gone: its log says why
-            self.proc.wait(timeout=10)
-            raise WorkerError(f"its process ended (exit code {self.proc.returncode}): {S.log_tail(self.log)}") from None
+            raise self._ended() from None
         msg = self._receive(RUN_TIMEOUT_S)
         self.peak_rss_bytes = max(self.peak_rss_bytes, msg["peak_rss_bytes"])
         if len(msg["stamps"]) != new_tokens:
