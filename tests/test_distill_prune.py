@@ -149,7 +149,9 @@ def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide
 
 @pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed"),
                                            (["--mlp", "0.5", "--multiple", "256"], "--multiple 256 is not below the MLP width"),
-                                           (["--heads", "0.25", "--batch-size", "10000000"], "lower --batch-size or --seq-len")])
+                                           (["--heads", "0.25", "--batch-size", "10000000"], "lower --batch-size or --seq-len"),
+                                           (["--heads", "0.25", "--importance", "random", "--score-batches", "4"],
+                                            "--importance random scores nothing, so --score-batches would be ignored")])
 def test_prune_refuses_bad_settings_in_one_line(wide_models, tmp_path, capsys, args, expected):
     from edgelm.cli import main
 
@@ -502,8 +504,12 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
         'calib_text = "c.txt"\n': "step 2 (quantize): int8-weight calibrates nothing",
         'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nmode = "auto"\n'
         'target = "arm64"\n': "step 2 (quantize): --mode auto measures speed, so it must run on the target machine",
+        'model = "embedded:gpt2"\n[[step]]\nkind = "export"\n[[step]]\nkind = "quantize"\nmode = "int8-dynamic"\n'
+        'block_size = 64\n': "step 2 (quantize): int8-dynamic does not use --block-size (block_size in a recipe)",
+        'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "prune"\nheads = 0.2\nimportance = "random"\n'
+        'rounds = 2\n': "step 1 (prune): --importance random scores nothing, so --rounds would be ignored",
         'model = "embedded:gpt2"\n[[step]]\nkind = "export"\nlinear_layout = "convv"\n':
-            "step 1 (export): linear_layout must be one of auto, matmul, conv, packed",
+            "step 1 (export): linear layout 'convv' is not supported; choose auto, matmul, conv, packed",
     }
     for text, message in cases.items():
         path = tmp_path / "r.toml"
@@ -540,7 +546,7 @@ def test_recipe_step_inputs_are_checked_before_the_run_starts(tmp_path, monkeypa
         top.replace(str(TRAIN), "short.txt") + '[[step]]\nkind = "prune"\nheads = 0.2\n':
             r"step 1 \(prune\): train_text has 1 tokens, fewer than one sequence of 129",
         'model = "embedded:gpt2"\n[[step]]\nkind = "export"\natol = nan\n':
-            r"step 1 \(export\): atol must be a finite number",
+            r"step 1 \(export\): --atol must be a positive finite number, got nan",
         'model = "embedded:gpt2"\n' + quantize + 'calib_text = "short.txt"\n':
             r"step 2 \(quantize\): calib_text has fewer than the \d+ tokens calibration needs",
     }

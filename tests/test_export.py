@@ -179,7 +179,9 @@ def test_padding_is_refused_where_it_cannot_be(tiny_model_dir, tmp_path):
     for kwargs, expected in (({"padding": "middle"}, "padding 'middle' is not available"),
                              ({"padding": "right", "linear_layout": "packed"}, "the packed layout"),
                              ({"padding": "right", "backend": "optimum"}, "the optimum backend"),
-                             ({"padding": "left", "dtype": "fp16"}, "fp16 graphs take right padding")):
+                             ({"padding": "left", "dtype": "fp16"}, "fp16 graphs take right padding"),
+                             ({"atol": 1e-3, "validate": False}, "--no-validate switches the validation off"),
+                             ({"rtol": 0.0, "validate": False}, "--no-validate switches the validation off")):
         with pytest.raises(InputError, match=expected):
             export_model(str(tiny_model_dir["gpt2"]), tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()

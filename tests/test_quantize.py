@@ -438,6 +438,13 @@ def test_cli(tiny_artifact, tmp_path, eval_text):
     r = edgelm("-o", str(tmp_path / "bad"), "--max-ppl-increase", "lots")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "takes a percentage such as 1.5%" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    for given, used_by in ((["--mode", "int8-dynamic", "--block-size", "64"], "only the weight-only modes"),
+                           (["--mode", "int8-dynamic", "--algorithm", "rtn"], "only the weight-only modes"),
+                           (["--mode", "int8-weight", "--smooth-alpha", "0.3"], "only int8-static use"),
+                           (["--mode", "int8-weight", "--calib-windows", "4"], "only the modes that calibrate")):
+        r = edgelm("-o", str(tmp_path / "bad"), *given)  # a setting the mode ignores is refused, not dropped
+        assert r.returncode == 2 and f"does not use {given[2]}" in r.stderr and used_by in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
     r = edgelm("-o", str(tmp_path / "ok"), "--mode", "int4-weight", "--target", "arm64", "--eval-text",
                str(eval_text), "--max-length", "64", "--stride", "32", "--json")
     assert r.returncode == 0, r.stderr

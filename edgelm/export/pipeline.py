@@ -37,20 +37,11 @@ def versions() -> dict:
     return out
 
 
-@measured_step("export")  # time, peak memory and energy of the whole export, in the step record
-def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
-                 atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
-                 progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto",
-                 padding: str | None = None) -> dict:
-    """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder.
-
-    ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv", "matmul" or "packed"
-    (edgelm's own operator, which needs edgelm's runtime library wherever the graph runs); see builder.py.
-    ``padding``: how a batch of prompts of different lengths is laid out (builder.py): None for the
-    dtype's default ("right" for fp16, which CUDA's attention needs; "left" for fp32), or either one
-    for a builder graph outside the packed layout.
-    """
-    out = Path(out)
+def check_settings(dtype: str = "fp32", backend: str = "builder", linear_layout: str = "auto",
+                   padding: str | None = None, atol: float | None = None, rtol: float | None = None,
+                   validate: bool = True) -> str:
+    """Refuse settings that cannot go together, before any work (a recipe's export steps are checked
+    with it before the recipe's first step); return the linear layout "auto" stands for."""
     if dtype not in V.DEFAULT_ATOL:
         raise InputError(f"dtype '{dtype}' is not supported; choose one of {', '.join(V.DEFAULT_ATOL)}")
     if backend not in BACKENDS:
@@ -68,6 +59,9 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
                          "and the packed layout and the optimum backend take left padding")
     if linear_layout == "packed":
         native.require()  # the graph is validated through the library: refuse now, not after the build
+    if not validate and (atol is not None or rtol is not None):
+        raise InputError("--atol and --rtol are the validation's tolerances, and --no-validate switches the "
+                         "validation off; leave them out, or validate")
     if atol is not None and not 0 < atol < math.inf:
         raise InputError(f"--atol must be a positive finite number, got {atol}")
     if rtol is not None and not 0 <= rtol < math.inf:
@@ -75,6 +69,24 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     if dtype == "fp16" and padding == "left":  # its -1e9 attention bias is -inf in fp16: NaN logits
         raise InputError("fp16 graphs take right padding (CUDA's attention has no bias, and fp16 cannot hold "
                          "the left padding's mask value); leave out --padding, or export fp32 for left padding")
+    return linear_layout
+
+
+@measured_step("export")  # time, peak memory and energy of the whole export, in the step record
+def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str = "builder",
+                 atol: float | None = None, rtol: float | None = None, force: bool = False, validate: bool = True,
+                 progress: bool = True, external_data: bool | None = None, linear_layout: str = "auto",
+                 padding: str | None = None) -> dict:
+    """Export a GPT-2 / GPT-Neo checkpoint (local folder or hub id) to a validated artifact folder.
+
+    ``linear_layout``: "auto" (conv for fp32 builder graphs, else matmul), "conv", "matmul" or "packed"
+    (edgelm's own operator, which needs edgelm's runtime library wherever the graph runs); see builder.py.
+    ``padding``: how a batch of prompts of different lengths is laid out (builder.py): None for the
+    dtype's default ("right" for fp16, which CUDA's attention needs; "left" for fp32), or either one
+    for a builder graph outside the packed layout.
+    """
+    out = Path(out)
+    linear_layout = check_settings(dtype, backend, linear_layout, padding, atol, rtol, validate)
     check_output(out, force, inputs=[model])  # refuse before any work
     started = time.perf_counter()
     model_dir = resolve_model_dir(model)

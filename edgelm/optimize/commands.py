@@ -46,15 +46,17 @@ def _configure_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ppl-increase", default=None,
                    help="largest perplexity increase allowed, e.g. 1.5%% (default: 1.5%% for int8 modes and auto, "
                         "5%% for int4-weight)")
-    p.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
+    p.add_argument("--algorithm", default=None, choices=["rtn", "gptq"],
                    help="weight-only modes: round-to-nearest or GPTQ (calibrated) (default rtn)")
-    p.add_argument("--block-size", type=int, default=32, help="weight-only modes: values per scale (default 32)")
+    p.add_argument("--block-size", type=int, default=None, help="weight-only modes: values per scale (default 32)")
     p.add_argument("--embeddings", default="quantize", choices=["keep", "quantize"],
                    help="the tied token embedding / LM head: quantize it too (default) or keep it fp32")
-    p.add_argument("--smooth-alpha", type=float, default=0.5,
+    p.add_argument("--smooth-alpha", type=float, default=None,
                    help="int8-static: SmoothQuant strength, 0 switches it off (default 0.5)")
-    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="modes that calibrate: calibration windows (default 32)")
+    p.add_argument("--calib-length", type=int, default=None,
+                   help="modes that calibrate: tokens per calibration window (default 256)")
     p.add_argument("--max-length", type=int, default=None, help="perplexity window (default: context, at most 1024)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: half the window)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed measurement (default 64)")
@@ -74,16 +76,17 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeConfig, format_table, parse_percent, quantize_artifact
 
     limit = None if args.max_ppl_increase is None else parse_percent(args.max_ppl_increase)
-    config = QuantizeConfig(mode=args.mode, target=args.target, algorithm=args.algorithm, block_size=args.block_size,
-                            embeddings=args.embeddings, smooth_alpha=args.smooth_alpha,
-                            calib_windows=args.calib_windows, calib_length=args.calib_length, max_ppl_increase=limit)
+    given = {k: getattr(args, k) for k in ("algorithm", "block_size", "smooth_alpha", "calib_windows", "calib_length")
+             if getattr(args, k) is not None}  # the rest keep QuantizeConfig's defaults
+    config = QuantizeConfig(mode=args.mode, target=args.target, embeddings=args.embeddings, max_ppl_increase=limit,
+                            **given)
     measure = MeasureConfig(max_length=args.max_length, stride=args.stride, new_tokens=args.new_tokens,
                             repeats=args.repeats)
     progress = not (args.quiet or args.json)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
     try:
         manifest = quantize_artifact(args.artifact, args.output, config, measure, args.calib_text, args.eval_text,
-                                     force=args.force, progress=progress, say=log)
+                                     force=args.force, progress=progress, say=log, given=set(given))
     except QualityError as exc:
         if getattr(exc, "table", None):
             print(exc.table, file=sys.stderr)
@@ -194,9 +197,11 @@ def _configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=["layer", "global"], default="layer",
                    help="remove the same share in every layer (default) or rank units across all layers")
     p.add_argument("--multiple", type=int, default=8, help="keep MLP widths at multiples of this (default 8)")
-    p.add_argument("--score-batches", type=int, default=16, help="batches used for importance (default 16)")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="prune in this many rounds, re-scoring the survivors after each (default 4)")
+    p.add_argument("--score-batches", type=int, default=None,
+                   help="gradient importance: batches used for the scores (default 16)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="gradient importance: prune in this many rounds, re-scoring the survivors after each "
+                        "(default 4)")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="steps of recovery training, distilling from the unpruned model (default 0: none)")
     _add_training_args(p, length_required=False)
@@ -207,10 +212,11 @@ def _configure_prune(p: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from .prune import PruneConfig, prune_model
 
+    given = {k: v for k, v in (("batches", args.score_batches), ("rounds", args.rounds)) if v is not None}
     pcfg = PruneConfig(heads=args.heads, mlp=args.mlp, importance=args.importance, scope=args.scope,
-                       multiple=args.multiple, batches=args.score_batches, rounds=args.rounds,
-                       batch_size=args.batch_size,
-                       seq_len=args.seq_len, seed=args.seed)
+                       multiple=args.multiple, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                       **given)
+    pcfg.check_given(given)
     if args.recover_steps < 0:
         from ..errors import InputError
 

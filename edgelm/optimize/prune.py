@@ -68,6 +68,13 @@ class PruneConfig:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def check_given(self, given) -> None:
+        """Refuse settings the user set (field names in ``given``) that this ranking does not use."""
+        unused = sorted({"batches": "--score-batches", "rounds": "--rounds"}[k] for k in set(given) & {"batches", "rounds"})
+        if unused and self.importance == "random":
+            raise InputError(f"--importance random scores nothing, so {' and '.join(unused)} would be ignored; leave "
+                             "them out, or rank by gradient")
+
 
 def _module(model, weight_name: str, i: int, prefix: str):
     return model.get_submodule(prefix + weight_name.format(i=i).rsplit(".", 1)[0])

@@ -120,15 +120,34 @@ def _check_source(folder: Path, manifest: dict) -> None:
         raise InputError(f"{folder} is {graph.get('dtype')}; quantize an fp32 artifact (edgelm export --dtype fp32)")
 
 
-def plan(config: QuantizeConfig, calib_text=None) -> tuple[Target, bool, list[str]]:
+WEIGHT_ONLY = ("int8-weight", "int4-weight")
+# the settings that only some modes use: {setting: (the modes that use it, what they are)}
+SETTING_MODES = {
+    "algorithm": (lambda mode, cfg: mode in WEIGHT_ONLY, "the weight-only modes (int8-weight, int4-weight)"),
+    "block_size": (lambda mode, cfg: mode in WEIGHT_ONLY, "the weight-only modes (int8-weight, int4-weight)"),
+    "smooth_alpha": (lambda mode, cfg: mode == "int8-static", "int8-static"),
+    "calib_windows": (lambda mode, cfg: MODES[mode].needs_calibration(cfg),
+                      "the modes that calibrate (int8-static, or a weight-only mode with --algorithm gptq)"),
+    "calib_length": (lambda mode, cfg: MODES[mode].needs_calibration(cfg),
+                     "the modes that calibrate (int8-static, or a weight-only mode with --algorithm gptq)"),
+}
+
+
+def plan(config: QuantizeConfig, calib_text=None, given=()) -> tuple[Target, bool, list[str]]:
     """(target, whether it is this machine, the modes to try): what a run would do, checked before any
-    work (a recipe checks its quantize steps with it before its first step)."""
+    work (a recipe checks its quantize steps with it before its first step). ``given``: the settings
+    the user set (QuantizeConfig's field names); one that no mode to try uses is refused, not ignored."""
     target, here = resolve_target(config.target)
     modes = _modes_to_try(config, target, here)
     if calib_text is not None and not any(MODES[m].needs_calibration(config) for m in modes):
         raise InputError(f"{', '.join(modes)} calibrates nothing, so --calib-text (calib_text in a recipe) would be "
                          "ignored; leave it out, or choose a mode that calibrates (int8-static, or a weight-only "
                          "mode with --algorithm gptq)")
+    for key in sorted(set(given) & set(SETTING_MODES)):
+        used_by, who = SETTING_MODES[key]
+        if not any(used_by(m, config) for m in modes):
+            raise InputError(f"{', '.join(modes)} does not use --{key.replace('_', '-')} ({key} in a recipe), which "
+                             f"only {who} use; leave it out, or choose such a mode")
     return target, here, modes
 
 
@@ -223,8 +242,9 @@ def _finish(folder: Path, result: dict) -> dict:
 def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfig | None = None,
                       measure: MeasureConfig | None = None, calib_text: str | Path | None = None,
                       eval_text: str | Path | None = None, force: bool = False, progress: bool = True,
-                      say=print) -> dict:
-    """Quantize an fp32 builder artifact into a new artifact folder; return its manifest."""
+                      say=print, given=()) -> dict:
+    """Quantize an fp32 builder artifact into a new artifact folder; return its manifest. ``given``:
+    the settings of ``config`` the user set, refused where no mode to try uses them (see ``plan``)."""
     from ..bench.energy import peak_rss_bytes  # since this step began (StepMeter resets the mark)
     from ..runtime.artifact import Tokenizer
     from .calibration import make_windows
@@ -237,7 +257,7 @@ def quantize_artifact(source: str | Path, out: str | Path, config: QuantizeConfi
     src_manifest = read_manifest(source, verify_checksums=True)  # a damaged source would be quantized and pass
     _check_source(source, src_manifest)
     check_output(out, force, inputs=[source, calib_text, eval_text])
-    target, here, modes = plan(config, calib_text)
+    target, here, modes = plan(config, calib_text, given)
     text, text_path = _read_text(eval_text, DEFAULT_EVAL_TEXT, "evaluation")
     tokenizer = Tokenizer(source)
     calibration = None

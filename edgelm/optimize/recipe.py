@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -196,6 +195,7 @@ def _build_config(kind: str, step: dict, where: str):
             pcfg = PruneConfig(**{k: step[k] for k in ("heads", "mlp", "importance", "scope", "multiple", "seed",
                                                        "batch_size", "seq_len", "rounds") if k in step},
                                batches=int(step.get("score_batches", 16)))
+            pcfg.check_given({"batches" if k == "score_batches" else k for k in step})
             recover = int(step.get("recover_steps", 0))
             if recover < 0:
                 raise InputError(f"recover_steps must be 0 or more, got {recover}")
@@ -207,19 +207,12 @@ def _build_config(kind: str, step: dict, where: str):
             if "max_ppl_increase" in qkeys:
                 qkeys["max_ppl_increase"] = parse_percent(str(qkeys["max_ppl_increase"]))
             qcfg = QuantizeConfig(**qkeys)
-            plan(qcfg, step.get("calib_text"))  # a target, mode and calibration text that go together
+            plan(qcfg, step.get("calib_text"), qkeys)  # a target, mode, calibration text and settings that go together
             return qcfg
-        from ..export.builder import LINEAR_LAYOUTS
-        from ..export.validate import DEFAULT_ATOL  # export: the rest is checked as it starts
+        from ..export.pipeline import check_settings
 
-        if step.get("dtype", "fp32") not in DEFAULT_ATOL:
-            raise InputError(f"dtype must be one of {', '.join(DEFAULT_ATOL)}, got {step['dtype']!r}")
-        if step.get("linear_layout", "auto") not in ("auto", *LINEAR_LAYOUTS):
-            raise InputError(f"linear_layout must be one of auto, {', '.join(LINEAR_LAYOUTS)}, got "
-                             f"{step['linear_layout']!r}")
-        for key in ("atol", "rtol"):
-            if key in step and not (math.isfinite(step[key]) and step[key] >= 0):
-                raise InputError(f"{key} must be a finite number of 0 or more, got {step[key]!r}")
+        check_settings(step.get("dtype", "fp32"), linear_layout=step.get("linear_layout", "auto"),
+                       atol=step.get("atol"), rtol=step.get("rtol"))
         return None
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
@@ -424,7 +417,7 @@ def _run_steps(recipe: dict, run: _Run, out: Path, source_dir: Path, measure, ev
             else:
                 manifest = quantize_artifact(artifact, folder, config, measure,
                                              calib_text=step.get("calib_text"), eval_text=eval_text, force=True,
-                                             progress=progress)
+                                             progress=progress, given=set(step) & set(STEP_KEYS["quantize"]))
                 record = manifest["steps"][-1]
             entry = run.finish(key, {"folder": str(folder), "record": record,
                                      "seconds": round(time.perf_counter() - started, 2)})
