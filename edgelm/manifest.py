@@ -9,6 +9,8 @@ Schema (version 1), all keys always present unless marked optional:
                 present_key, present_value, kind: full|window|concat, window, share_buffer}], kv_dtype
     tokenizer:  files, bos_token_id, eos_token_id, eos_token_ids (optional: every id generation ends on,
                 eos_token_id first; older artifacts have eos_token_id alone)
+    generation: (optional) the sampling settings of the model's generation_config.json that the runtime
+                starts from: do_sample, temperature, top_k, top_p, repetition_penalty (those it sets)
     steps:      [{name, ... settings, seconds, peak_rss_bytes, versions, energy}]  (the lineage, in order;
                 energy: edgelm.bench.energy's record of the step, measured or not and why)
     validation: status (passed|not_validated), reason (optional), atol, provider, schedule,
@@ -126,9 +128,25 @@ def _check_structure(path: Path, manifest) -> None:
             problem = "its tokenizer's eos_token_ids is not a list of token ids"
         elif any(i is not None and not 0 <= i < vocab for i in ids):
             problem = f"a token id of its tokenizer is outside the model's vocabulary of {vocab}"
+        elif (generation := _generation_problem(manifest.get("generation", {}))) is not None:
+            problem = generation
         else:
             return
     raise ArtifactError(f"{path} is damaged or not an edgelm manifest ({problem}); export the model again")
+
+
+def _generation_problem(generation) -> str | None:
+    """What is wrong with a manifest's ``generation`` (its model's sampling defaults), else None."""
+    from .errors import InputError
+    from .runtime.sampling import model_defaults
+
+    if not isinstance(generation, dict):
+        return "its generation is not a JSON object"
+    try:
+        model_defaults(generation, "its generation")
+    except InputError as exc:
+        return str(exc).rsplit(";", 1)[0]
+    return None
 
 
 def _verify_checksums(folder: Path, files: dict, progress: bool) -> None:

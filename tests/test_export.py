@@ -275,6 +275,12 @@ CONFIG_AND_TOKENIZER_CASES = {  # case: (architecture, change to the copy of the
                             "generation_config.json's eos_token_id is '2'"),
     "generation_not_json": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text("{"),
                             "generation_config.json is not valid JSON"),
+    "generation_temperature_text": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": "hot"}'), "generation_config.json's temperature is 'hot', not a number"),
+    "generation_do_sample_number": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text(
+        '{"do_sample": 1}'), "generation_config.json's do_sample is 1, not true or false"),
+    "generation_top_p_out_of_range": ("gpt2", lambda src, cfg: (src / "generation_config.json").write_text(
+        '{"top_p": 1.5}'), "generation_config.json's sampling settings are out of range (top_p must be in (0, 1]"),
     "tiny_context": ("gpt2", lambda src, cfg: cfg.update(n_positions=3), "at least 8 positions"),
     "partial_tokenizer": ("gpt2", _drop("tokenizer.json", "vocab.json"), "has merges.txt but not a whole tokenizer"),
     "no_tokenizer_other_vocab": ("gpt2", lambda src, cfg: [
@@ -738,6 +744,9 @@ MANIFEST_DAMAGE = {  # case: (change to a copy of the artifact's manifest and fo
                                      "the graph's file 'model.onnx' is not among its files"),
     "external data unlisted": (lambda m, folder: m["graph"].update(external_data="model.onnx.data"),
                                "the graph's file 'model.onnx.data' is not among its files"),
+    "generation not an object": (lambda m, folder: m.update(generation=[]), "its generation is not a JSON object"),
+    "generation top_k as text": (lambda m, folder: m.update(generation={"top_k": "40"}),
+                                 "its generation's top_k is '40', not a whole number"),
 }
 
 

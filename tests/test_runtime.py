@@ -110,6 +110,48 @@ def test_generation_ends_on_any_listed_end_of_text_id_as_transformers_does(embed
         assert their == (row if at is None else mine.token_ids + [row[at]] + [50256] * (len(their) - at - 1))
 
 
+def test_the_models_own_sampling_defaults_apply_unless_overridden(tmp_path):
+    """A generation_config.json that asks for sampling (do_sample, temperature, top_k, repetition_penalty)
+    reaches the manifest; the Python API, the command line and the server start from it, as transformers'
+    generate does, and what the user sets goes over it (--greedy included)."""
+    import shutil
+
+    from edgelm.export import export_model
+    from edgelm.runtime.server import parse_completion_request
+
+    src = tmp_path / "m"
+    shutil.copytree(EMBEDDED_MODELS["gpt2"], src)
+    model = {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": None, "repetition_penalty": 1.3}
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 50256, **model}))
+    manifest = export_model(str(src), tmp_path / "a", validate=False, progress=False)
+    defaults = {k: v for k, v in model.items() if v is not None}  # null: not set
+    assert manifest["generation"] == defaults
+    gen = Generator.load(tmp_path / "a")
+    run = dict(max_new_tokens=24, seed=3, stop_at_eos=False)
+    assert gen.generate(PROMPTS[0], **run).token_ids == gen.generate(PROMPTS[0], SamplingConfig(
+        greedy=False, temperature=0.8, top_k=20, repetition_penalty=1.3, **run)).token_ids
+    assert gen.generate(PROMPTS[0], greedy=True, **run).token_ids == gen.generate(PROMPTS[0], SamplingConfig(
+        repetition_penalty=1.3, **run)).token_ids != gen.generate(PROMPTS[0], SamplingConfig(**run)).token_ids
+
+    def cli(*extra):
+        r = _cli("generate", str(tmp_path / "a"), PROMPTS[0], "-n", "4", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["sampling"]
+
+    picked = {k: cli(*flags) for k, flags in (("model", ()), ("greedy", ("--greedy",)), ("top_k", ("--top-k", "5")))}
+    assert {k: picked["model"][k] for k in ("greedy", "temperature", "top_k", "repetition_penalty")} == {
+        "greedy": False, "temperature": 0.8, "top_k": 20, "repetition_penalty": 1.3}
+    assert picked["greedy"]["greedy"] is True and picked["greedy"]["repetition_penalty"] == 1.3
+    assert (picked["top_k"]["top_k"], picked["top_k"]["temperature"]) == (5, 0.8)
+    r = _cli("generate", str(tmp_path / "a"), PROMPTS[0], "-n", "2")
+    assert "[sampling, as the model's generation_config.json asks (temperature 0.8, top_k 20, repetition_penalty " \
+           "1.3); --greedy for argmax]" in r.stderr
+    (row,), _ = parse_completion_request({"prompt": "Hello"}, gen, "m")
+    assert (row.cfg.greedy, row.cfg.temperature, row.cfg.top_k, row.cfg.repetition_penalty) == (False, 0.8, 20, 1.3)
+    (row,), _ = parse_completion_request({"prompt": "Hello", "temperature": 0, "top_k": 0}, gen, "m")
+    assert row.cfg.greedy and row.cfg.top_k == 0
+
+
 @pytest.fixture(scope="module")
 def right_padded_artifact(tmp_path_factory):
     """{name: artifact} of the embedded models with right padding (fp16 graphs' contract, for CUDA), in fp32."""

@@ -15,6 +15,7 @@ from ..bench.energy import current_step, measured_step
 from ..errors import InputError
 from ..manifest import FORMAT, SCHEMA_VERSION, read_lineage, write_manifest
 from ..runtime import native
+from ..runtime.sampling import model_defaults
 from . import validate as V
 from .arch import arch_for, resolve
 from .graph import EXTERNAL_DATA_BYTES
@@ -95,7 +96,9 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
     source = str(model_dir.resolve()) if Path(model).expanduser().exists() else str(model)
     config = read_config(model_dir)
     spec = arch_for(config)
-    facts = resolve(config, read_generation_config(model_dir))
+    generation = read_generation_config(model_dir)
+    facts = resolve(config, generation)
+    sampling = model_defaults(generation, f"{model_dir / 'generation_config.json'}")  # refused now, not at load
     ckpt = open_checkpoint(model_dir)
     atol = atol or V.DEFAULT_ATOL[dtype]
     rtol = V.DEFAULT_RTOL[dtype] if rtol is None else rtol
@@ -134,6 +137,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", backend: str 
             "io": io,
             "tokenizer": {**tokenizer, "bos_token_id": facts.bos_token_id,
                           "eos_token_id": facts.eos_token_id, "eos_token_ids": list(facts.eos_token_ids)},
+            "generation": sampling,
             "steps": read_lineage(model_dir) + [{  # the training steps that made the model, then this one
                 "name": "export", "backend": backend, "dtype": dtype, "source": source,
                 "seconds": round(time.perf_counter() - started, 2), "build_seconds": round(build_seconds, 2),

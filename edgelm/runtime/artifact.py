@@ -166,6 +166,12 @@ class Artifact:
         return NP_DTYPES[self.manifest["io"]["kv_dtype"]]
 
     @property
+    def generation_defaults(self) -> dict:
+        """The sampling settings of the model's generation_config.json (sampling.model_defaults' names;
+        empty where it sets none, and for artifacts exported before edgelm kept them)."""
+        return self.manifest.get("generation", {})
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.manifest["tokenizer"].get("eos_token_id")
 

@@ -53,11 +53,12 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                                              "batch; - reads a prompt from standard input")
     p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=64)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--greedy", action="store_true",
+                      help="argmax decoding (the default, unless the model's generation_config.json sets do_sample)")
     mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's end-of-text tokens")
@@ -68,30 +69,42 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
                         "else USA): an 'energy' field with --json, one line on stderr otherwise")
 
 
-def sampling_from_args(args):
-    """A SamplingConfig from the generate flags (sampling when any sampling flag is given)."""
+def sampling_from_args(args) -> dict:
+    """The generate flags as SamplingConfig settings, checked before the model loads; the model's own
+    defaults fill in the rest (Generator.sampling). A sampling flag means sampling, --greedy argmax,
+    and neither what the model's generation_config.json says (greedy where it says nothing)."""
     from .sampling import SamplingConfig
 
-    sample = args.temperature is not None or args.top_k or args.top_p < 1.0
-    if args.greedy and sample:
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
+                if v is not None}
+    if args.greedy and sampling:
         raise InputError("--greedy takes the most likely token, so --top-k and --top-p (sampling flags) do not "
                          "apply; drop --greedy to sample, or drop them")
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not sample,
-                          temperature=args.temperature if args.temperature is not None else 1.0,
-                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          stop=tuple(args.stop), seed=args.seed, stop_at_eos=not args.ignore_eos)
+    settings = dict(sampling, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
+                    stop_at_eos=not args.ignore_eos)
+    if args.repetition_penalty is not None:
+        settings["repetition_penalty"] = args.repetition_penalty
+    if args.greedy or sampling:
+        settings["greedy"] = args.greedy
+    SamplingConfig(**settings)  # a bad value is refused before the model loads
+    return settings
 
 
 @command("generate", "Generate text from an exported artifact with ONNX Runtime (no torch).", _configure_generate)
 def run_generate(args: argparse.Namespace) -> int:
     from .generator import Generator
 
-    cfg = sampling_from_args(args)
+    settings = sampling_from_args(args)
     prompts = _prompts(args.prompt)
     if args.stream and not args.json and len(prompts) > 1:
         raise InputError("--stream prints one prompt's tokens as they come; give one prompt, or drop --stream to "
                          "generate several together")
     gen = Generator.load(args.artifact, args.provider, args.threads, args.context_policy, args.weights, args.kernels)
+    cfg = gen.sampling(**settings)
+    if not cfg.greedy and "greedy" not in settings and not args.json:
+        model = ", ".join(f"{k} {v}" for k, v in gen.art.generation_defaults.items() if k != "do_sample")
+        print(f"[sampling, as the model's generation_config.json asks{f' ({model})' if model else ''}; --greedy "
+              "for argmax]", file=sys.stderr)
     meter = None
     if args.energy:
         from ..bench.energy import Meter

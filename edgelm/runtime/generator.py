@@ -25,7 +25,7 @@ from ..errors import InputError
 from .artifact import Artifact, load_artifact
 from .kv import KVCache
 from .options import CONTEXT_POLICIES
-from .sampling import SamplingConfig, next_tokens
+from .sampling import SamplingConfig, next_tokens, sampling_settings
 
 
 @dataclass
@@ -155,10 +155,18 @@ class Generator:
         return self.art.tokenizer
 
     # -- public API ---------------------------------------------------------------------------
+    def sampling(self, **settings) -> SamplingConfig:
+        """A SamplingConfig that starts from the model's own defaults (what its generation_config.json
+        sets of do_sample, temperature, top_k, top_p and repetition_penalty, as transformers' generate
+        starts from them), with ``settings`` (SamplingConfig's fields) over them; SamplingConfig's own
+        defaults (greedy) fill the rest."""
+        return SamplingConfig(**{**sampling_settings(self.art.generation_defaults), **settings})
+
     def generate(self, prompts, cfg: SamplingConfig | None = None, **kwargs):
-        """One prompt (text or token ids) -> GenerationResult; a list of them -> a list (one padded batch)."""
+        """One prompt (text or token ids) -> GenerationResult; a list of them -> a list (one padded batch).
+        Without ``cfg``, the settings are the model's defaults with ``kwargs`` over them (``sampling``)."""
         single = self._single(prompts)
-        cfg = cfg or SamplingConfig(**kwargs)
+        cfg = cfg or self.sampling(**kwargs)
         rows = self._rows([prompts] if single else list(prompts), cfg, live_text=False)
         for _ in self.run(rows):
             pass
@@ -167,8 +175,9 @@ class Generator:
 
     def stream(self, prompts, cfg: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
         """One prompt (text or token ids) or a list of them (one padded batch) -> StreamEvents as the
-        tokens come; each event's ``row`` is its prompt's index (0 for a single prompt)."""
-        cfg = cfg or SamplingConfig(**kwargs)
+        tokens come; each event's ``row`` is its prompt's index (0 for a single prompt). Without ``cfg``,
+        the model's defaults with ``kwargs`` over them, as ``generate``."""
+        cfg = cfg or self.sampling(**kwargs)
         yield from self.run(self._rows([prompts] if self._single(prompts) else list(prompts), cfg))
 
     def run_rows(self, prompts: list[str], cfgs: list[SamplingConfig]):

@@ -55,6 +55,37 @@ class SamplingConfig:
         return d
 
 
+# a model's generation_config.json: the sampling settings it may set, and the SamplingConfig field each sets
+MODEL_DEFAULT_KEYS = {"do_sample": "greedy", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                      "repetition_penalty": "repetition_penalty"}
+
+
+def model_defaults(generation: dict, where: str) -> dict:
+    """The sampling settings a model's generation_config.json (``generation``) sets, checked, in its own
+    names ({"do_sample": True, "temperature": 0.7, ...}; the keys it has, null taken as absent). The
+    export keeps them in the manifest and the runtime starts from them, as transformers' ``generate``
+    does. ``where`` names their source in a refusal."""
+    found = {k: generation[k] for k in MODEL_DEFAULT_KEYS if generation.get(k) is not None}
+    for key, value in found.items():
+        kind = bool if key == "do_sample" else int if key == "top_k" else (int, float)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            want = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+            raise InputError(f"{where}'s {key} is {value!r}, not {want}; fix it")
+    try:
+        SamplingConfig(**sampling_settings(found))
+    except InputError as exc:
+        raise InputError(f"{where}'s sampling settings are out of range ({exc}); fix them") from None
+    return found
+
+
+def sampling_settings(defaults: dict) -> dict:
+    """SamplingConfig's keyword arguments for a model's defaults (``model_defaults``' names)."""
+    settings = {MODEL_DEFAULT_KEYS[k]: v for k, v in defaults.items()}
+    if "greedy" in settings:
+        settings["greedy"] = not settings["greedy"]
+    return settings
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:
     """In place. logits (B, V); seen (B, V) bool: tokens in the prompt or generated so far."""
     if penalty == 1.0:

@@ -3,6 +3,10 @@
     POST /v1/completions   {"prompt": "...", "max_tokens": 16, "temperature": 1.0, "stream": false, ...}
     GET  /v1/models        GET /health        GET /metrics (Prometheus text format, energy included)
 
+A sampling field a request leaves out (temperature, top_k, top_p, repetition_penalty) takes the
+value the model's generation_config.json sets, else OpenAI's default (temperature 1: sampling); as in
+OpenAI's API, temperature 0 means greedy, whatever the model's do_sample says.
+
 Request threads parse and check each request (a 4xx with a JSON error that says what to fix),
 then put it on a bounded queue (full: 429). One worker thread owns the model: it takes up to
 ``max_batch`` waiting requests, decodes them together as one batch (padded as the artifact says), and hands each
@@ -211,7 +215,8 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str,
     limit = gen.max_positions
     if not 1 <= max_tokens <= limit:
         raise InputError(f"'max_tokens' must be between 1 and {limit}, got {max_tokens}")
-    temperature = number("temperature", 1.0)
+    model = gen.art.generation_defaults  # a field left out takes the model's value, where it sets one
+    temperature = number("temperature", model.get("temperature", 1.0))
     if temperature < 0:
         raise InputError(f"'temperature' must be >= 0, got {temperature}")
     stop = body.get("stop") or []
@@ -224,8 +229,9 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str,
         raise InputError("'stream' must be true or false")
     seed = number("seed", None, int) if body.get("seed") is not None else None
     cfg = SamplingConfig(max_new_tokens=max_tokens, greedy=temperature == 0, temperature=temperature or 1.0,
-                         top_k=number("top_k", 0, int), top_p=number("top_p", 1.0),
-                         repetition_penalty=number("repetition_penalty", 1.0), stop=tuple(stop), seed=seed)
+                         top_k=number("top_k", model.get("top_k", 0), int), top_p=number("top_p", model.get("top_p", 1.0)),
+                         repetition_penalty=number("repetition_penalty", model.get("repetition_penalty", 1.0)),
+                         stop=tuple(stop), seed=seed)
     return [gen.prepare(p, cfg) for p in prompts], stream
 
 
