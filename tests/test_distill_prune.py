@@ -150,6 +150,9 @@ def test_prune_command_writes_a_smaller_model_that_exports_with_its_lineage(wide
 @pytest.mark.parametrize("args,expected", [(["--heads", "1.2"], "--heads"), (["--heads", "0.25", "--seed", "-1"], "--seed"),
                                            (["--mlp", "0.5", "--multiple", "256"], "--multiple 256 is not below the MLP width"),
                                            (["--heads", "0.25", "--batch-size", "10000000"], "lower --batch-size or --seq-len"),
+                                           (["--heads", "0.25", "--lr", "1e-3", "--checkpoint-dir", "c"],
+                                            "--lr, --checkpoint-dir set the recovery training, which runs only with "
+                                            "--recover-steps N"),
                                            (["--heads", "0.25", "--importance", "random", "--score-batches", "4"],
                                             "--importance random scores nothing, so --score-batches would be ignored")])
 def test_prune_refuses_bad_settings_in_one_line(wide_models, tmp_path, capsys, args, expected):
@@ -508,6 +511,8 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
         'block_size = 64\n': "step 2 (quantize): int8-dynamic does not use --block-size (block_size in a recipe)",
         'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "prune"\nheads = 0.2\nimportance = "random"\n'
         'rounds = 2\n': "step 1 (prune): --importance random scores nothing, so --rounds would be ignored",
+        'model = "embedded:gpt2"\ntrain_text = "t.txt"\n[[step]]\nkind = "prune"\nheads = 0.2\nalpha = 0.9\n':
+            "step 1 (prune): alpha set the recovery training, which runs only with recover_steps = N",
         'model = "embedded:gpt2"\n[[step]]\nkind = "export"\nlinear_layout = "convv"\n':
             "step 1 (export): linear layout 'convv' is not supported; choose auto, matmul, conv, packed",
     }

@@ -116,13 +116,13 @@ def _add_training_args(p: argparse.ArgumentParser, length_required: bool) -> Non
                                                           "from the first few)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence; also the evaluation window (default 128)")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine decay (default 3e-4)")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (default 1)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine decay (default 3e-4)")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature of the KL term (default 1)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None,
                    help="matrix products in fp32, or bf16 autocast (auto, the default: bf16 where the CPU has it)")
-    g.add_argument("--alpha", type=float, default=0.5,
+    g.add_argument("--alpha", type=float, default=None,
                    help="weight of the teacher's soft targets; 1 - alpha goes to the next-token loss (default 0.5)")
-    g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
     g.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUTPUT.ckpt beside the output)")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in the checkpoint folder")
@@ -134,13 +134,16 @@ def _add_training_args(p: argparse.ArgumentParser, length_required: bool) -> Non
     p.add_argument("--json", action="store_true", help="print the step record as JSON")
 
 
+TRAINING_ONLY = ("lr", "temperature", "alpha", "precision", "checkpoint_every")  # flags only training reads
+
+
 def _train_config(args: argparse.Namespace, steps: int | None = None):
     from .train import TrainConfig
 
+    given = {k: getattr(args, k) for k in TRAINING_ONLY if getattr(args, k) is not None}  # else TrainConfig's
     return TrainConfig(steps=steps if steps is not None else args.steps,
                        minutes=None if steps is not None else args.minutes, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
-                       checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision)
+                       seq_len=args.seq_len, seed=args.seed, **given)
 
 
 def _print_record(record: dict, as_json: bool, summary: str, output: str) -> None:
@@ -221,6 +224,14 @@ def run_prune(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
+    unused = [f"--{k.replace('_', '-')}" for k in TRAINING_ONLY if getattr(args, k) is not None] + [
+        flag for flag, on in (("--checkpoint-dir", args.checkpoint_dir), ("--keep-checkpoints", args.keep_checkpoints),
+                              ("--resume", args.resume)) if on]
+    if unused and not args.recover_steps:
+        from ..errors import InputError
+
+        raise InputError(f"{', '.join(unused)} set the recovery training, which runs only with --recover-steps N; "
+                         "add --recover-steps, or leave them out")
     recover = _train_config(args, steps=args.recover_steps) if args.recover_steps else None
     record = prune_model(args.model, args.output, args.train_text, pcfg, recover=recover, eval_text=args.eval_text,
                          resume=args.resume, force=args.force, progress=not (args.quiet or args.json),

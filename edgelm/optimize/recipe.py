@@ -199,6 +199,10 @@ def _build_config(kind: str, step: dict, where: str):
             recover = int(step.get("recover_steps", 0))
             if recover < 0:
                 raise InputError(f"recover_steps must be 0 or more, got {recover}")
+            unused = sorted(set(step) & (TRAINING_KEYS - {"batch_size", "seq_len", "seed"}))
+            if unused and not recover:
+                raise InputError(f"{', '.join(unused)} set the recovery training, which runs only with "
+                                 "recover_steps = N; add recover_steps, or leave them out")
             return pcfg, (_train_config(step, recover) if recover else None)
         if kind == "quantize":
             from .quantize import QuantizeConfig, parse_percent, plan
