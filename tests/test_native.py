@@ -236,3 +236,65 @@ def test_packed_linear_applies_the_residual_layer_norm_first(k, n):
             None, {"x": np.zeros((1, 2, k), np.float32), "skip": np.zeros((1, 3, k), np.float32)})
     with pytest.raises(Exception, match="a second output needs Gamma"):
         _fused_session(k, n, ["x", "W", "B"], ["y", "h"])[0].run(None, {"x": np.zeros((1, k), np.float32)})
+
+
+def _screen_session(w, b):
+    """PackedLinear over w (K, n) (+ b) with its Screen input (native/screen.c) fed by a graph input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    inits = [numpy_helper.from_array(native.pack_panels(w), "W")]
+    if b is not None:
+        inits.append(numpy_helper.from_array(b, "B"))
+    node = helper.make_node("PackedLinear", ["x", "W", "B" if b is not None else "", "", "", "", "", "screen"], ["y"],
+                            domain=native.DOMAIN, n=n)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                            helper.make_tensor_value_info("screen", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    native.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_the_screen_keeps_the_full_products_argmax():
+    """With Screen on, every row's argmax is the full product's (ties to the first, as numpy's), its panel
+    holds the full product's very floats, and everything else lies below the row's largest value; the
+    other panels are estimates (so the switch did something). Near ties that only fp32 can settle,
+    an outlier feature, a bias, 1 to 5 rows, and columns so alike that screening gives up."""
+    rng = np.random.default_rng(11)
+    k, n = 96, 1000
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    w[:, 700] = w[:, 300] + np.float32(1e-7) * rng.standard_normal(k).astype(np.float32)  # near tie, panels apart
+    w[:, 301] = w[:, 300]  # an exact tie in one panel: the first wins
+    alike = np.repeat(w[:, :1], n, axis=1) + (rng.standard_normal((k, n)) * 1e-6).astype(np.float32)
+    for weights, bias in ((w, None), (w, (rng.standard_normal(n) * 0.1).astype(np.float32)), (alike, None)):
+        sess = _screen_session(weights, bias)
+        for m in (1, 2, 3, 5):
+            x = rng.standard_normal((m, 1, k)).astype(np.float32)
+            x[0, 0, 5] = 60.0  # an outlier feature, as GPT-2's residual stream has
+            x[-1] = weights[:, 300] / np.linalg.norm(weights[:, 300]) * 30  # pointed at the near tie
+            full = sess.run(None, {"x": x, "screen": np.array(0, np.int64)})[0][:, 0]
+            screened = sess.run(None, {"x": x, "screen": np.array(1, np.int64)})[0][:, 0]
+            np.testing.assert_allclose(full, x[:, 0] @ weights + (0 if bias is None else bias), rtol=1e-4, atol=1e-4)
+            assert (screened.argmax(axis=1) == full.argmax(axis=1)).all()
+            for r, j in enumerate(full.argmax(axis=1)):
+                panel = slice(j // 16 * 16, j // 16 * 16 + 16)
+                assert np.array_equal(screened[r, panel], full[r, panel])
+                assert (np.delete(screened[r], np.flatnonzero(screened[r] == full[r, j])) < full[r, j]).all()
+            if weights is w:
+                assert not np.array_equal(screened, full)  # estimates outside the candidates' panels
+                assert full.argmax(axis=1)[-1] in (300, 700)  # the row pointed at the near tie
+            else:
+                assert np.array_equal(screened, full)  # every column a candidate: the full product
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_screen_kernel_keeps_the_argmax(isa):
+    code = ("import tests.test_native as t; from edgelm.runtime import native; "
+            "t.test_the_screen_keeps_the_full_products_argmax(); print(native.kernel_isa())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EDGELM_KERNEL_ISA": isa},
+                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] in (isa, "generic")

@@ -152,6 +152,38 @@ def test_the_models_own_sampling_defaults_apply_unless_overridden(tmp_path):
     assert row.cfg.greedy and row.cfg.top_k == 0
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_greedy_steps_screen_the_lm_head_and_give_the_same_tokens(embedded_artifact, name):
+    """On edgelm's kernels, greedy rows without a repetition penalty take the LM head's screen: the same
+    tokens as the full product (one prompt, and a padded batch, past GPT-Neo's window), where the
+    session's logits really are estimates away from the argmax; any sampling or penalized row turns it off."""
+    from edgelm.runtime.native import SCREEN_INPUT
+
+    gen = Generator.load(embedded_artifact[name])
+    assert gen.screens and gen.art.kernels == "edgelm"
+    cfg = SamplingConfig(max_new_tokens=90, stop_at_eos=False)
+    runs = {}
+    for on in (True, False):
+        gen.screen = on
+        runs[on] = [r.token_ids for r in gen.generate(PROMPTS, cfg)] + [gen.generate(PROMPTS[0], cfg).token_ids]
+    assert runs[True] == runs[False]
+    gen.screen = True
+    rows = [gen.prepare(PROMPTS[0], cfg), gen.prepare(PROMPTS[1], cfg)]
+    assert gen.screened(rows)
+    assert not gen.screened(rows + [gen.prepare(PROMPTS[0], SamplingConfig(greedy=False, seed=1))])
+    assert not gen.screened([gen.prepare(PROMPTS[0], SamplingConfig(repetition_penalty=1.2))])
+    if name != "gpt2":  # the session on its own, below: GPT-2's empty caches are simple to feed
+        return
+    ids = np.array([gen.tokenizer.encode(PROMPTS[0])])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "num_logits_to_keep": np.array(1),
+             "position_ids": np.arange(ids.shape[1])[None],
+             **{i.name: np.zeros([d if isinstance(d, int) else 1 if "batch" in str(d) else 0 for d in i.shape],
+                                 np.float32) for i in gen.art.session.get_inputs() if i.name.startswith("past")}}
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in gen.art.session.get_inputs()}}
+    full, screened = (gen.art.session.run(["logits"], {**feeds, SCREEN_INPUT: np.array(on)})[0][0, -1] for on in (0, 1))
+    assert screened.argmax() == full.argmax() and screened.max() == full.max() and not np.array_equal(screened, full)
+
+
 @pytest.fixture(scope="module")
 def right_padded_artifact(tmp_path_factory):
     """{name: artifact} of the embedded models with right padding (fp16 graphs' contract, for CUDA), in fp32."""
@@ -311,7 +343,10 @@ def test_default_export_runs_on_edgelm_kernels_from_memory(packed_artifact, righ
     # ONNX Runtime computes with the held arrays themselves, not a copy: zero the tied table, the logits change
     from edgelm.optimize.evaluate import prompt_feed
 
+    from edgelm.runtime.native import SCREEN_INPUT
+
     feeds = prompt_feed(gen.art.manifest, np.array([[5, 6, 7]], np.int64), gen.art.kv_dtype, 1)
+    feeds[SCREEN_INPUT] = np.array(0)  # the Generator's session: its LM head's screen switch, off (the full product)
     before = gen.art.session.run(["logits"], feeds)[0]
     max(gen.art.held[0], key=lambda a: a.nbytes)[...] = 0
     assert np.abs(before).max() > 0 and not np.abs(gen.art.session.run(["logits"], feeds)[0]).any()

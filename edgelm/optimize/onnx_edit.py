@@ -350,6 +350,23 @@ def packed_to_matmul(model: onnx.ModelProto) -> int:
     return turned
 
 
+def screen_logits(model: onnx.ModelProto) -> bool:
+    """Give the PackedLinear that computes the graph's logits its Screen input, fed by a new graph input
+    ``edgelm_screen`` (native.SCREEN_INPUT, int64 scalar, required: the runtime's Generator feeds it): 1 asks
+    for the argmax of each row only (greedy decoding), for a quarter of the LM head's reads; 0 the full
+    product. Returns whether the graph has that node."""
+    from ..runtime.native import SCREEN_INPUT
+
+    head = next((n for n in model.graph.node if n.op_type == "PackedLinear" and list(n.output[:1]) == ["logits"]), None)
+    if head is None or any(i.name == SCREEN_INPUT for i in model.graph.input):
+        return head is not None
+    inputs = list(head.input) + [""] * (7 - len(head.input))
+    del head.input[:]
+    head.input.extend(inputs + [SCREEN_INPUT])
+    model.graph.input.append(helper.make_tensor_value_info(SCREEN_INPUT, TensorProto.INT64, []))
+    return True
+
+
 def matmul_to_packed(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> int:
     """Turn the builder's fp32 MatMul graph into its packed layout: the inverse of packed_to_matmul.
 

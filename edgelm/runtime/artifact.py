@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import ArtifactError, DependencyError, InputError, UnsupportedModelError
 from ..manifest import read_manifest
 from . import native
+from .native import SCREEN_INPUT
 from .options import KERNELS, PROVIDERS, WEIGHT_PLACEMENTS, check_threads
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -162,6 +163,11 @@ class Artifact:
         return {i["name"] for i in self.manifest["io"]["inputs"]}
 
     @property
+    def screens(self) -> bool:
+        """Whether the session's LM head takes the screen switch (edgelm's kernels: native/screen.c)."""
+        return any(i.name == SCREEN_INPUT for i in self.session.get_inputs())
+
+    @property
     def kv_dtype(self):
         return NP_DTYPES[self.manifest["io"]["kv_dtype"]]
 
@@ -186,9 +192,11 @@ class Artifact:
 
 
 def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                  weights: str = "mapped", kernels: str = "auto") -> Artifact:
+                  weights: str = "mapped", kernels: str = "auto", screen: bool = False) -> Artifact:
     """``weights``: where a packed artifact's weights live, "mapped" or "memory" (WEIGHT_PLACEMENTS);
-    ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS)."""
+    ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS); ``screen``: where the graph is rewritten
+    for edgelm's kernels, give its LM head the screen's switch (native/screen.c), a graph input
+    (SCREEN_INPUT) that every run must then feed, as the Generator does."""
     if weights not in WEIGHT_PLACEMENTS:
         raise InputError(f"weights '{weights}' is unknown; choose one of {', '.join(WEIGHT_PLACEMENTS)}")
     check_threads(threads)
@@ -215,7 +223,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     held, rewritten = (), None
     if kernels == "edgelm" and not packed:
         try:
-            rewritten = _packed_graph(folder / manifest["graph"]["file"])
+            rewritten = _packed_graph(folder / manifest["graph"]["file"], screen)
         except (UnsupportedModelError, ValueError) as exc:  # a graph the rewrite does not recognize
             if asked == "edgelm":
                 raise InputError(f"{folder} cannot run on edgelm's kernels: {exc}; use --kernels onnxruntime") from None
@@ -231,7 +239,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     except Exception as exc:
         raise ArtifactError(f"ONNX Runtime cannot load {folder / manifest['graph']['file']}: "
                             f"{str(exc).splitlines()[0][:300]}") from None
-    graph_inputs = {i.name for i in session.get_inputs()}
+    graph_inputs = {i.name for i in session.get_inputs()} - {SCREEN_INPUT}  # the runtime's own, when asked for
     listed = {i["name"] for i in manifest["io"]["inputs"]}
     if graph_inputs != listed:
         raise ArtifactError(f"{folder}: the graph's inputs differ from its manifest ({sorted(graph_inputs ^ listed)[:4]}); "
@@ -239,7 +247,7 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
     return Artifact(folder, manifest, session, provider, Tokenizer(folder), kernels, held)
 
 
-def _packed_graph(graph: Path):
+def _packed_graph(graph: Path, screen: bool = False):
     """``graph`` (conv or matmul layout) turned into the packed graph, as (model, {name: array}).
 
     The weights never pass through protobuf: numpy maps each of them in the data file (or copies the
@@ -247,7 +255,7 @@ def _packed_graph(graph: Path):
     (onnx_edit.load_weights_apart), and copies what is not packed out of the mapping; the model's
     initializers are placeholders. Raises UnsupportedModelError (or ValueError) for a graph the
     rewrite does not recognize."""
-    from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed, unmapped
+    from ..optimize.onnx_edit import conv_to_matmul, load_weights_apart, matmul_to_packed, screen_logits, unmapped
 
     from google.protobuf.message import DecodeError
 
@@ -259,6 +267,8 @@ def _packed_graph(graph: Path):
                             "export the model again") from None
     conv_to_matmul(model, arrays)
     matmul_to_packed(model, arrays)
+    if screen:
+        screen_logits(model)
     # what was not packed (position table, biases, norms) leaves the file's mapping; numpy's arrays
     # start 16 bytes into a page, and aligning them to pages, as the data file's tensors are, made no
     # measurable difference in one A/B (DESIGN.md)

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError
 from .artifact import Artifact, load_artifact
 from .kv import KVCache
+from .native import SCREEN_INPUT
 from .options import CONTEXT_POLICIES
 from .sampling import SamplingConfig, next_tokens, sampling_settings
 
@@ -142,13 +143,15 @@ class Generator:
         self.pad_id = artifact.eos_token_id if artifact.eos_token_id is not None else 0
         self.device = "cuda" if artifact.provider == "cuda" else "cpu"
         self.last_cache: KVCache | None = None  # the cache of the last generation (tests inspect it)
+        self.screens = artifact.screens  # its LM head can give the argmax alone (native/screen.c)
+        self.screen = True  # use it where it gives the same tokens (screened); False: the full product always
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
              context_policy: str = "error", weights: str = "mapped", kernels: str = "auto") -> "Generator":
         """``weights``: "mapped" or "memory", where a packed artifact's weights live (options.WEIGHT_PLACEMENTS);
         ``kernels``: "auto", "edgelm" or "onnxruntime", what runs an fp32 graph on the CPU (options.KERNELS)."""
-        return cls(load_artifact(folder, provider, threads, weights, kernels), context_policy)
+        return cls(load_artifact(folder, provider, threads, weights, kernels, screen=True), context_policy)
 
     @property
     def tokenizer(self):
@@ -231,6 +234,13 @@ class Generator:
                 )
         return Row(self.tokenizer, prompt, ids, cfg, self.art.eos_token_ids, live_text)
 
+    def screened(self, rows: list[Row]) -> bool:
+        """Whether these rows' steps take the LM head's screen (native/screen.c): where every row takes the
+        argmax of its logits as they are (greedy, no repetition penalty), only the panels of the LM head
+        that may hold it are computed in fp32, the others estimated from an int8 copy; the tokens are the
+        same, for a quarter of the head's reads."""
+        return self.screens and self.screen and all(r.cfg.greedy and r.cfg.repetition_penalty == 1.0 for r in rows)
+
     def result(self, row: Row) -> GenerationResult:
         return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.final_text(), row.finished or "length",
                                 row.timings)
@@ -270,6 +280,8 @@ class Generator:
             binding.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
         else:
             binding.bind_output("logits", "cpu")  # bound first: output 0 of the binding
+        if self.screens:
+            binding.bind_cpu_input(SCREEN_INPUT, np.array(int(self.screened(rows)), dtype=np.int64))
         cache.bind(binding)
 
         total, step_ids, step_pos = prompt_len, ids, positions

@@ -17,6 +17,7 @@ from pathlib import Path
 from ...errors import DependencyError
 
 DOMAIN = "ai.edgelm"
+SCREEN_INPUT = "edgelm_screen"  # the graph input the runtime adds for its LM head's screen (screen.c)
 PANEL = 16  # output columns per panel of a packed weight (kernels.h)
 HERE = Path(__file__).resolve().parent
 

@@ -138,6 +138,29 @@ EDGELM_EXPORT size_t edgelm_resident_rows(size_t total, size_t capacity, size_t 
 
 EDGELM_EXPORT void edgelm_attention_unit(const EdgelmAttention *a, size_t unit);
 
+/* The LM head's screen (screen.c): an int8 copy of a packed weight with, per column, what bounds an
+ * estimate's distance from the fp32 product, so that a greedy step computes in fp32 only the panels
+ * that may hold the argmax. */
+typedef struct {
+    int8_t *q;                         /* [P][ceil(K / 2)][16][2]: rows 2i and 2i + 1 of a column side by side */
+    float *scale, *err, *half, *round; /* per column (P * 16): scale, |W - D|_2, scale / 2, g (|W|_2 + |D|_2) */
+    float *norm, *peak;                /* per column: |D|_2, max |D| */
+    size_t k, n, panels;
+    const float *source;               /* the panels it was built from */
+} EdgelmScreen;
+
+/* Builds the screen of packed panels w (K rows, n columns); 0, or -1 when memory runs out. */
+EDGELM_EXPORT int edgelm_screen_build(EdgelmScreen *s, const float *w, size_t k, size_t n);
+EDGELM_EXPORT void edgelm_screen_free(EdgelmScreen *s);
+/* x's m rows (of k) as int16 x16 (m rows of 2 ceil(k / 2), a last odd one 0) with a scale xs per row. */
+EDGELM_EXPORT void edgelm_screen_quantize_x(const float *x, size_t m, size_t k, int16_t *x16, float *xs);
+/* The estimates of panels [p0, p1) for the m rows of x (as x16, xs) into y (row stride n). */
+EDGELM_EXPORT void edgelm_screen_estimate(const EdgelmScreen *s, const int16_t *x16, const float *xs, size_t m,
+                                          const float *b, float *y, size_t p0, size_t p1);
+/* flags[p] = 1 for every panel that may hold some row's argmax (y: the estimates); returns how many. */
+EDGELM_EXPORT size_t edgelm_screen_candidates(const EdgelmScreen *s, const float *x, const int16_t *x16, const float *xs,
+                                              size_t m, const float *b, const float *y, unsigned char *flags);
+
 /* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic: the kernels this CPU runs (inside the library only). */
 int edgelm_isa(void);
 

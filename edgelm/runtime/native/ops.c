@@ -1,7 +1,7 @@
 /* edgelm's ONNX Runtime operator library: ai.edgelm.PackedLinear, ai.edgelm.PackedEmbedding and
  * ai.edgelm.CachedAttention on the CPU provider.
  *
- *   Y, H? = PackedLinear(X, W, B?, Skip?, Gamma?, Beta?, SkipBias?)
+ *   Y, H? = PackedLinear(X, W, B?, Skip?, Gamma?, Beta?, SkipBias?, Screen?)
  *     attributes: n, the number of output columns; activation (optional): 0 none (default), 1 GELU's
  *     tanh form (FastGelu); epsilon (the LayerNorm's, default 1e-5)
  *   X: float (..., K)   W: float (ceil(n / 16), K, 16), 16-column panels (kernels.h)   B: float (n)
@@ -9,6 +9,10 @@
  *   With Gamma (K) the operator first applies the residual stream's LayerNorm, as ONNX Runtime's
  *   SkipLayerNormalization: H = X + Skip (..., K) + SkipBias (K), X' = LayerNorm(H) * Gamma + Beta, and
  *   Y = activation(X' W + B); H, the new residual stream, is the optional second output.
+ *   Screen: int64 scalar; nonzero (no activation) asks for the argmax of each row of Y only: Y then holds
+ *   the exact values of the panels that may hold it and estimates elsewhere, each below the row's
+ *   largest exact value (screen.c), so the argmax of Y is the full product's, for a quarter of the
+ *   reads of W. The runtime asks for it on an LM head when every row decodes greedily.
  *
  *   Y = PackedEmbedding(ids, W)
  *     attribute: n, the rows of the table (the vocabulary)
@@ -37,6 +41,7 @@
  */
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +62,8 @@ typedef struct {
     int64_t activation; /* ACTIVATION_* */
     size_t chunks;      /* contiguous panel ranges handed to the thread pool per call */
     float epsilon;      /* the LayerNorm's, with Gamma */
+    EdgelmScreen screen; /* built at the first screened call (screen.q NULL before) */
+    atomic_flag building;
 } PackedLinearKernel;
 
 typedef struct {
@@ -64,6 +71,9 @@ typedef struct {
     float *y;
     size_t m, k, n, panels, chunks;
     int64_t activation;
+    const EdgelmScreen *screen; /* estimates instead of the product, from x16 and xs */
+    const int16_t *x16;
+    const float *xs;
 } Job;
 
 static OrtStatus *fail(int code, const char *fmt, ...) {
@@ -78,6 +88,10 @@ static OrtStatus *fail(int code, const char *fmt, ...) {
 static void run_chunk(void *data, size_t chunk) {
     const Job *j = (const Job *)data;
     size_t p0 = j->panels * chunk / j->chunks, p1 = j->panels * (chunk + 1) / j->chunks;
+    if (j->screen) {
+        edgelm_screen_estimate(j->screen, j->x16, j->xs, j->m, j->b, j->y, p0, p1);
+        return;
+    }
     edgelm_linear_panels(j->x, j->m, j->k, j->w, j->b, j->y, j->n, p0, p1);
     if (j->activation == ACTIVATION_GELU_TANH) {  /* on the columns just written, still in cache */
         size_t c0 = p0 * EDGELM_PANEL, c1 = p1 * EDGELM_PANEL < j->n ? p1 * EDGELM_PANEL : j->n;
@@ -131,6 +145,8 @@ static OrtStatus *norm_inputs(OrtKernelContext *ctx, size_t count, const int64_t
     return NULL;
 }
 
+static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx);
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const PackedLinearKernel *op = (const PackedLinearKernel *)kernel;
     const OrtValue *xv, *wv;
@@ -176,9 +192,52 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
         x = normed;
     }
     Job job = {x, w, b, y, m, (size_t)k, (size_t)n, (size_t)panels,
-               op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation};
-    st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
+               op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation, NULL, NULL, NULL};
+    void *screen = NULL;
+    int64_t sd[MAX_RANK];
+    int sr;
+    if ((st = optional_input(ctx, inputs, 7, &screen, sd, &sr))) { free(normed); return st; }
+    if (screen && *(const int64_t *)screen && op->activation == ACTIVATION_NONE)
+        st = screened(kernel, &job, ctx);
+    else
+        st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job.chunks, job.chunks, &job);
     free(normed);
+    return st;
+}
+
+/* Y's argmax per row for a quarter of W's reads (screen.c): estimates of every panel, then the full
+ * product of the panels that may hold an argmax; all of it where more than a quarter may (or none,
+ * which finite inputs never give). The screen is built at the first call (W is a constant). */
+static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx) {
+    PackedLinearKernel *op = (PackedLinearKernel *)kernel;
+    while (atomic_flag_test_and_set(&op->building)) {}  /* another Run of this session may be building it */
+    if (op->screen.q && op->screen.source != job->w) edgelm_screen_free(&op->screen);
+    int ok = op->screen.q || edgelm_screen_build(&op->screen, job->w, job->k, job->n) == 0;
+    atomic_flag_clear(&op->building);
+    if (!ok) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory for the screen");
+    const size_t pairs = (job->k + 1) / 2;
+    int16_t *x16 = (int16_t *)malloc(job->m * pairs * 2 * sizeof(int16_t));
+    float *xs = (float *)malloc(job->m * sizeof(float));
+    unsigned char *flags = (unsigned char *)malloc(job->panels);
+    OrtStatus *st = NULL;
+    if (!x16 || !xs || !flags) {
+        st = fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
+        goto done;
+    }
+    edgelm_screen_quantize_x(job->x, job->m, job->k, x16, xs);
+    job->screen = &op->screen, job->x16 = x16, job->xs = xs;
+    st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job->chunks, job->chunks, job);
+    job->screen = NULL;
+    if (st) goto done;
+    size_t marked = edgelm_screen_candidates(&op->screen, job->x, x16, xs, job->m, job->b, job->y, flags);
+    if (marked == 0 || marked * 4 > job->panels) {
+        st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job->chunks, job->chunks, job);
+        goto done;
+    }
+    for (size_t p = 0; p < job->panels; p++)
+        if (flags[p]) edgelm_linear_panels(job->x, job->m, job->k, job->w, job->b, job->y, job->n, p, p + 1);
+done:
+    free(x16), free(xs), free(flags);
     return st;
 }
 
@@ -226,15 +285,22 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
      * long run of addresses for the prefetchers. EDGELM_LINEAR_CHUNKS overrides (experiments). */
     const char *env = getenv("EDGELM_LINEAR_CHUNKS");
     k->chunks = env && atoi(env) > 0 ? (size_t)atoi(env) : 8;
+    memset(&k->screen, 0, sizeof k->screen);
+    atomic_flag_clear(&k->building);
     *kernel = k;
     return NULL;
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }
+static void destroy_linear(void *kernel) {
+    edgelm_screen_free(&((PackedLinearKernel *)kernel)->screen);
+    free(kernel);
+}
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "PackedLinear"; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_float(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_TYPE_FLOAT; }
-static size_t op_seven(const OrtCustomOp *op) { (void)op; return 7; }
+static size_t op_eight(const OrtCustomOp *op) { (void)op; return 8; }
+static int linear_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 7 ? ORT_TYPE_INT64 : ORT_TYPE_FLOAT; }
 static size_t op_two(const OrtCustomOp *op) { (void)op; return 2; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 2 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 1 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
@@ -244,17 +310,17 @@ static int arity_one(const OrtCustomOp *op) { (void)op; return 1; }
 static int homogeneous(const OrtCustomOp *op) { (void)op; return 1; }
 
 /* One OrtCustomOp: what differs between edgelm's operators; every other field is the same for all. */
-#define CUSTOM_OP(name, input_type, inputs, outputs, input_kind_fn, output_kind_fn, create, run) {              \
+#define CUSTOM_OP(name, input_type, inputs, outputs, input_kind_fn, output_kind_fn, create, run, destroy) {     \
     .version = API_VERSION, .GetName = name, .GetExecutionProviderType = op_provider,                          \
     .GetInputType = input_type, .GetInputTypeCount = inputs, .GetOutputType = op_float,                         \
-    .GetOutputTypeCount = outputs, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_kind_fn,    \
+    .GetOutputTypeCount = outputs, .KernelDestroy = destroy, .GetInputCharacteristic = input_kind_fn,           \
     .GetOutputCharacteristic = output_kind_fn, .GetInputMemoryType = memory_default,                            \
     .GetVariadicInputMinArity = arity_one, .GetVariadicInputHomogeneity = homogeneous,                          \
     .GetVariadicOutputMinArity = arity_one, .GetVariadicOutputHomogeneity = homogeneous,                        \
     .CreateKernelV2 = create, .KernelComputeV2 = run }
 
-static const OrtCustomOp packed_linear =
-    CUSTOM_OP(op_name, op_float, op_seven, op_two, input_kind, output_kind, create_kernel, compute);
+static const OrtCustomOp packed_linear = CUSTOM_OP(op_name, linear_input_type, op_eight, op_two, input_kind, output_kind,
+                                                   create_kernel, compute, destroy_linear);
 
 /* ---- ai.edgelm.PackedEmbedding ------------------------------------------------------------------ */
 static OrtStatus *embedding_compute(void *kernel, OrtKernelContext *ctx) {
@@ -307,7 +373,7 @@ static int embedding_input_type(const OrtCustomOp *op, size_t i) { (void)op; ret
 static size_t op_one(const OrtCustomOp *op) { (void)op; return 1; }
 
 static const OrtCustomOp packed_embedding = CUSTOM_OP(embedding_name, embedding_input_type, op_two, op_one,
-                                                     all_required, all_required, embedding_create, embedding_compute);
+                                                     all_required, all_required, embedding_create, embedding_compute, destroy_kernel);
 
 /* ---- ai.edgelm.CachedAttention ------------------------------------------------------------------ */
 typedef struct {
@@ -438,7 +504,7 @@ static size_t op_three_out(const OrtCustomOp *op) { (void)op; return 3; }
 static int attention_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= 3 ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED; }
 
 static const OrtCustomOp cached_attention = CUSTOM_OP(attention_name, attention_input_type, attention_inputs, op_three_out,
-                                                     attention_input_kind, all_required, attention_create, attention_compute);
+                                                     attention_input_kind, all_required, attention_create, attention_compute, destroy_kernel);
 
 EDGELM_EXPORT
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
