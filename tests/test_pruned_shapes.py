@@ -200,9 +200,10 @@ def test_int8_modes_on_pruned_widths(pruned, arch, mode, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / mode
-    calibration = ["--calib-text", str(text)] if mode == "int8-static" else []  # only the mode that calibrates
-    rc = main(["optimize", "quantize", str(art), "-o", str(out), "--mode", mode, "--block-size", "16",
-               "--eval-text", str(text), *calibration, "--calib-windows", "4", "--calib-length", "48",
+    own = {"int8-weight": ["--block-size", "16"],  # the settings of this mode alone (others are refused)
+           "int8-static": ["--calib-text", str(text), "--calib-windows", "4", "--calib-length", "48"]}.get(mode, [])
+    rc = main(["optimize", "quantize", str(art), "-o", str(out), "--mode", mode, *own,
+               "--eval-text", str(text),
                "--max-length", "48", "--stride", "24", "--max-ppl-increase", "25%", "--new-tokens", "8",
                "--repeats", "1", "--quiet"])
     assert rc == 0, capsys.readouterr().err
