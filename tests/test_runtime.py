@@ -288,8 +288,11 @@ def test_packed_weights_in_memory_or_mapped(packed_artifact):
     assert not _maps_file(data)
     mapped = Generator.load(art)
     assert _maps_file(data)
+    assert mapped.screens and in_memory.screens  # the LM head's screen switch added to the file's graph too
     expected = mapped.generate(PROMPTS[0], cfg).token_ids
     assert in_memory.generate(PROMPTS[0], cfg).token_ids == expected
+    mapped.screen = False
+    assert mapped.generate(PROMPTS[0], cfg).token_ids == expected
     r = _cli("generate", str(art), PROMPTS[0], "-n", "12", "--ignore-eos", "--json", "--weights", "memory")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == expected

@@ -194,9 +194,9 @@ class Artifact:
 def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None = None,
                   weights: str = "mapped", kernels: str = "auto", screen: bool = False) -> Artifact:
     """``weights``: where a packed artifact's weights live, "mapped" or "memory" (WEIGHT_PLACEMENTS);
-    ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS); ``screen``: where the graph is rewritten
-    for edgelm's kernels, give its LM head the screen's switch (native/screen.c), a graph input
-    (SCREEN_INPUT) that every run must then feed, as the Generator does."""
+    ``kernels``: "auto", "edgelm" or "onnxruntime" (KERNELS); ``screen``: where the graph runs on
+    edgelm's kernels (rewritten at load, or a packed export), give its LM head the screen's switch
+    (native/screen.c), a graph input (SCREEN_INPUT) that every run must then feed, as the Generator does."""
     if weights not in WEIGHT_PLACEMENTS:
         raise InputError(f"weights '{weights}' is unknown; choose one of {', '.join(WEIGHT_PLACEMENTS)}")
     check_threads(threads)
@@ -232,8 +232,10 @@ def load_artifact(folder: str | Path, provider: str = "cpu", threads: int | None
         if rewritten:
             session, held = _in_memory_session(ort, *rewritten, opts, provider_name)
         else:
-            session = _session(ort, folder / manifest["graph"]["file"], opts, provider_name,
-                               folder / data_name if in_memory else None)
+            graph = folder / manifest["graph"]["file"]
+            if packed and screen:  # the graph's LM head with the screen's switch; the weights stay in the file
+                graph = _screened_graph(graph, opts)
+            session = _session(ort, graph, opts, provider_name, folder / data_name if in_memory else None)
     except DependencyError:
         raise
     except Exception as exc:
@@ -275,6 +277,21 @@ def _packed_graph(graph: Path, screen: bool = False):
     return model, {name: unmapped(arrays.pop(name)) for name in list(arrays)}
 
 
+def _screened_graph(graph: Path, opts) -> bytes | Path:
+    """A packed export's graph with its LM head's screen switch (onnx_edit.screen_logits), as bytes that
+    ONNX Runtime reads its weights for from the artifact's folder as it would for the file (mapped, or
+    from the copy _session hands it); the graph as it is when it has no such head."""
+    import onnx
+
+    from ..optimize.onnx_edit import screen_logits
+
+    model = onnx.load(str(graph), load_external_data=False)
+    if not screen_logits(model):
+        return graph
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
+    return model.SerializeToString()
+
+
 def _in_memory_session(ort, model, arrays: dict, opts, provider_name: str):
     """A session of ``model`` whose placeholder initializers are ``arrays``, which ONNX Runtime runs
     on, not on a copy: each is handed over with add_initializer, which overrides the graph's
@@ -297,16 +314,17 @@ def _in_memory_session(ort, model, arrays: dict, opts, provider_name: str):
     return session, (list(arrays.values()), list(values.values()))
 
 
-def _session(ort, graph: Path, opts, provider_name: str, data: Path | None):
-    """An ONNX Runtime session of ``graph``; with ``data`` (its external data file), the weights are
-    handed over from a read-only mapping of that file, which ONNX Runtime copies into its own
-    memory while it builds the session, and the mapping is closed again."""
+def _session(ort, graph: Path | bytes, opts, provider_name: str, data: Path | None):
+    """An ONNX Runtime session of ``graph`` (a file, or a graph's bytes); with ``data`` (its external
+    data file), the weights are handed over from a read-only mapping of that file, which ONNX Runtime
+    copies into its own memory while it builds the session, and the mapping is closed again."""
+    source = graph if isinstance(graph, bytes) else str(graph)
     if data is None:
-        return _open(ort, str(graph), opts, provider_name)
+        return _open(ort, source, opts, provider_name)
     with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         with memoryview(mapped) as view:
             opts.add_external_initializers_from_files_in_memory([data.name], [view], [len(view)])
-            return _open(ort, str(graph), opts, provider_name)
+            return _open(ort, source, opts, provider_name)
 
 
 def _open(ort, source, opts, provider_name: str):
