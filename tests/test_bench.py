@@ -90,8 +90,10 @@ def test_records_have_the_schema(bench):
         assert r["weight_bytes_per_token"] > 0
         if r["system"] != "edgelm":
             assert r["agreement_with_edgelm"]["of"] == SETTINGS["new_tokens"] and r["kernels"] is None
+            assert r["lm_head_screen"] is None
         else:  # the tiny fp32 artifact runs on edgelm's kernels by default (where its library is built)
             assert r["kernels"] == ("edgelm" if native.library_path() else "onnxruntime")
+            assert r["lm_head_screen"] is (r["kernels"] == "edgelm")  # its greedy steps screen the LM head
     assert all(r["status"] == "ok" for r in report["records"]), [r["note"] for r in report["records"]]
 
 
@@ -134,7 +136,8 @@ def test_report_files_are_written(bench):
     assert json.loads((out / "report.json").read_text())["records"] == json.loads(json.dumps(report["records"]))
     md = (out / "report.md").read_text()
     for fragment in ("## Speed", "## Energy", "## Memory, size, start-up", "fake: known joules",
-                     "## Same work", f"{JOULES / SETTINGS['new_tokens']:.3f}", "edgelm ran its artifact on these kernels"):
+                     "## Same work", f"{JOULES / SETTINGS['new_tokens']:.3f}", "edgelm ran its artifact on these kernels",
+                     *(["a greedy step screens the LM head"] if native.library_path() else [])):
         assert fragment in md, fragment
     assert not list(out.parent.glob(".report.tmp-*"))  # written atomically
 

@@ -110,6 +110,7 @@ class Worker:
         self.cold_start_s = time.perf_counter() - started  # interpreter, imports and model load
         self.load_s = ready["load_s"]
         self.kernels = ready.get("kernels")  # edgelm's: which kernels ran its graph
+        self.lm_head_screen = ready.get("lm_head_screen")  # edgelm's: whether greedy steps screen the LM head
         self.peak_rss_bytes = ready["peak_rss_bytes"]
 
     def _read(self):
@@ -429,6 +430,7 @@ def _record(target: Target, e: Entry, batch: int, settings: BenchSettings, s: Sa
         "cold_start_s": worker.cold_start_s if worker else None,
         "load_s": worker.load_s if worker else None,
         "kernels": worker.kernels if worker else None,
+        "lm_head_screen": worker.lm_head_screen if worker else None,
         "weight_bytes_per_token": e.bytes_per_token,
         "bandwidth_gbps": bandwidth,
         "ceiling_tokens_per_s": ceiling,

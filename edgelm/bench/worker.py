@@ -34,6 +34,7 @@ class EdgelmSystem:
 
         self.gen = Generator.load(spec["model"], spec.get("provider", "cpu"), spec.get("threads"))
         self.kernels = self.gen.art.kernels  # the runtime's default choice: edgelm's or ONNX Runtime's
+        self.lm_head_screen = self.gen.screens  # greedy steps read the LM head's int8 screen (native/screen.c)
 
     def run(self, prompts, new_tokens):
         from edgelm.runtime import SamplingConfig
@@ -170,7 +171,7 @@ def serve(spec, channel) -> int:
         t = time.perf_counter()
         system = SYSTEMS[spec["system"]](spec)
         send({"ready": True, "load_s": time.perf_counter() - t, "peak_rss_bytes": peak_rss_bytes(),
-              "kernels": getattr(system, "kernels", None)})
+              "kernels": getattr(system, "kernels", None), "lm_head_screen": getattr(system, "lm_head_screen", None)})
     except Exception as exc:  # noqa: BLE001 - the parent turns this into a note
         send({"error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"})
         return 1
