@@ -57,6 +57,25 @@ def commit(*paths: str) -> str:
     return head + ("+modified" if dirty else "")
 
 
+def decode_ab_args(description: str, argv=None):
+    """The arguments of a decode A/B over one random-weight model (kernels_ab, screen_ab): --model,
+    --rounds, --new-tokens, checked; returns the parsed namespace."""
+    import argparse
+
+    from configs import MODELS
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default="gpt2", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--new-tokens", type=int, default=33)
+    args = p.parse_args(argv)
+    if args.model not in MODELS:
+        p.error(f"unknown model {args.model!r}: models are {', '.join(MODELS)}")
+    if args.rounds < 1 or args.new_tokens < 2:
+        p.error("--rounds must be at least 1 and --new-tokens at least 2")
+    return args
+
+
 def interleaved_decode_rounds(gens: dict, rounds: int, new_tokens: int = 33, warmup_tokens: int = 4) -> dict:
     """Decode tokens per second of each edgelm Generator in ``gens`` ({name: generator}), ``rounds``
     times, the generators in a fresh shuffled order each round: the same 32 random prompt tokens,

@@ -15,7 +15,6 @@ where the weights live. Writes benchmarks/results/kernels_ab-MODEL.json with per
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,22 +22,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, ab_line, ab_record, interleaved_decode_rounds  # noqa: E402
+from common import RESULTS, ab_line, ab_record, decode_ab_args, interleaved_decode_rounds  # noqa: E402
 from configs import MODELS  # noqa: E402
 from random_checkpoint import ensure_model_folder  # noqa: E402
 from runtime_bench import CACHE, cached_artifact  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--new-tokens", type=int, default=33)
-    args = p.parse_args(argv)
-    if args.model not in MODELS:
-        p.error(f"unknown model {args.model!r}: models are {', '.join(MODELS)}")
-    if args.rounds < 1 or args.new_tokens < 2:
-        p.error("--rounds must be at least 1 and --new-tokens at least 2")
+    args = decode_ab_args(__doc__.splitlines()[0], argv)
 
     from edgelm.runtime import Generator
 

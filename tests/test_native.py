@@ -72,15 +72,20 @@ def test_kernel_matches_numpy():
             np.testing.assert_allclose(_linear(x, packed, None, n), x @ w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
-def test_every_kernel_matches_numpy(isa):
-    """The lesser kernels (picked with EDGELM_KERNEL_ISA) give the same results, in a fresh process."""
-    code = ("import numpy as np, tests.test_native as t; from edgelm.runtime import native; "
-            "t.test_kernel_matches_numpy(); print(native.kernel_isa())")
+def _with_isa(test: str, isa: str) -> None:
+    """Run this module's ``test`` in a fresh process on the lesser kernels ``isa`` (EDGELM_KERNEL_ISA)."""
+    code = (f"import tests.test_native as t; from edgelm.runtime import native; t.{test}(); "
+            "print(native.kernel_isa())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EDGELM_KERNEL_ISA": isa},
                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] in (isa, "generic")  # a CPU without AVX2 runs the generic kernel
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_kernel_matches_numpy(isa):
+    """The lesser kernels (picked with EDGELM_KERNEL_ISA) give the same results, in a fresh process."""
+    _with_isa("test_kernel_matches_numpy", isa)
 
 
 def _decode_outputs() -> np.ndarray:
@@ -292,9 +297,4 @@ def test_the_screen_keeps_the_full_products_argmax():
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_every_screen_kernel_keeps_the_argmax(isa):
-    code = ("import tests.test_native as t; from edgelm.runtime import native; "
-            "t.test_the_screen_keeps_the_full_products_argmax(); print(native.kernel_isa())")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EDGELM_KERNEL_ISA": isa},
-                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] in (isa, "generic")
+    _with_isa("test_the_screen_keeps_the_full_products_argmax", isa)
