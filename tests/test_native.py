@@ -243,7 +243,7 @@ def test_packed_linear_applies_the_residual_layer_norm_first(k, n):
         _fused_session(k, n, ["x", "W", "B"], ["y", "h"])[0].run(None, {"x": np.zeros((1, k), np.float32)})
 
 
-def _screen_session(w, b):
+def _screen_session(w, b, screen_shape=()):
     """PackedLinear over w (K, n) (+ b) with its Screen input (native/screen.c) fed by a graph input."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -255,7 +255,7 @@ def _screen_session(w, b):
     node = helper.make_node("PackedLinear", ["x", "W", "B" if b is not None else "", "", "", "", "", "screen"], ["y"],
                             domain=native.DOMAIN, n=n)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-                                            helper.make_tensor_value_info("screen", TensorProto.INT64, [])],
+                                            helper.make_tensor_value_info("screen", TensorProto.INT64, screen_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     opts = ort.SessionOptions()
@@ -293,6 +293,12 @@ def test_the_screen_keeps_the_full_products_argmax():
                 assert full.argmax(axis=1)[-1] in (300, 700)  # the row pointed at the near tie
             else:
                 assert np.array_equal(screened, full)  # every column a candidate: the full product
+
+
+def test_the_screen_switch_is_one_scalar():
+    sess = _screen_session(np.ones((8, 20), np.float32), None, screen_shape=None)
+    with pytest.raises(Exception, match="Screen must be an int64 scalar, got rank 1"):
+        sess.run(None, {"x": np.ones((1, 8), np.float32), "screen": np.array([1], np.int64)})
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])

@@ -197,6 +197,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     int64_t sd[MAX_RANK];
     int sr;
     if ((st = optional_input(ctx, inputs, 7, &screen, sd, &sr))) { free(normed); return st; }
+    if (screen && sr != 0) {
+        free(normed);
+        return fail(ORT_CODE_INVALID_ARGUMENT, "PackedLinear: Screen must be an int64 scalar, got rank %d", sr);
+    }
     if (screen && *(const int64_t *)screen && op->activation == ACTIVATION_NONE)
         st = screened(kernel, &job, ctx);
     else
