@@ -280,10 +280,14 @@ def _packed_graph(graph: Path, screen: bool = False):
 def _screened_graph(graph: Path, opts) -> bytes | Path:
     """A packed export's graph with its LM head's screen switch (onnx_edit.screen_logits), as bytes that
     ONNX Runtime reads its weights for from the artifact's folder as it would for the file (mapped, or
-    from the copy _session hands it); the graph as it is when it has no such head."""
-    import onnx
+    from the copy _session hands it); the graph as it is when it has no such head, or where the onnx
+    package is missing (the packed export itself runs without it)."""
+    try:
+        import onnx
 
-    from ..optimize.onnx_edit import screen_logits
+        from ..optimize.onnx_edit import screen_logits
+    except ImportError:
+        return graph
 
     model = onnx.load(str(graph), load_external_data=False)
     if not screen_logits(model):
