@@ -149,8 +149,11 @@ typedef struct {
     const float *source;               /* the panels it was built from */
 } EdgelmScreen;
 
-/* Builds the screen of packed panels w (K rows, n columns); 0, or -1 when memory runs out. */
+/* Builds the screen of packed panels w (K rows, n columns); 0, or -1 when memory runs out. In parts:
+ * edgelm_screen_alloc, then edgelm_screen_fill for every range of panels (threads may take ranges). */
 EDGELM_EXPORT int edgelm_screen_build(EdgelmScreen *s, const float *w, size_t k, size_t n);
+EDGELM_EXPORT int edgelm_screen_alloc(EdgelmScreen *s, const float *w, size_t k, size_t n);
+EDGELM_EXPORT void edgelm_screen_fill(EdgelmScreen *s, size_t p0, size_t p1);
 EDGELM_EXPORT void edgelm_screen_free(EdgelmScreen *s);
 /* x's m rows (of k) as int16 x16 (m rows of 2 ceil(k / 2), a last odd one 0) with a scale xs per row. */
 EDGELM_EXPORT void edgelm_screen_quantize_x(const float *x, size_t m, size_t k, int16_t *x16, float *xs);

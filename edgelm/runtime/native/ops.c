@@ -71,7 +71,8 @@ typedef struct {
     float *y;
     size_t m, k, n, panels, chunks;
     int64_t activation;
-    const EdgelmScreen *screen; /* estimates instead of the product, from x16 and xs */
+    EdgelmScreen *screen;       /* estimates instead of the product, from x16 and xs (or, with fill, its making) */
+    int fill;
     const int16_t *x16;
     const float *xs;
 } Job;
@@ -88,6 +89,10 @@ static OrtStatus *fail(int code, const char *fmt, ...) {
 static void run_chunk(void *data, size_t chunk) {
     const Job *j = (const Job *)data;
     size_t p0 = j->panels * chunk / j->chunks, p1 = j->panels * (chunk + 1) / j->chunks;
+    if (j->screen && j->fill) {
+        edgelm_screen_fill(j->screen, p0, p1);
+        return;
+    }
     if (j->screen) {
         edgelm_screen_estimate(j->screen, j->x16, j->xs, j->m, j->b, j->y, p0, p1);
         return;
@@ -192,7 +197,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
         x = normed;
     }
     Job job = {x, w, b, y, m, (size_t)k, (size_t)n, (size_t)panels,
-               op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation, NULL, NULL, NULL};
+               op->chunks < (size_t)panels ? op->chunks : (size_t)panels, op->activation, NULL, 0, NULL, NULL};
     void *screen = NULL;
     int64_t sd[MAX_RANK];
     int sr;
@@ -216,14 +221,22 @@ static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx) {
     PackedLinearKernel *op = (PackedLinearKernel *)kernel;
     while (atomic_flag_test_and_set(&op->building)) {}  /* another Run of this session may be building it */
     if (op->screen.q && op->screen.source != job->w) edgelm_screen_free(&op->screen);
-    int ok = op->screen.q || edgelm_screen_build(&op->screen, job->w, job->k, job->n) == 0;
+    int ok = op->screen.q != NULL;
+    OrtStatus *st = NULL;
+    if (!ok && edgelm_screen_alloc(&op->screen, job->w, job->k, job->n) == 0) {  /* filled by the thread pool */
+        job->screen = &op->screen, job->fill = 1;
+        st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job->chunks, job->chunks, job);
+        job->screen = NULL, job->fill = 0;
+        if (st) edgelm_screen_free(&op->screen);
+        ok = !st;
+    }
     atomic_flag_clear(&op->building);
+    if (st) return st;
     if (!ok) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory for the screen");
     const size_t pairs = (job->k + 1) / 2;
     int16_t *x16 = (int16_t *)malloc(job->m * pairs * 2 * sizeof(int16_t));
     float *xs = (float *)malloc(job->m * sizeof(float));
     unsigned char *flags = (unsigned char *)malloc(job->panels);
-    OrtStatus *st = NULL;
     if (!x16 || !xs || !flags) {
         st = fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
         goto done;

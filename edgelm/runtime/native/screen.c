@@ -35,7 +35,7 @@
 /* Q, [P][K2][16][2] int8 (K2 = ceil(K / 2): the two rows 2i and 2i + 1 of a column side by side, as
  * vpmaddwd takes them; a last odd row pairs with a zero), and per column its scale, |W - D|_2, scale / 2,
  * the rounding term, |D|_2 and max |D|; columns past n (the last panel's padding) are zero everywhere. */
-int edgelm_screen_build(EdgelmScreen *s, const float *w, size_t k, size_t n) {
+int edgelm_screen_alloc(EdgelmScreen *s, const float *w, size_t k, size_t n) {
     const size_t panels = (n + EDGELM_PANEL - 1) / EDGELM_PANEL, cols = panels * EDGELM_PANEL, k2 = (k + 1) / 2;
     memset(s, 0, sizeof *s);
     s->q = (int8_t *)calloc(panels * k2 * EDGELM_PANEL * 2, 1);
@@ -48,40 +48,62 @@ int edgelm_screen_build(EdgelmScreen *s, const float *w, size_t k, size_t n) {
         return -1;
     }
     s->k = k, s->n = n, s->panels = panels, s->source = w;
+    return 0;
+}
+
+void edgelm_screen_fill(EdgelmScreen *s, size_t p0, size_t p1) {
+    const size_t k = s->k, k2 = (k + 1) / 2;
     const double g = 2.0 * (double)k * ldexp(1.0, -24);
-    for (size_t p = 0; p < panels; p++) {
-        const float *wp = w + p * k * EDGELM_PANEL;
+    for (size_t p = p0; p < p1; p++) {
+        const float *wp = s->source + p * k * EDGELM_PANEL;
         int8_t *qp = s->q + p * k2 * EDGELM_PANEL * 2;
         float absmax[EDGELM_PANEL] = {0};
         for (size_t i = 0; i < k; i++)
             for (int l = 0; l < EDGELM_PANEL; l++) {
                 float a = fabsf(wp[i * EDGELM_PANEL + l]);
-                if (a > absmax[l]) absmax[l] = a;
+                absmax[l] = a > absmax[l] ? a : absmax[l];
             }
+        float scale[EDGELM_PANEL], inv[EDGELM_PANEL];
+        for (int l = 0; l < EDGELM_PANEL; l++) {
+            scale[l] = absmax[l] / 127.0f;
+            inv[l] = scale[l] > 0 ? 1.0f / scale[l] : 0.0f;
+        }
+        /* the sums of a panel row's squares in float, added to doubles once per row of 16 */
         double err2[EDGELM_PANEL] = {0}, w2[EDGELM_PANEL] = {0}, d2[EDGELM_PANEL] = {0};
-        float scale[EDGELM_PANEL];
-        for (int l = 0; l < EDGELM_PANEL; l++) scale[l] = absmax[l] / 127.0f;
-        for (size_t i = 0; i < k; i++)
+        for (size_t i = 0; i < k; i++) {
+            float e_row[EDGELM_PANEL], w_row[EDGELM_PANEL], d_row[EDGELM_PANEL];
             for (int l = 0; l < EDGELM_PANEL; l++) {
                 float v = wp[i * EDGELM_PANEL + l];
-                float r = scale[l] > 0 ? nearbyintf(v / scale[l]) : 0.0f;
+                float r = nearbyintf(v * inv[l]);
                 r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
                 qp[(i / 2) * EDGELM_PANEL * 2 + l * 2 + i % 2] = (int8_t)r;
-                double d = (double)r * (double)scale[l], e = (double)v - d;
-                err2[l] += e * e, w2[l] += (double)v * v, d2[l] += d * d;
+                float d = r * scale[l];
+                e_row[l] = v - d, w_row[l] = v, d_row[l] = d;
             }
+            for (int l = 0; l < EDGELM_PANEL; l++) {
+                err2[l] += (double)e_row[l] * e_row[l], w2[l] += (double)w_row[l] * w_row[l];
+                d2[l] += (double)d_row[l] * d_row[l];
+            }
+        }
         for (int l = 0; l < EDGELM_PANEL; l++) {
             size_t j = p * EDGELM_PANEL + l;
             s->scale[j] = scale[l];
-            s->err[j] = (float)(sqrt(err2[l]) * (1 + 1e-6));
-            /* |v - r scale| <= scale / 2 once v / scale is rounded to nearest; the float division
-             * and product move it by a few ulps of v: 0.5001 covers them */
+            /* v - d and d in float are within a float step of |v| of their exact values (|d| <= 128
+             * scale): 1e-5 relative and 1e-6 scale sqrt(K) absolute cover them in the norms */
+            s->err[j] = (float)(sqrt(err2[l]) * (1 + 1e-5) + 1e-6 * scale[l] * sqrt((double)k) * 128);
+            /* |v - r scale| <= scale / 2 once v / scale is rounded to nearest; the float reciprocal and
+             * products move it by a few float steps of |v| <= 127 scale: 0.5001 covers them */
             s->half[j] = scale[l] * 0.5001f;
-            s->round[j] = (float)(g * (sqrt(w2[l]) + sqrt(d2[l])) * (1 + 1e-6));
-            s->norm[j] = (float)(sqrt(d2[l]) * (1 + 1e-6));
+            s->round[j] = (float)(g * (sqrt(w2[l]) + sqrt(d2[l])) * (1 + 1e-5));
+            s->norm[j] = (float)(sqrt(d2[l]) * (1 + 1e-5));
             s->peak[j] = absmax[l] * 1.0001f;
         }
     }
+}
+
+int edgelm_screen_build(EdgelmScreen *s, const float *w, size_t k, size_t n) {
+    if (edgelm_screen_alloc(s, w, k, n) != 0) return -1;
+    edgelm_screen_fill(s, 0, s->panels);
     return 0;
 }
 
