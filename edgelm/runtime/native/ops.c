@@ -152,6 +152,35 @@ static OrtStatus *norm_inputs(OrtKernelContext *ctx, size_t count, const int64_t
 
 static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx);
 
+/* The screen's candidates of one row of a screened Job (its flags row), for the thread pool. */
+typedef struct {
+    const Job *job;
+    const EdgelmScreen *screen;
+    unsigned char *flags; /* m rows of `panels` */
+} RowJob;
+
+static void candidates_row(void *data, size_t r) {
+    const RowJob *rj = (const RowJob *)data;
+    const Job *j = rj->job;
+    const size_t pairs = (j->k + 1) / 2;
+    edgelm_screen_candidates(rj->screen, j->x + r * j->k, j->x16 + r * pairs * 2, j->xs + r, 1, j->b, j->y + r * j->n,
+                             rj->flags + r * j->panels);
+}
+
+/* The full product of the listed panels, split into `chunks` ranges of the list. */
+typedef struct {
+    const Job *job;
+    const size_t *list;
+    size_t count, chunks;
+} PanelList;
+
+static void exact_panels(void *data, size_t chunk) {
+    const PanelList *pl = (const PanelList *)data;
+    const Job *j = pl->job;
+    for (size_t i = pl->count * chunk / pl->chunks; i < pl->count * (chunk + 1) / pl->chunks; i++)
+        edgelm_linear_panels(j->x, j->m, j->k, j->w, j->b, j->y, j->n, pl->list[i], pl->list[i] + 1);
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const PackedLinearKernel *op = (const PackedLinearKernel *)kernel;
     const OrtValue *xv, *wv;
@@ -233,11 +262,12 @@ static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx) {
     atomic_flag_clear(&op->building);
     if (st) return st;
     if (!ok) return fail(ORT_CODE_FAIL, "PackedLinear: out of memory for the screen");
-    const size_t pairs = (job->k + 1) / 2;
+    const size_t pairs = (job->k + 1) / 2, panels = job->panels;
     int16_t *x16 = (int16_t *)malloc(job->m * pairs * 2 * sizeof(int16_t));
     float *xs = (float *)malloc(job->m * sizeof(float));
-    unsigned char *flags = (unsigned char *)malloc(job->panels);
-    if (!x16 || !xs || !flags) {
+    unsigned char *flags = (unsigned char *)malloc(job->m * panels);  /* each row's candidates */
+    size_t *list = (size_t *)malloc(panels * sizeof(size_t));
+    if (!x16 || !xs || !flags || !list) {
         st = fail(ORT_CODE_FAIL, "PackedLinear: out of memory");
         goto done;
     }
@@ -246,15 +276,22 @@ static OrtStatus *screened(void *kernel, Job *job, OrtKernelContext *ctx) {
     st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job->chunks, job->chunks, job);
     job->screen = NULL;
     if (st) goto done;
-    size_t marked = edgelm_screen_candidates(&op->screen, job->x, x16, xs, job->m, job->b, job->y, flags);
-    if (marked == 0 || marked * 4 > job->panels) {
+    RowJob rows = {job, &op->screen, flags};
+    if ((st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, candidates_row, job->m, job->m, &rows))) goto done;
+    size_t marked = 0;
+    for (size_t p = 0; p < panels; p++) {
+        int any = 0;
+        for (size_t r = 0; r < job->m; r++) any |= flags[r * panels + p];
+        if (any) list[marked++] = p;
+    }
+    if (marked == 0 || marked * 4 > panels) {
         st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, run_chunk, job->chunks, job->chunks, job);
         goto done;
     }
-    for (size_t p = 0; p < job->panels; p++)
-        if (flags[p]) edgelm_linear_panels(job->x, job->m, job->k, job->w, job->b, job->y, job->n, p, p + 1);
+    PanelList exact = {job, list, marked, marked < job->chunks ? marked : job->chunks};
+    st = ORT_FN(g_api, KernelContext_ParallelFor)(ctx, exact_panels, exact.chunks, exact.chunks, &exact);
 done:
-    free(x16), free(xs), free(flags);
+    free(x16), free(xs), free(flags), free(list);
     return st;
 }
 
