@@ -57,9 +57,10 @@ def commit(*paths: str) -> str:
     return head + ("+modified" if dirty else "")
 
 
-def decode_ab_args(description: str, argv=None):
+def decode_ab_args(description: str, argv=None, extra=()):
     """The arguments of a decode A/B over one random-weight model (kernels_ab, screen_ab): --model,
-    --rounds, --new-tokens, checked; returns the parsed namespace."""
+    --rounds, --new-tokens, checked, and ``extra`` whole-number flags ((flag, default, help), each at
+    least 1); returns the parsed namespace."""
     import argparse
 
     from configs import MODELS
@@ -68,24 +69,32 @@ def decode_ab_args(description: str, argv=None):
     p.add_argument("--model", default="gpt2", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--new-tokens", type=int, default=33)
+    for flag, default, help in extra:
+        p.add_argument(flag, type=int, default=default, help=help)
     args = p.parse_args(argv)
     if args.model not in MODELS:
         p.error(f"unknown model {args.model!r}: models are {', '.join(MODELS)}")
     if args.rounds < 1 or args.new_tokens < 2:
         p.error("--rounds must be at least 1 and --new-tokens at least 2")
+    for flag, _, _ in extra:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) < 1:
+            p.error(f"{flag} must be at least 1")
     return args
 
 
-def interleaved_decode_rounds(gens: dict, rounds: int, new_tokens: int = 33, warmup_tokens: int = 4) -> dict:
+def interleaved_decode_rounds(gens: dict, rounds: int, new_tokens: int = 33, warmup_tokens: int = 4,
+                              batch: int = 1) -> dict:
     """Decode tokens per second of each edgelm Generator in ``gens`` ({name: generator}), ``rounds``
-    times, the generators in a fresh shuffled order each round: the same 32 random prompt tokens,
-    greedy, EOS ignored, after one warm-up generation each. Returns {name: [tok/s per round]}."""
+    times, the generators in a fresh shuffled order each round: the same 32 random prompt tokens
+    (``batch`` > 1: that many prompts of 32, one batch), greedy, EOS ignored, after one warm-up
+    generation each. Returns {name: [tok/s per round]} (a batch's: every row's tokens)."""
     import numpy as np
 
     from edgelm.runtime import SamplingConfig
 
     names = list(gens)
-    prompt = np.random.default_rng(0).integers(0, 50000, 32).tolist()
+    prompts = np.random.default_rng(0).integers(0, 50000, (batch, 32)).tolist()
+    prompt = prompts[0] if batch == 1 else prompts
     cfg = SamplingConfig(max_new_tokens=new_tokens, stop_at_eos=False)
     for g in gens.values():
         g.generate(prompt, SamplingConfig(max_new_tokens=warmup_tokens, stop_at_eos=False))
@@ -93,7 +102,8 @@ def interleaved_decode_rounds(gens: dict, rounds: int, new_tokens: int = 33, war
     rates: dict = {name: [] for name in names}
     for _ in range(rounds):
         for i in rng.permutation(len(names)):
-            rates[names[i]].append(gens[names[i]].generate(prompt, cfg).timings["decode_tokens_per_s"])
+            result = gens[names[i]].generate(prompt, cfg)
+            rates[names[i]].append((result if batch == 1 else result[0]).timings["decode_tokens_per_s"])
     return rates
 
 

@@ -1,13 +1,15 @@
 """Greedy decode with the LM head's screen against the full LM head, on edgelm's kernels.
 
     .venv/bin/python benchmarks/screen_ab.py --model gpt2 --rounds 30
+    .venv/bin/python benchmarks/screen_ab.py --model gpt2 --rounds 12 --batch 8
 
 One random-weight model (the default export, run on edgelm's kernels), one generator, in many short
 interleaved rounds (fresh shuffled order each round; the same 32 random prompt tokens, 33 greedy new
-tokens, EOS ignored), with the screen on (the runtime's default for greedy rows: the LM head's argmax
-from its int8 copy and the fp32 panels that may hold it, native/screen.c) and off (the full fp32
-product, what sampling takes). Each round checks that both gave the same tokens. Writes
-benchmarks/results/screen_ab-MODEL.json with the per-round ratio (median, quartiles, rounds won).
+tokens, EOS ignored; --batch N: N such prompts as one batch), with the screen on (the runtime's
+default for greedy rows: the LM head's argmax from its int8 copy and the fp32 panels that may hold
+it, native/screen.c) and off (the full fp32 product, what sampling takes). Each round checks that
+both gave the same tokens. Writes benchmarks/results/screen_ab-MODEL.json (screen_ab-MODEL-bN.json
+for a batch) with the per-round ratio (median, quartiles, rounds won).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ class Screened:
     def generate(self, prompt, cfg):
         self.gen.screen = self.on
         result = self.gen.generate(prompt, cfg)
-        self.tokens.setdefault(cfg.max_new_tokens, set()).add(tuple(result.token_ids))
+        rows = result if isinstance(result, list) else [result]
+        self.tokens.setdefault(cfg.max_new_tokens, set()).add(tuple(tuple(r.token_ids) for r in rows))
         return result
 
 
 def main(argv=None) -> int:
-    args = decode_ab_args(__doc__.splitlines()[0], argv)
+    args = decode_ab_args(__doc__.splitlines()[0], argv, [("--batch", 1, "prompts decoded together (default 1)")])
 
     from edgelm.runtime import Generator
 
@@ -51,12 +54,13 @@ def main(argv=None) -> int:
     tokens: dict = {}
     gens = {"full": Screened(gen, False, tokens), "screened": Screened(gen, True, tokens)}
     started = time.time()
-    rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens)
+    rates = interleaved_decode_rounds(gens, args.rounds, args.new_tokens, batch=args.batch)
     same = all(len(outputs) == 1 for outputs in tokens.values())
     result = ab_record(args.model, args.rounds, args.new_tokens, started, rates, [("full", "screened")],
-                       same_tokens=same)
+                       same_tokens=same, batch=args.batch)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"screen_ab-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "" if args.batch == 1 else f"-b{args.batch}"
+    (RESULTS / f"screen_ab-{args.model}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(ab_line(result, "full", "screened") + ("" if same else "; THE TOKENS DIFFERED"))
     return 0 if same else 1
 
