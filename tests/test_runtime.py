@@ -169,7 +169,7 @@ def test_greedy_steps_screen_the_lm_head_and_give_the_same_tokens(embedded_artif
     assert runs[True] == runs[False]
     gen.screen = True
     rows = [gen.prepare(PROMPTS[0], cfg), gen.prepare(PROMPTS[1], cfg)]
-    assert gen.screened(rows)
+    assert gen.screened(rows) and gen.screened(rows * 2) and not gen.screened(rows * 3)  # up to 4 rows
     assert not gen.screened(rows + [gen.prepare(PROMPTS[0], SamplingConfig(greedy=False, seed=1))])
     assert not gen.screened([gen.prepare(PROMPTS[0], SamplingConfig(repetition_penalty=1.2))])
     if name != "gpt2":  # the session on its own, below: GPT-2's empty caches are simple to feed

@@ -29,6 +29,11 @@ from .options import CONTEXT_POLICIES
 from .sampling import SamplingConfig, next_tokens, sampling_settings
 
 
+# The most rows a screened step takes (benchmarks/screen_ab.py, GPT-2 124M and GPT-Neo 125M shapes, AVX-512):
+# the screen against the full head at batch 1 1.28x and 1.21x, at 4 rows 1.17x and 1.18x, at 8 rows 1.02x and 0.92x.
+SCREEN_MAX_ROWS = 4
+
+
 @dataclass
 class GenerationResult:
     prompt: str
@@ -238,8 +243,10 @@ class Generator:
         """Whether these rows' steps take the LM head's screen (native/screen.c): where every row takes the
         argmax of its logits as they are (greedy, no repetition penalty), only the panels of the LM head
         that may hold it are computed in fp32, the others estimated from an int8 copy; the tokens are the
-        same, for a quarter of the head's reads."""
-        return self.screens and self.screen and all(r.cfg.greedy and r.cfg.repetition_penalty == 1.0 for r in rows)
+        same, for a quarter of the head's reads. Up to SCREEN_MAX_ROWS rows: with more, the estimates'
+        arithmetic outweighs the reads they save."""
+        return (self.screens and self.screen and len(rows) <= SCREEN_MAX_ROWS
+                and all(r.cfg.greedy and r.cfg.repetition_penalty == 1.0 for r in rows))
 
     def result(self, row: Row) -> GenerationResult:
         return GenerationResult(row.prompt, row.prompt_ids, row.ids, row.final_text(), row.finished or "length",
