@@ -134,11 +134,8 @@ def _add_training_args(p: argparse.ArgumentParser, length_required: bool) -> Non
     p.add_argument("--json", action="store_true", help="print the step record as JSON")
 
 
-TRAINING_ONLY = ("lr", "temperature", "alpha", "precision", "checkpoint_every")  # flags only training reads
-
-
 def _train_config(args: argparse.Namespace, steps: int | None = None):
-    from .train import TrainConfig
+    from .train import TRAINING_ONLY, TrainConfig
 
     given = {k: getattr(args, k) for k in TRAINING_ONLY if getattr(args, k) is not None}  # else TrainConfig's
     return TrainConfig(steps=steps if steps is not None else args.steps,
@@ -214,6 +211,7 @@ def _configure_prune(p: argparse.ArgumentParser) -> None:
          _configure_prune)
 def run_prune(args: argparse.Namespace) -> int:
     from .prune import PruneConfig, prune_model
+    from .train import TRAINING_ONLY
 
     given = {k: v for k, v in (("batches", args.score_batches), ("rounds", args.rounds)) if v is not None}
     pcfg = PruneConfig(heads=args.heads, mlp=args.mlp, importance=args.importance, scope=args.scope,

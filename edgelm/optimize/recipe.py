@@ -50,10 +50,9 @@ from pathlib import Path
 
 from .._fs import check_output, replace_folder, within
 from ..errors import InputError, is_whole
-from .train import STATE_FILE
+from .train import STATE_FILE, TRAINING_ONLY
 
-TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "lr", "temperature", "alpha", "precision",
-                 "checkpoint_every", "seed"}
+TRAINING_KEYS = {"steps", "minutes", "batch_size", "seq_len", "seed", *TRAINING_ONLY}
 STEP_KEYS = {
     "distill": {"student_layers", "student_config"} | TRAINING_KEYS,
     # a prune step's training is its recovery, whose length is recover_steps (the CLI has no --steps)
@@ -199,7 +198,7 @@ def _build_config(kind: str, step: dict, where: str):
             recover = int(step.get("recover_steps", 0))
             if recover < 0:
                 raise InputError(f"recover_steps must be 0 or more, got {recover}")
-            unused = sorted(set(step) & (TRAINING_KEYS - {"batch_size", "seq_len", "seed"}))
+            unused = sorted(set(step) & set(TRAINING_ONLY))
             if unused and not recover:
                 raise InputError(f"{', '.join(unused)} set the recovery training, which runs only with "
                                  "recover_steps = N; add recover_steps, or leave them out")

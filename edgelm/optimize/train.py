@@ -117,6 +117,11 @@ class Interrupted(InputError):
     exit_code = 130
 
 
+# TrainConfig's fields that only training reads: a prune step without recovery has no use for them
+# (the batch size, sequence length and seed also shape its importance scores)
+TRAINING_ONLY = ("lr", "temperature", "alpha", "precision", "checkpoint_every")
+
+
 def check_batch_fits(cfg: TrainConfig, vocab: int, teacher: bool) -> None:
     """Refuse a batch whose logits alone cannot fit in the memory free now, in one sentence, instead of
     running until the system kills the process. A step holds the student's logits, their gradient and
