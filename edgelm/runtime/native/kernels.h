@@ -160,9 +160,10 @@ EDGELM_EXPORT void edgelm_screen_quantize_x(const float *x, size_t m, size_t k, 
 /* The estimates of panels [p0, p1) for the m rows of x (as x16, xs) into y (row stride n). */
 EDGELM_EXPORT void edgelm_screen_estimate(const EdgelmScreen *s, const int16_t *x16, const float *xs, size_t m,
                                           const float *b, float *y, size_t p0, size_t p1);
-/* flags[p] = 1 for every panel that may hold some row's argmax (y: the estimates); returns how many. */
-EDGELM_EXPORT size_t edgelm_screen_candidates(const EdgelmScreen *s, const float *x, const int16_t *x16, const float *xs,
-                                              size_t m, const float *b, const float *y, unsigned char *flags);
+/* For one row x (as x16, xs) and its estimates y: flags[p] = 1 for every panel that may hold its argmax
+ * (0 for the others); returns how many. */
+EDGELM_EXPORT size_t edgelm_screen_candidates(const EdgelmScreen *s, const float *x, const int16_t *x16, float xs,
+                                              const float *b, const float *y, unsigned char *flags);
 
 /* 2 = AVX-512, 1 = AVX2 + FMA, 0 = generic: the kernels this CPU runs (inside the library only). */
 int edgelm_isa(void);

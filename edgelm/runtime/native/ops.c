@@ -163,7 +163,7 @@ static void candidates_row(void *data, size_t r) {
     const RowJob *rj = (const RowJob *)data;
     const Job *j = rj->job;
     const size_t pairs = (j->k + 1) / 2;
-    edgelm_screen_candidates(rj->screen, j->x + r * j->k, j->x16 + r * pairs * 2, j->xs + r, 1, j->b, j->y + r * j->n,
+    edgelm_screen_candidates(rj->screen, j->x + r * j->k, j->x16 + r * pairs * 2, j->xs[r], j->b, j->y + r * j->n,
                              rj->flags + r * j->panels);
 }
 

@@ -251,45 +251,45 @@ void edgelm_screen_estimate(const EdgelmScreen *s, const int16_t *x16, const flo
     estimate_generic(s, x16, xs, m, b, y, p0, p1);
 }
 
-/* Marks (flags[p] = 1) every panel holding a column that may be the argmax of some row of y (the
- * estimates of x's m rows, from x16 and xs); returns how many panels it marked. The bounds are summed
- * in float, each term a product of two floats: 1 + 1e-5 covers their rounding, and 6e-7 (|y| + |b|),
- * ten float steps of the values, that of the estimate's scales, the bias and the comparisons. */
-size_t edgelm_screen_candidates(const EdgelmScreen *s, const float *x, const int16_t *x16, const float *xs, size_t m,
-                                const float *b, const float *y, unsigned char *flags) {
-    const size_t k = s->k, n = s->n, k2 = (k + 1) / 2;
+/* The bound of column j's estimate for a row with |x|_2 = a, |x|_1 = c, and |x - xs x16|_2 = f, _1 = g,
+ * summed in float, each term a product of two floats: 1 + 1e-5 covers their rounding, and
+ * 6e-7 (|y| + |b|), ten float steps of the values, that of the estimate's scales, the bias and the
+ * comparisons. */
+static inline float bound(const EdgelmScreen *s, size_t j, float a, float c, float f, float g, float yj, float bj) {
+    float u = s->err[j] * a, v = s->half[j] * c, p = s->norm[j] * f, q = s->peak[j] * g;
+    return ((u < v ? u : v) + (p < q ? p : q) + s->round[j] * a) * (1 + 1e-5f) + 6e-7f * (fabsf(yj) + fabsf(bj));
+}
+
+/* Marks (flags[p] = 1, the others 0) every panel holding a column that may be the argmax of the row
+ * y (the estimates of the row x, from x16 and xs); returns how many panels it marked. */
+size_t edgelm_screen_candidates(const EdgelmScreen *s, const float *x, const int16_t *x16, float xs, const float *b,
+                                const float *y, unsigned char *flags) {
+    const size_t k = s->k, n = s->n;
     memset(flags, 0, s->panels);
+    double l1 = 0, l2 = 0, d1 = 0, d2 = 0;  /* |x|_1, |x|_2, and of x - xs x16 */
+    for (size_t i = 0; i < k; i++) {
+        double v = x[i], d = v - (double)xs * x16[i];
+        l1 += fabs(v), l2 += v * v, d1 += fabs(d), d2 += d * d;
+    }
+    const float a = (float)(sqrt(l2) * (1 + 1e-6)), c = (float)(l1 * (1 + 1e-6));
+    const float f = (float)(sqrt(d2) * (1 + 1e-6)), g = (float)(d1 * (1 + 1e-6));
     float *e = (float *)malloc(n * sizeof(float));
     if (!e) {  /* no room for the bounds: every panel is a candidate (the full product) */
         memset(flags, 1, s->panels);
         return s->panels;
     }
-    size_t marked = 0;
-    for (size_t r = 0; r < m; r++) {
-        double l1 = 0, l2 = 0, d1 = 0, d2 = 0;  /* |x|_1, |x|_2, and of x - xs x16 */
-        for (size_t i = 0; i < k; i++) {
-            double v = x[r * k + i], d = v - (double)xs[r] * x16[r * k2 * 2 + i];
-            l1 += fabs(v), l2 += v * v, d1 += fabs(d), d2 += d * d;
-        }
-        const float a = (float)(sqrt(l2) * (1 + 1e-6)), c = (float)(l1 * (1 + 1e-6));
-        const float f = (float)(sqrt(d2) * (1 + 1e-6)), g = (float)(d1 * (1 + 1e-6));
-        const float *yr = y + r * n;
-        float best = -INFINITY;
-        for (size_t j = 0; j < n; j++) {  /* vectorized: no branches but the two minima */
-            float u = s->err[j] * a, v = s->half[j] * c, p = s->norm[j] * f, q = s->peak[j] * g;
-            float bj = b ? b[j] : 0.0f, yj = yr[j];
-            float bound = ((u < v ? u : v) + (p < q ? p : q) + s->round[j] * a) * (1 + 1e-5f)
-                          + 6e-7f * (fabsf(yj) + fabsf(bj));
-            e[j] = bound;
-            float low = yj - bound;
-            best = low > best ? low : best;
-        }
-        for (size_t j = 0; j < n; j++)
-            if (yr[j] + e[j] >= best && !flags[j / EDGELM_PANEL]) {
-                flags[j / EDGELM_PANEL] = 1;
-                marked++;
-            }
+    float best = -INFINITY;  /* the best lower bound; then every column whose upper bound reaches it */
+    for (size_t j = 0; j < n; j++) {
+        e[j] = bound(s, j, a, c, f, g, y[j], b ? b[j] : 0.0f);
+        float low = y[j] - e[j];
+        best = low > best ? low : best;
     }
+    size_t marked = 0;
+    for (size_t j = 0; j < n; j++)
+        if (!flags[j / EDGELM_PANEL] && y[j] + e[j] >= best) {
+            flags[j / EDGELM_PANEL] = 1;
+            marked++;
+        }
     free(e);
     return marked;
 }
