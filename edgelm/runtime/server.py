@@ -27,7 +27,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import EdgelmError, InputError
 from .generator import Generator, Row
-from .sampling import SamplingConfig
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -215,9 +214,8 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str,
     limit = gen.max_positions
     if not 1 <= max_tokens <= limit:
         raise InputError(f"'max_tokens' must be between 1 and {limit}, got {max_tokens}")
-    model = gen.art.generation_defaults  # a field left out takes the model's value, where it sets one
-    temperature = number("temperature", model.get("temperature", 1.0))
-    if temperature < 0:
+    temperature = number("temperature", None)
+    if temperature is not None and temperature < 0:
         raise InputError(f"'temperature' must be >= 0, got {temperature}")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -228,10 +226,11 @@ def parse_completion_request(body: dict, gen: Generator, model_name: str,
     if not isinstance(stream, bool):
         raise InputError("'stream' must be true or false")
     seed = number("seed", None, int) if body.get("seed") is not None else None
-    cfg = SamplingConfig(max_new_tokens=max_tokens, greedy=temperature == 0, temperature=temperature or 1.0,
-                         top_k=number("top_k", model.get("top_k", 0), int), top_p=number("top_p", model.get("top_p", 1.0)),
-                         repetition_penalty=number("repetition_penalty", model.get("repetition_penalty", 1.0)),
-                         stop=tuple(stop), seed=seed)
+    # a field left out takes the model's value where it sets one, else SamplingConfig's (OpenAI's defaults)
+    asked = {"temperature": temperature or None, "top_k": number("top_k", None, int), "top_p": number("top_p", None),
+             "repetition_penalty": number("repetition_penalty", None)}
+    cfg = gen.sampling(max_new_tokens=max_tokens, greedy=temperature == 0, stop=tuple(stop), seed=seed,
+                       **{k: v for k, v in asked.items() if v is not None})
     return [gen.prepare(p, cfg) for p in prompts], stream
 
 
